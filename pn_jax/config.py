@@ -1,0 +1,157 @@
+"""Typed, frozen configuration for every option of pn_jax.
+
+One `Config` describes a whole run. It is JSON-serialisable (`to_dict` / `from_dict`), stored
+in checkpoints and results, and compared field by field when a checkpoint is reloaded.
+Unknown keys are an error, never silently swallowed (see STYLE.md: patchcore-inspection's
+`anomaly_scorer_num_nn` typo made its k=3 runs run with k=1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+METHODS = ("propose_noising", "patchcore")
+INFLUENCE_METHODS = ("fd", "fd_fixed", "grad", "jvp")
+DIM_SELECTION = ("random", "importance")
+RESIZE_MODES = ("resize", "patchcore")  # resize: WxW no crop; patchcore: shorter side, centre crop
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mvtec_ad"  # mvtec_ad | elpv | synthetic
+    root: str = "data/mvtec_ad"
+    image_size: int = 256
+    resize_mode: str = "resize"
+    crop_size: int = 224  # only for resize_mode="patchcore"
+    # Fraction of train/good held out from the bank for fit-time statistics (SPEC 2.7).
+    holdout_fraction: float = 0.1
+    holdout_min: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "wide_resnet50_2"
+    weights: str | None = None  # path to .pth/.safetensors; None = standard locations
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    pretrain_embed_dimension: int = 1024
+    target_embed_dimension: int = 1024
+    patchsize: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class BankConfig:
+    coreset_ratio: float = 0.01
+    coreset_proj_dim: int = 128
+    coreset_starts: int = 10
+    knn_block: int = 4096  # bank rows per k-NN block
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisingConfig:
+    method: str = "propose_noising"
+    k: int = 9  # K nearest neighbours (PatchCore baseline always uses k=1)
+    influence: str = "fd_fixed"
+    influence_ratio: float = 0.1
+    dim_selection: str = "random"
+    eps: float = 1e-3
+    noise_std_min: float = 0.01
+    noise_std_max: float = 0.5
+    score_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)  # influence, distance, noise
+    znorm_signals: bool = False
+    blur_sigma: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    bank: BankConfig = BankConfig()
+    noising: NoisingConfig = NoisingConfig()
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return _from_dict(cls, d, "config")
+
+    def replace(self, **sections) -> "Config":
+        """`cfg.replace(noising={"k": 1}, seed=3)`: nested partial updates, unknown keys refused."""
+        d = self.to_dict()
+        for key, val in sections.items():
+            if key not in d:
+                raise ValueError(f"unknown config field {key!r}; known: {sorted(d)}")
+            if isinstance(d[key], dict):
+                unknown = set(val) - set(d[key])
+                if unknown:
+                    raise ValueError(f"unknown config field(s) {sorted(unknown)} in {key!r}; known: {sorted(d[key])}")
+                d[key].update(val)
+            else:
+                d[key] = val
+        return Config.from_dict(d)
+
+
+def _from_dict(cls, d, where):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kw = {}
+    for name, val in d.items():
+        f = fields[name]
+        default = getattr(cls(), name) if cls is not Config else getattr(Config, name, None)
+        if dataclasses.is_dataclass(default):
+            kw[name] = _from_dict(type(default), val, f"{where}.{name}")
+        elif isinstance(default, tuple) or (isinstance(val, list)):
+            kw[name] = tuple(val)
+        else:
+            kw[name] = val
+    return cls(**kw)
+
+
+def validate(cfg: Config) -> None:
+    n, b, m, d = cfg.noising, cfg.bank, cfg.model, cfg.data
+    checks = [
+        (n.method in METHODS, f"noising.method must be one of {METHODS}, got {n.method!r}"),
+        (n.influence in INFLUENCE_METHODS, f"noising.influence must be one of {INFLUENCE_METHODS}, got {n.influence!r}"),
+        (n.dim_selection in DIM_SELECTION, f"noising.dim_selection must be one of {DIM_SELECTION}"),
+        (n.k >= 1, f"noising.k must be >= 1, got {n.k}"),
+        (0 < n.influence_ratio <= 1, f"noising.influence_ratio must be in (0, 1], got {n.influence_ratio}"),
+        (n.eps > 0, f"noising.eps must be > 0, got {n.eps}"),
+        (0 < n.noise_std_min < n.noise_std_max, "noising.noise_std_min < noise_std_max, both > 0"),
+        (len(n.score_weights) == 3, "noising.score_weights needs 3 values (influence, distance, noise)"),
+        (0 < b.coreset_ratio <= 1, f"bank.coreset_ratio must be in (0, 1], got {b.coreset_ratio}"),
+        (b.coreset_starts >= 1 and b.coreset_proj_dim >= 1, "bank.coreset_starts and coreset_proj_dim must be >= 1"),
+        (len(m.layers) >= 1, "model.layers must name at least one layer"),
+        (d.resize_mode in RESIZE_MODES, f"data.resize_mode must be one of {RESIZE_MODES}"),
+        (d.image_size >= 32, f"data.image_size must be >= 32, got {d.image_size}"),
+        (0 <= d.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
+        (cfg.batch_size >= 1, "batch_size must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def tiny_config(**overrides) -> Config:
+    """A few-second variant for tests: small images, small dims, bigger coreset ratio."""
+    cfg = Config(
+        data=DataConfig(dataset="synthetic", image_size=64, holdout_fraction=0.25),
+        model=ModelConfig(backbone="efficientnet_lite0", layers=("blocks4", "blocks10"),
+                          pretrain_embed_dimension=64, target_embed_dimension=64),
+        bank=BankConfig(coreset_ratio=0.1, knn_block=256),
+        noising=NoisingConfig(k=3),
+        batch_size=4,
+    )
+    return cfg.replace(**overrides) if overrides else cfg
