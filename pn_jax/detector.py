@@ -1,0 +1,232 @@
+"""Fit a memory bank (+ fit-time statistics) and score images: the orchestration layer.
+
+    images -> backbone -> patch features -+- fit:   coreset -> bank, dims S, statistics
+                                          +- score: k-NN -> influence -> noise -> scores -> maps
+
+State is an explicit pytree (`DetectorState`); the config travels beside it. Batches are
+padded to a fixed batch size so the compiled scorer is traced once per configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from pn_jax import coreset as coreset_lib
+from pn_jax import features as features_lib
+from pn_jax import influence as influence_lib
+from pn_jax import knn as knn_lib
+from pn_jax import maps as maps_lib
+from pn_jax import noising
+from pn_jax.config import Config
+
+
+class DetectorState(NamedTuple):
+    bank: jax.Array  # [M, D] memory bank of normal patch features
+    dims: jax.Array  # [S] int32, the influence dims S
+    params: dict  # learnable: influence_weight [D], distance_weight [1]
+    stats: noising.Stats  # fit-time normalisation statistics (held-out normal images)
+
+
+def init_params(dim: int) -> dict:
+    return {"influence_weight": jnp.ones((dim,), jnp.float32),
+            "distance_weight": jnp.ones((1,), jnp.float32)}
+
+
+def n_influence_dims(cfg: Config, dim: int) -> int:
+    return max(1, int(round(cfg.noising.influence_ratio * dim)))
+
+
+def map_size(cfg: Config) -> tuple[int, int]:
+    s = cfg.data.crop_size if cfg.data.resize_mode == "patchcore" else cfg.data.image_size
+    return s, s
+
+
+# ----------------------------------------------------------------------------- features
+class FeatureExtractor:
+    """Backbone + PatchCore aggregation: normalised images [B,H,W,3] -> [B, N, D]."""
+
+    def __init__(self, cfg: Config, backbone_fn: Callable | None = None):
+        from pn_jax import backbones
+
+        m = cfg.model
+        self.layers = tuple(m.layers)
+        self.backbone = backbone_fn or backbones.create(m.backbone, weights=m.weights, layers=self.layers)
+        self._aggregate = jax.jit(lambda maps: features_lib.aggregate(
+            maps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize))
+        self.grid: tuple[int, int] | None = None
+        self.dim = m.target_embed_dimension
+
+    def __call__(self, images) -> jax.Array:
+        out = self.backbone(jnp.asarray(images, jnp.float32))
+        missing = [l for l in self.layers if l not in out]
+        if missing:
+            raise KeyError(f"backbone returned no stage(s) {missing}; it returned {sorted(out)}")
+        maps = [out[l] for l in self.layers]
+        self.grid = tuple(maps[0].shape[1:3])
+        return self._aggregate(maps)
+
+
+def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[0] == size:
+        return x
+    pad = np.zeros((size - x.shape[0],) + x.shape[1:], x.dtype)
+    return np.concatenate([x, pad], axis=0)
+
+
+def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size: int,
+                desc: str = "features", keep: Callable | None = None):
+    """Run the extractor over batches (padded to `batch_size`); returns [n_images, N, D] host float32."""
+    out = []
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        n = len(batch["image"])
+        feats = extractor(_pad_batch(np.asarray(batch["image"]), batch_size))
+        feats = np.asarray(feats[:n])
+        out.append(keep(feats) if keep else feats)
+    if not out:
+        raise ValueError(f"no images to extract features from ({desc})")
+    return np.concatenate(out, axis=0)
+
+
+# ----------------------------------------------------------------------------- scoring
+def make_signal_fn(cfg: Config, need_influence: bool = True):
+    """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted)."""
+    n = cfg.noising
+    kw = dict(k=n.k, influence=n.influence, eps=n.eps,
+              std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block)
+
+    def per_image(params, bank, dims, stats, f):
+        if not need_influence:
+            dist, _ = knn_lib.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
+            z = jnp.zeros(f.shape[:1], jnp.float32)
+            return {"influence": z, "distance": dist.mean(-1), "noise": z, "nearest": dist[:, 0]}
+        sig = noising.patch_signals(params, bank, dims, f, stats, **kw)
+        sig.pop("infl_dims")
+        return sig
+
+    @jax.jit
+    def signals(params, bank, dims, stats, feats):
+        return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f), feats)
+
+    return signals
+
+
+def patch_score(cfg: Config, signals: dict, stats: noising.Stats, variant: str | None = None):
+    """The per-patch anomaly score for `variant` (default: the configured method)."""
+    variant = variant or cfg.noising.method
+    if variant == "patchcore":
+        return signals["nearest"]
+    if variant == "propose_noising":
+        return noising.combine(signals, cfg.noising.score_weights, stats, cfg.noising.znorm_signals)
+    if variant in noising.SIGNALS:
+        return signals[variant]
+    raise ValueError(f"unknown score variant {variant!r}")
+
+
+class Scorer:
+    """One compiled scoring path per configuration: features -> signals -> maps -> image scores."""
+
+    def __init__(self, cfg: Config, grid: tuple[int, int]):
+        self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
+        self.traces = 0
+        self._signals = make_signal_fn(cfg, need_influence=cfg.noising.method != "patchcore")
+        sigma = cfg.noising.blur_sigma
+
+        def to_maps(patch):
+            self.traces += 1  # counts traces, not calls: the no-retracing test reads it
+            return maps_lib.to_pixel_maps(patch, self.grid, self.size, sigma)
+
+        self._maps = jax.jit(to_maps)
+
+    def signals(self, state: DetectorState, feats) -> dict:
+        return self._signals(state.params, state.bank, state.dims, state.stats, feats)
+
+    def maps(self, patch) -> jax.Array:
+        return self._maps(patch)
+
+    def __call__(self, state: DetectorState, feats) -> dict:
+        sig = self.signals(state, feats)
+        patch = patch_score(self.cfg, sig, state.stats)
+        amap = self.maps(patch)
+        out = {"image_scores": maps_lib.image_scores(amap), "anomaly_maps": amap,
+               "patch_scores": patch, "image_scores_patch_max": jnp.max(patch, axis=-1)}
+        if self.cfg.noising.method != "patchcore":
+            out["influence_maps"] = self.maps(sig["influence"])
+            out["noise_maps"] = self.maps(sig["noise"])
+        out["signals"] = sig
+        return out
+
+
+# ----------------------------------------------------------------------------- fit
+def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None) -> jax.Array:
+    """The influence dims S: random (PRNG key) or by importance on held-out normal patches."""
+    s = n_influence_dims(cfg, dim)
+    if cfg.noising.dim_selection == "random" or holdout_feats is None:
+        return jnp.sort(jax.random.choice(key, dim, (s,), replace=False)).astype(jnp.int32)
+    # importance: mean grad influence of each dim over held-out normal patches (all D dims)
+    f = jnp.asarray(holdout_feats.reshape(-1, dim))
+    dist, idx = knn_lib.knn(f, bank, k=cfg.noising.k, block=cfg.bank.knn_block)
+    imp = influence_lib.fd_fixed(f, bank, dist, idx, jnp.arange(dim), cfg.noising.eps).mean(0)
+    return jnp.sort(jax.lax.top_k(imp, s)[1]).astype(jnp.int32)
+
+
+def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray) -> noising.Stats:
+    """Normalisation statistics from held-out normal images (never the batch being scored)."""
+    if holdout_feats is None or len(holdout_feats) == 0:
+        return noising.identity_stats()
+    signal_fn = make_signal_fn(cfg)
+    ident = noising.identity_stats()
+    n = cfg.noising
+    feats = jnp.asarray(holdout_feats)
+    # Pass 1: influence and distance statistics (noise needs them).
+    infl, dsig = [], []
+    for f in feats:
+        dist, idx = knn_lib.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
+        raw = influence_lib.influence(n.influence, f, bank, dist, idx, dims, n.eps)
+        infl.append(raw * params["influence_weight"][dims])
+        dsig.append(dist.mean(-1))
+    infl, dsig = jnp.stack(infl), jnp.stack(dsig)
+    std = lambda x: jnp.maximum(jnp.std(x), 1e-12)
+    stats = ident._replace(infl_mean=jnp.mean(infl), infl_std=std(infl),
+                           dist_mean=jnp.mean(dsig), dist_std=std(dsig))
+    # Pass 2: patch-level signal statistics for the optional z-normalisation.
+    sig = signal_fn(params, bank, dims, stats, feats)
+    parts = jnp.stack([sig[name].reshape(-1) for name in noising.SIGNALS])
+    return stats._replace(signal_mean=parts.mean(-1), signal_std=jnp.maximum(parts.std(-1), 1e-12))
+
+
+@dataclasses.dataclass
+class FitReport:
+    n_train_patches: int
+    bank_size: int
+    timings: dict
+
+
+def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
+        key: jax.Array | None = None) -> tuple[DetectorState, FitReport]:
+    """train_feats [n, N, D] (host), holdout_feats [h, N, D] or None -> state."""
+    key = jax.random.key(cfg.seed) if key is None else key
+    k_core, k_dims = jax.random.split(key)
+    dim = train_feats.shape[-1]
+    flat = train_feats.reshape(-1, dim)
+    t0 = time.perf_counter()
+    idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
+                                      cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts)
+    bank = jnp.asarray(flat[np.asarray(idx)])
+    t_core = time.perf_counter() - t0
+    if bank.shape[0] < cfg.noising.k:
+        raise ValueError(f"memory bank has {bank.shape[0]} entries but k={cfg.noising.k}; "
+                         f"raise --coreset-ratio or lower --k")
+    params = init_params(dim)
+    t0 = time.perf_counter()
+    dims = select_dims(cfg, k_dims, dim, holdout_feats, bank)
+    stats = fit_stats(cfg, params, bank, dims, holdout_feats) if cfg.noising.method != "patchcore" \
+        else noising.identity_stats()
+    t_stats = time.perf_counter() - t0
+    state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)
+    return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats})

@@ -1,0 +1,84 @@
+"""PatchCore patch-feature aggregation (Roth et al. 2022, sec. 3.1), NHWC.
+
+Direct definition, per chosen layer l with map [B, h_l, w_l, C_l]:
+  1. unfold 3x3 neighbourhoods (stride 1, zero padding 1) -> vectors of C_l*9, ordered
+     (channel, ky, kx) as torch's `unfold` + PatchCore's reshape leave them;
+  2. bilinearly upsample (align_corners=False) deeper layers' unfolded maps to the first
+     layer's grid;
+  3. adaptive-average-pool each vector to `pretrain_embed_dimension` (torch's bin rule);
+  4. stack the layers and pool the concatenation [L * pretrain] to `target_embed_dimension`.
+
+Steps 2 and 3 are linear maps on different axes (space vs channels), so they commute: we
+pool first and upsample the small pooled map, which saves a factor C_l*9/pretrain of memory.
+`tests/test_features.py` checks this against a literal numpy implementation of steps 1-4.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def adaptive_pool_plan(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gather indices [out, w] and weights [out, w] of torch's adaptive_avg_pool1d.
+
+    Bin i covers [floor(i*L/out), ceil((i+1)*L/out)); works for L >= out and L < out.
+    """
+    starts = np.array([(i * length) // out for i in range(out)])
+    ends = np.array([-((-(i + 1) * length) // out) for i in range(out)])
+    width = int((ends - starts).max())
+    idx = starts[:, None] + np.arange(width)[None, :]
+    valid = idx < ends[:, None]
+    weights = valid / (ends - starts)[:, None]
+    return np.minimum(idx, length - 1).astype(np.int32), weights.astype(np.float32)
+
+
+def adaptive_avg_pool_last(x: jax.Array, out: int) -> jax.Array:
+    """torch.nn.functional.adaptive_avg_pool1d over the last axis, exact bins."""
+    length = x.shape[-1]
+    if length == out:
+        return x
+    idx, w = adaptive_pool_plan(length, out)
+    return jnp.einsum("...ow,ow->...o", x[..., idx], jnp.asarray(w, x.dtype))
+
+
+def unfold3x3(x: jax.Array, patchsize: int = 3) -> jax.Array:
+    """[B,h,w,C] -> [B,h,w,C*p*p], zero padding p//2, (channel, ky, kx) order."""
+    p = patchsize
+    pad = (p - 1) // 2
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (pad, p - 1 - pad), (pad, p - 1 - pad), (0, 0)))
+    shifts = [xp[:, dy:dy + h, dx:dx + w, :] for dy in range(p) for dx in range(p)]
+    return jnp.stack(shifts, axis=-1).reshape(b, h, w, c * p * p)
+
+
+def upsample_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of [B,h,w,C], matching torch's align_corners=False for upsampling."""
+    if x.shape[1:3] == tuple(size):
+        return x
+    return jax.image.resize(x, (x.shape[0], size[0], size[1], x.shape[3]), method="linear",
+                            antialias=False)
+
+
+def aggregate(feature_maps: Sequence[jax.Array], pretrain_dim: int, target_dim: int,
+              patchsize: int = 3) -> jax.Array:
+    """Layer maps (first = reference grid) -> patch features [B, h0*w0, target_dim]."""
+    ref = feature_maps[0].shape[1:3]
+    pooled = []
+    for fmap in feature_maps:
+        u = unfold3x3(fmap, patchsize)
+        u = adaptive_avg_pool_last(u, pretrain_dim)
+        pooled.append(upsample_bilinear(u, ref))
+    stacked = jnp.concatenate(pooled, axis=-1)  # == torch's stack(dim=1).reshape(N, 1, -1)
+    out = adaptive_avg_pool_last(stacked, target_dim)
+    b, h, w, d = out.shape
+    return out.reshape(b, h * w, d)
+
+
+def grid_shape(image_size: int, stride: int) -> tuple[int, int]:
+    """Patch grid of the first layer for a square input (backbones use ceil for SAME padding)."""
+    n = math.ceil(image_size / stride)
+    return n, n

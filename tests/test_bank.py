@@ -1,0 +1,59 @@
+"""k-NN search and greedy coreset against plain numpy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pn_jax import coreset, knn
+from tests import reference
+
+
+@pytest.mark.parametrize("block", [7, 64, 4096])
+def test_blockwise_knn_equals_bruteforce(block):
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(150, 24)).astype(np.float32) * 5 + 30  # large |x|: cancellation-prone
+    q = rng.normal(size=(40, 24)).astype(np.float32) * 5 + 30
+    d, i = knn.knn(jnp.asarray(q), jnp.asarray(bank), k=9, block=block)
+    d_ref, i_ref = reference.knn_bruteforce(q, bank, 9)
+    np.testing.assert_array_equal(np.asarray(i), i_ref)
+    np.testing.assert_allclose(np.asarray(d), d_ref, rtol=1e-6)
+
+
+def test_knn_rejects_k_larger_than_bank():
+    with pytest.raises(ValueError, match="memory bank has only 5"):
+        knn.knn(jnp.zeros((3, 4)), jnp.zeros((5, 4)), k=9)
+
+
+def test_knn_batched_shapes():
+    f = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 8)), jnp.float32)
+    d, i = knn.knn_batched(f, f.reshape(-1, 8), k=3, block=5)
+    assert d.shape == (2, 6, 3) and i.shape == (2, 6, 3)
+    np.testing.assert_allclose(np.asarray(d[..., 0]), 0.0, atol=1e-5)  # each point finds itself
+
+
+def test_greedy_coreset_matches_numpy_reference():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 16)).astype(np.float32)
+    starts = np.array([3, 77, 400])
+    got = np.asarray(coreset.greedy_select(jnp.asarray(x), jnp.asarray(starts), 40))
+    want = reference.greedy_coreset(x.astype(np.float64), starts, 40)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_coreset_indices_seeded_and_sized():
+    x = np.random.default_rng(4).normal(size=(1000, 64)).astype(np.float32)
+    a = coreset.coreset_indices(jax.random.key(0), x, 0.05, proj_dim=16)
+    b = coreset.coreset_indices(jax.random.key(0), x, 0.05, proj_dim=16)
+    c = coreset.coreset_indices(jax.random.key(1), x, 0.05, proj_dim=16)
+    assert a.shape == (50,) and len(set(np.asarray(a).tolist())) == 50
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_coreset_covers_clusters():
+    """k-center picks a point from every well-separated cluster."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(6, 32)) * 50
+    x = np.concatenate([c + rng.normal(size=(200, 32)) for c in centres]).astype(np.float32)
+    idx = np.asarray(coreset.coreset_indices(jax.random.key(0), x, 6 / len(x), proj_dim=128))
+    assert sorted(set(idx // 200)) == list(range(6))
