@@ -94,7 +94,7 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size
 
 
 # ----------------------------------------------------------------------------- scoring
-def make_signal_fn(cfg: Config, need_influence: bool = True):
+def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted)."""
     n = cfg.noising
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
@@ -111,6 +111,8 @@ def make_signal_fn(cfg: Config, need_influence: bool = True):
 
     @jax.jit
     def signals(params, bank, dims, stats, feats):
+        if on_trace:
+            on_trace()
         return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f), feats)
 
     return signals
@@ -123,6 +125,8 @@ def patch_score(cfg: Config, signals: dict, stats: noising.Stats, variant: str |
         return signals["nearest"]
     if variant == "propose_noising":
         return noising.combine(signals, cfg.noising.score_weights, stats, cfg.noising.znorm_signals)
+    if variant == "propose_noising_z":
+        return noising.combine(signals, cfg.noising.score_weights, stats, True)
     if variant in noising.SIGNALS:
         return signals[variant]
     raise ValueError(f"unknown score variant {variant!r}")
@@ -131,17 +135,23 @@ def patch_score(cfg: Config, signals: dict, stats: noising.Stats, variant: str |
 class Scorer:
     """One compiled scoring path per configuration: features -> signals -> maps -> image scores."""
 
-    def __init__(self, cfg: Config, grid: tuple[int, int]):
+    def __init__(self, cfg: Config, grid: tuple[int, int], need_influence: bool | None = None):
         self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
-        self.traces = 0
-        self._signals = make_signal_fn(cfg, need_influence=cfg.noising.method != "patchcore")
+        self.traces = {"signals": 0, "maps": 0}  # the no-retracing test reads these
+        if need_influence is None:
+            need_influence = cfg.noising.method != "patchcore"
+        self.need_influence = need_influence
+        self._signals = make_signal_fn(cfg, need_influence, on_trace=lambda: self._count("signals"))
         sigma = cfg.noising.blur_sigma
 
         def to_maps(patch):
-            self.traces += 1  # counts traces, not calls: the no-retracing test reads it
+            self._count("maps")
             return maps_lib.to_pixel_maps(patch, self.grid, self.size, sigma)
 
         self._maps = jax.jit(to_maps)
+
+    def _count(self, name):
+        self.traces[name] += 1
 
     def signals(self, state: DetectorState, feats) -> dict:
         return self._signals(state.params, state.bank, state.dims, state.stats, feats)
@@ -155,7 +165,7 @@ class Scorer:
         amap = self.maps(patch)
         out = {"image_scores": maps_lib.image_scores(amap), "anomaly_maps": amap,
                "patch_scores": patch, "image_scores_patch_max": jnp.max(patch, axis=-1)}
-        if self.cfg.noising.method != "patchcore":
+        if self.need_influence:
             out["influence_maps"] = self.maps(sig["influence"])
             out["noise_maps"] = self.maps(sig["noise"])
         out["signals"] = sig
@@ -184,13 +194,15 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray) -> noi
     n = cfg.noising
     feats = jnp.asarray(holdout_feats)
     # Pass 1: influence and distance statistics (noise needs them).
-    infl, dsig = [], []
-    for f in feats:
-        dist, idx = knn_lib.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
-        raw = influence_lib.influence(n.influence, f, bank, dist, idx, dims, n.eps)
-        infl.append(raw * params["influence_weight"][dims])
-        dsig.append(dist.mean(-1))
-    infl, dsig = jnp.stack(infl), jnp.stack(dsig)
+    @jax.jit
+    def raw_signals(feats):
+        def one(f):
+            dist, idx = knn_lib.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
+            raw = influence_lib.influence(n.influence, f, bank, dist, idx, dims, n.eps)
+            return raw * params["influence_weight"][dims], dist.mean(-1)
+        return jax.lax.map(one, feats)
+
+    infl, dsig = raw_signals(feats)
     std = lambda x: jnp.maximum(jnp.std(x), 1e-12)
     stats = ident._replace(infl_mean=jnp.mean(infl), infl_std=std(infl),
                            dist_mean=jnp.mean(dsig), dist_std=std(dsig))

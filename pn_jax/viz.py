@@ -1,0 +1,59 @@
+"""PNG figures: image | anomaly map | influence map | noise map, with the ground-truth outline."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def denormalize(image: np.ndarray, mean, std) -> np.ndarray:
+    return np.clip(image * np.asarray(std) + np.asarray(mean), 0, 1)
+
+
+def save_figure(path: str, image: np.ndarray, maps: dict[str, np.ndarray], mask: np.ndarray | None,
+                title: str, vmax: dict[str, float] | None = None) -> str:
+    """image [H,W,3] in 0..1; maps name -> [H,W]; mask [H,W] or None. `vmax` fixes colour scales
+    across images (e.g. the test set's 99th percentile) so maps are comparable."""
+    panels = [("image", None)] + list(maps.items())
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (name, m) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(image)
+        if m is not None:
+            top = (vmax or {}).get(name, float(np.max(m)))
+            ax.imshow(m, cmap="jet", alpha=0.5, vmin=float(np.min(m)) if vmax is None else None,
+                      vmax=top)
+        if mask is not None and mask.any():
+            ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+                title: str = "", logx: bool = False, logy: bool = False) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
