@@ -50,6 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-train", type=int, default=None, help="seeded cap on train images (quick runs)")
     p.add_argument("--max-test", type=int, default=None, help="seeded, label-stratified cap on test images")
+    p.add_argument("--score", choices=config_lib.SCORES, default=None,
+                   help="patch score of propose_noising (default: the config default, see README)")
+    p.add_argument("--mode", choices=("train", "test"), default="train",
+                   help="train: fit, test and save a checkpoint; test: score with --checkpoint only")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory (train default: <out>/checkpoint/<category>)")
+    p.add_argument("--tune", action="store_true",
+                   help="tune the learnable weights with optax on held-out normals + synthetic anomalies")
     p.add_argument("--ablation", action="store_true", help="also score each signal alone and PatchCore")
     p.add_argument("--figures", type=int, default=8, help="figures per category")
     p.add_argument("--out", default="results/run")
@@ -69,7 +77,7 @@ def build_config(a) -> Config:
         bank={"coreset_ratio": a.coreset_ratio},
         noising={"method": a.method, "k": a.k, "influence": a.influence, "influence_ratio": a.influence_ratio,
                  "dim_selection": a.dim_selection, "eps": a.eps, "znorm_signals": a.znorm,
-                 "score_weights": weights},
+                 "score_weights": weights, **({"score": a.score} if a.score else {})},
         seed=a.seed, batch_size=a.batch_size)
 
 
@@ -83,9 +91,18 @@ def check_dataset(cfg: Config, categories) -> None:
             mvtec.index_category(cfg.data.root, c)
 
 
+def checkpoint_dir(a, category: str, n_categories: int) -> str:
+    if a.checkpoint is None:
+        return os.path.abspath(os.path.join(a.out, "checkpoint", category))
+    return os.path.abspath(a.checkpoint if n_categories == 1 else os.path.join(a.checkpoint, category))
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     categories = list(MVTEC_CATEGORIES) if a.category == ["all"] else a.category
+    if a.mode == "test" and not a.checkpoint:
+        print("error: --mode test needs --checkpoint DIR (a checkpoint written by --mode train)", file=sys.stderr)
+        return 2
     try:
         cfg = build_config(a)
         check_dataset(cfg, categories)
@@ -100,13 +117,15 @@ def main(argv=None) -> int:
           f"coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed}")
     entries, t0 = [], time.perf_counter()
     for cat in categories:
-        e = runner.run_category(cfg, cat, a.out, max_train=a.max_train, max_test=a.max_test,
-                                ablation=a.ablation, n_figures=a.figures)
+        ck = checkpoint_dir(a, cat, len(categories))
+        e = runner.run_category(cfg, cat, a.out, mode=a.mode, checkpoint_dir=ck, tune=a.tune,
+                                max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
+                                n_figures=a.figures)
         t = e["timings"]
         c = e["counts"]
-        print(f"[{cat}] train={c['train']} holdout={c['holdout']} test={c['test']} "
-              f"({c['test_anomalous']} anomalous) bank={c['bank']}/{c['train_patches']} | "
-              + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
+        print(f"[{cat}] mode={a.mode} train={c.get('train')} holdout={c.get('holdout')} test={c['test']} "
+              f"({c['test_anomalous']} anomalous) bank={c.get('bank')}/{c.get('train_patches')} "
+              f"checkpoint={ck} | " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
         entries.append(e)
     rows = [(e["category"], e["metrics"]) for e in entries]
     if len(entries) > 1:
@@ -114,6 +133,13 @@ def main(argv=None) -> int:
         rows.append(("mean", metrics.mean_over_categories([e["metrics"] for e in entries])))
     print()
     print(runner.format_table(rows))
+    if a.tune:
+        for e in entries:
+            print(f"\nTuning ({e['category']}): test metrics before -> after")
+            print(runner.format_table(list(e["test_before_after_tuning"].items())))
+            val = {k: v for k, v in e["validation"].items() if k.endswith("/default")}
+            print("validation (held-out normals + synthetic anomalies):")
+            print(runner.format_table(list(val.items()), keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px"]))
     if a.ablation:
         for e in entries:
             print(f"\nAblation ({e['category']}, same bank):")

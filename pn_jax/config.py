@@ -14,6 +14,8 @@ from typing import Any
 METHODS = ("propose_noising", "patchcore")
 INFLUENCE_METHODS = ("fd", "fd_fixed", "grad", "jvp")
 DIM_SELECTION = ("random", "importance")
+# Patch scores of method propose_noising: the note's literal mix, or the calibrated noise model.
+SCORES = ("seed", "calibrated", "calibrated_mean", "calibrated_nll", "proposed")
 RESIZE_MODES = ("resize", "patchcore")  # resize: WxW no crop; patchcore: shorter side, centre crop
 
 
@@ -59,6 +61,9 @@ class NoisingConfig:
     noise_std_max: float = 0.5
     score_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)  # influence, distance, noise
     znorm_signals: bool = False
+    score: str = "seed"
+    noise_shrinkage: float = 0.1  # calibrated noise model: shrink s_j^2 towards its mean
+    noise_floor: float = 0.1  # ... and keep s_j >= floor * median(s)
     blur_sigma: float = 4.0
 
 
@@ -126,6 +131,8 @@ def validate(cfg: Config) -> None:
         (n.method in METHODS, f"noising.method must be one of {METHODS}, got {n.method!r}"),
         (n.influence in INFLUENCE_METHODS, f"noising.influence must be one of {INFLUENCE_METHODS}, got {n.influence!r}"),
         (n.dim_selection in DIM_SELECTION, f"noising.dim_selection must be one of {DIM_SELECTION}"),
+        (n.score in SCORES, f"noising.score must be one of {SCORES}, got {n.score!r}"),
+        (0 <= n.noise_shrinkage <= 1 and n.noise_floor >= 0, "noising.noise_shrinkage in [0,1], noise_floor >= 0"),
         (n.k >= 1, f"noising.k must be >= 1, got {n.k}"),
         (0 < n.influence_ratio <= 1, f"noising.influence_ratio must be in (0, 1], got {n.influence_ratio}"),
         (n.eps > 0, f"noising.eps must be > 0, got {n.eps}"),

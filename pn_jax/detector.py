@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from pn_jax import calibration
 from pn_jax import coreset as coreset_lib
 from pn_jax import features as features_lib
 from pn_jax import influence as influence_lib
@@ -34,8 +35,11 @@ class DetectorState(NamedTuple):
 
 
 def init_params(dim: int) -> dict:
+    """Learnable parameters: the note's influence_weight [D] and distance_weight [1], and the
+    calibrated noise model's per-dim scale s [D] (set from held-out normals by `fit`)."""
     return {"influence_weight": jnp.ones((dim,), jnp.float32),
-            "distance_weight": jnp.ones((1,), jnp.float32)}
+            "distance_weight": jnp.ones((1,), jnp.float32),
+            "noise_scale": jnp.ones((dim,), jnp.float32)}
 
 
 def n_influence_dims(cfg: Config, dim: int) -> int:
@@ -94,54 +98,68 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size
 
 
 # ----------------------------------------------------------------------------- scoring
-def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None):
+def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
+                   calibrated: bool = False, jit: bool = True):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted)."""
     n = cfg.noising
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
-              std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block)
+              std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block,
+              calibrated=calibrated)
 
     def per_image(params, bank, dims, stats, f):
         if not need_influence:
             dist, _ = knn_lib.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
             z = jnp.zeros(f.shape[:1], jnp.float32)
-            return {"influence": z, "distance": dist.mean(-1), "noise": z, "nearest": dist[:, 0]}
-        sig = noising.patch_signals(params, bank, dims, f, stats, **kw)
-        sig.pop("infl_dims")
-        return sig
+            sig = {"influence": z, "distance": dist.mean(-1), "noise": z, "nearest": dist[:, 0]}
+            if calibrated:
+                sig.update(calibration.calibrated_signals(f, bank, params["noise_scale"], n.k,
+                                                          cfg.bank.knn_block)[0])
+            return sig
+        return noising.patch_signals(params, bank, dims, f, stats, **kw)
 
-    @jax.jit
     def signals(params, bank, dims, stats, feats):
         if on_trace:
             on_trace()
         return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f), feats)
 
-    return signals
+    return jax.jit(signals) if jit else signals
+
+
+def default_variant(cfg: Config) -> str:
+    return "patchcore" if cfg.noising.method == "patchcore" else cfg.noising.score
 
 
 def patch_score(cfg: Config, signals: dict, stats: noising.Stats, variant: str | None = None):
     """The per-patch anomaly score for `variant` (default: the configured method)."""
-    variant = variant or cfg.noising.method
+    variant = variant or default_variant(cfg)
     if variant == "patchcore":
         return signals["nearest"]
-    if variant == "propose_noising":
+    if variant == "seed":
         return noising.combine(signals, cfg.noising.score_weights, stats, cfg.noising.znorm_signals)
-    if variant == "propose_noising_z":
+    if variant == "seed_z":
         return noising.combine(signals, cfg.noising.score_weights, stats, True)
-    if variant in noising.SIGNALS:
+    if variant in noising.SIGNALS or variant in calibration.CALIBRATED_SCORES:
         return signals[variant]
     raise ValueError(f"unknown score variant {variant!r}")
+
+
+def needs(cfg: Config, variants) -> tuple[bool, bool]:
+    """(influence needed, calibrated signals needed) for these score variants."""
+    vs = [v or default_variant(cfg) for v in variants]
+    infl = any(v not in ("patchcore", "distance", "calibrated", "calibrated_mean", "calibrated_nll") for v in vs)
+    cal = any(v in calibration.CALIBRATED_SCORES for v in vs)
+    return infl, cal
 
 
 class Scorer:
     """One compiled scoring path per configuration: features -> signals -> maps -> image scores."""
 
-    def __init__(self, cfg: Config, grid: tuple[int, int], need_influence: bool | None = None):
+    def __init__(self, cfg: Config, grid: tuple[int, int], variants=(None,)):
         self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
         self.traces = {"signals": 0, "maps": 0}  # the no-retracing test reads these
-        if need_influence is None:
-            need_influence = cfg.noising.method != "patchcore"
-        self.need_influence = need_influence
-        self._signals = make_signal_fn(cfg, need_influence, on_trace=lambda: self._count("signals"))
+        self.need_influence, calibrated = needs(cfg, variants)
+        self._signals = make_signal_fn(cfg, self.need_influence, on_trace=lambda: self._count("signals"),
+                                       calibrated=calibrated)
         sigma = cfg.noising.blur_sigma
 
         def to_maps(patch):
@@ -236,9 +254,12 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
                          f"raise --coreset-ratio or lower --k")
     params = init_params(dim)
     t0 = time.perf_counter()
+    if holdout_feats is not None and len(holdout_feats):
+        params["noise_scale"] = calibration.fit_noise_scale(
+            bank, jnp.asarray(holdout_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
+            floor=cfg.noising.noise_floor, block=cfg.bank.knn_block)
     dims = select_dims(cfg, k_dims, dim, holdout_feats, bank)
-    stats = fit_stats(cfg, params, bank, dims, holdout_feats) if cfg.noising.method != "patchcore" \
-        else noising.identity_stats()
+    stats = fit_stats(cfg, params, bank, dims, holdout_feats)
     t_stats = time.perf_counter() - t0
     state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)
     return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats})

@@ -70,7 +70,8 @@ def exact_distances(queries: jax.Array, bank: jax.Array, idx: jax.Array) -> jax.
 @functools.partial(jax.jit, static_argnames=("k", "block"))
 def knn(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096):
     """Exact k-NN: (distances [Q,k] ascending, indices [Q,k])."""
-    _, idx = knn_sq_ranked(queries, bank, k=k, block=block)
+    # Ranking needs no gradient; distances below are differentiable through the gather.
+    _, idx = knn_sq_ranked(jax.lax.stop_gradient(queries), jax.lax.stop_gradient(bank), k=k, block=block)
     d = exact_distances(queries, bank, idx)
     order = jnp.argsort(d, axis=-1)  # re-sort after exact recomputation (ties may swap)
     return jnp.take_along_axis(d, order, -1), jnp.take_along_axis(idx, order, -1)

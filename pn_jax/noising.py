@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pn_jax import calibration
 from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
 
@@ -51,20 +52,27 @@ def propose_noise(infl_w, dist_signal, distance_weight, stats: Stats, std_range)
 
 
 def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, eps, std_range,
-                  block):
-    """features [N, D] of ONE image -> dict of per-patch signals [N] (and raw dist [N,K])."""
+                  block, calibrated: bool = False):
+    """features [N, D] of ONE image -> dict of per-patch signals [N].
+
+    With `calibrated`, also the whitened-space scores of the calibrated noise model
+    (params["noise_scale"], fitted on held-out normals) and the `proposed` NLL."""
     dist, idx = knn_lib.knn(features, bank, k=k, block=block)
     infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps)
     infl_w = infl * params["influence_weight"][dims]
     dist_signal = jnp.mean(dist, axis=-1)
     noise = propose_noise(infl_w, dist_signal, params["distance_weight"], stats, std_range)
-    return {
+    out = {
         "influence": jnp.mean(infl_w, axis=-1),
         "distance": dist_signal,
         "noise": jnp.mean(noise, axis=-1),
         "nearest": dist[:, 0],
-        "infl_dims": infl_w,
     }
+    if calibrated:
+        cal, cal_idx = calibration.calibrated_signals(features, bank, params["noise_scale"], k, block)
+        out.update(cal)
+        out["proposed"] = calibration.proposed_nll(features, bank, cal_idx[:, 0], dims, noise)
+    return out
 
 
 def combine(signals, weights, stats: Stats, znorm: bool):

@@ -14,7 +14,8 @@ from pn_jax import backbones, detector, metrics, viz
 from pn_jax.config import Config
 
 # Score variants of the ablation, all computed from one pass on the same bank.
-ABLATION_VARIANTS = ("patchcore", "distance", "influence", "noise", "propose_noising", "propose_noising_z")
+ABLATION_VARIANTS = ("patchcore", "distance", "influence", "noise", "seed", "seed_z",
+                     "calibrated", "calibrated_mean", "calibrated_nll", "proposed")
 
 
 def load_sources(cfg: Config, category: str, *, max_train=None, max_test=None):
@@ -64,53 +65,64 @@ def fit_category(cfg: Config, sources: dict, extractor, timer: Timer, mean, std)
     return state, report
 
 
-def score_source(cfg: Config, state, extractor, source, mean, std, timer: Timer, *,
-                 variants=(None,), keep_maps=True, n_figures=0, fig_dir=None,
-                 on_figure: Callable | None = None):
-    """Score every image of `source`; returns labels, masks, {variant: (image scores, maps)}."""
+def score_source(cfg: Config, states: dict, extractor, source, mean, std, timer: Timer, *,
+                 variants=(None,), keep_maps=True, n_figures=0, desc="scoring"):
+    """Score every image of `source` with each state; features are extracted once per batch.
+
+    Returns labels, masks and {(state name, variant): image scores / maps}. Variant None is
+    the configured score.
+    """
     scorer = None
     labels, masks, names, fig_items = [], [], [], []
-    scores = {v: [] for v in variants}
-    maps = {v: [] for v in variants}
-    need_infl = any(v not in ("patchcore", "distance") for v in variants if v) or cfg.noising.method != "patchcore"
-    for batch in tqdm(batches(cfg, source, mean, std), desc="scoring", unit="batch", leave=False):
+    keys = [(s, v) for s in states for v in variants]
+    scores = {k: [] for k in keys}
+    maps = {k: [] for k in keys}
+    first = next(iter(states))
+    for batch in tqdm(batches(cfg, source, mean, std), desc=desc, unit="batch", leave=False):
         n = len(batch["image"])
         with timer("extract_test_s"):
             feats = extractor(detector._pad_batch(np.asarray(batch["image"]), cfg.batch_size))
             feats.block_until_ready()
         with timer("score_s"):
             if scorer is None:
-                scorer = detector.Scorer(cfg, extractor.grid, need_influence=need_infl)
-            out = scorer(state, feats)
-            for v in variants:
-                if v is None:
-                    amap = out["anomaly_maps"]
-                else:
-                    amap = scorer.maps(detector.patch_score(cfg, out["signals"], state.stats, v))
-                amap = np.asarray(amap[:n])
-                scores[v].append(amap.reshape(n, -1).max(-1))
-                if keep_maps:
-                    maps[v].append(amap.astype(np.float32))
+                scorer = detector.Scorer(cfg, extractor.grid, variants=variants)
+            for sname, state in states.items():
+                out = scorer(state, feats)
+                for v in variants:
+                    amap = out["anomaly_maps"] if v is None else \
+                        scorer.maps(detector.patch_score(cfg, out["signals"], state.stats, v))
+                    amap = np.asarray(amap[:n])
+                    scores[(sname, v)].append(amap.reshape(n, -1).max(-1))
+                    if keep_maps:
+                        maps[(sname, v)].append(amap.astype(np.float32))
+                if sname == first and len(fig_items) < n_figures:
+                    extra = {k: np.asarray(out[k][:n]) for k in ("anomaly_maps", "influence_maps", "noise_maps")
+                             if k in out}
+                    for i in range(min(n, n_figures - len(fig_items))):
+                        fig_items.append((np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
+                                          np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]),
+                                          int(batch["label"][i])))
         labels.append(np.asarray(batch["label"][:n]))
-        masks.append(np.asarray(batch["mask"][:n]) > 0.5 if keep_maps else None)
+        if keep_maps:
+            masks.append(np.asarray(batch["mask"][:n]) > 0.5)
         names.extend(list(batch["name"][:n]))
-        if len(fig_items) < n_figures:
-            extra = {k: np.asarray(out[k][:n]) for k in ("anomaly_maps", "influence_maps", "noise_maps") if k in out}
-            for i in range(n):
-                if len(fig_items) < n_figures:
-                    fig_items.append((np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
-                                      np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]),
-                                      int(batch["label"][i])))
-    result = {
+    return {
         "labels": np.concatenate(labels),
         "masks": np.concatenate(masks) if keep_maps else None,
         "names": names,
-        "scores": {v: np.concatenate(s) for v, s in scores.items()},
-        "maps": {v: np.concatenate(m) for v, m in maps.items()} if keep_maps else None,
+        "scores": {k: np.concatenate(v) for k, v in scores.items()},
+        "maps": {k: np.concatenate(v) for k, v in maps.items()} if keep_maps else None,
         "figures": fig_items,
-        "scorer": scorer,
     }
-    return result
+
+
+def evaluate_all(res: dict, has_masks: bool) -> dict:
+    """{(state, variant): metrics dict} for every scored combination."""
+    out = {}
+    for key, sc in res["scores"].items():
+        out[key] = metrics.evaluate(sc, res["labels"], res["maps"][key] if has_masks else None,
+                                    res["masks"] if has_masks else None)
+    return out
 
 
 def write_figures(items, out_dir, mean, std, category):
@@ -125,45 +137,107 @@ def write_figures(items, out_dir, mean, std, category):
     return paths
 
 
-def run_category(cfg: Config, category: str, out_dir: str, *, max_train=None, max_test=None,
+def validation_split(cfg: Config, sources: dict, category: str):
+    """Held-out normal images + one seeded synthetic anomaly of each (never test images)."""
+    from pn_jax import data
+
+    recs = data.make_validation_records(sources["holdout"], seed=cfg.seed)
+    return data.records_source(recs, dataset=cfg.data.dataset, category=category, split="validation")
+
+
+def tune_state(cfg: Config, state, extractor, val_source, mean, std, timer: Timer, log=print):
+    """Tune the note's weights (on the seed score) and the noise scale (on the calibrated score)."""
+    from pn_jax import tune as tune_lib
+
+    feats, masks = [], []
+    for batch in batches(cfg, val_source, mean, std):
+        n = len(batch["image"])
+        feats.append(np.asarray(extractor(detector._pad_batch(np.asarray(batch["image"]), cfg.batch_size)))[:n])
+        masks.append(np.asarray(batch["mask"][:n]))
+    feats, masks = np.concatenate(feats), np.concatenate(masks)
+    curves = {}
+    with timer("tune_s"):
+        for variant in ("seed", "calibrated"):
+            res = tune_lib.tune(cfg, state, feats, masks, extractor.grid, variant=variant, log=log)
+            state = res.state
+            curves[variant] = res.losses
+            log(f"  tune[{variant}]: validation loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
+    return state, curves
+
+
+def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train",
+                 checkpoint_dir: str | None = None, tune: bool = False, max_train=None, max_test=None,
                  ablation: bool = False, n_figures: int = 8, extractor=None, log=print) -> dict:
-    """Fit on train, score test, compute metrics, write figures; returns the results entry."""
+    """Fit on train (or load a checkpoint), score test, compute metrics, write figures."""
+    from pn_jax import checkpoint as ckpt
+
     timer = Timer()
     t_start = time.perf_counter()
     info = backbones.info(cfg.model.backbone)
     mean, std = info.mean, info.std
     sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
     extractor = extractor or detector.FeatureExtractor(cfg)
-    state, report = fit_category(cfg, sources, extractor, timer, mean, std)
+    counts = {"test": len(sources["test"])}
+    extra = {}
+    if mode == "test":
+        if tune:
+            raise ValueError("--tune needs --mode train (it reads held-out training images)")
+        state, saved_cfg, meta = ckpt.load(checkpoint_dir, expected=cfg)
+        counts.update(meta.get("counts", {}))
+        states = {"checkpoint": state}
+        main_key = "checkpoint"
+    else:
+        state, report = fit_category(cfg, sources, extractor, timer, mean, std)
+        counts.update({"train": len(sources["train"]), "holdout": len(sources.get("holdout", [])),
+                       "train_patches": report.n_train_patches, "bank": report.bank_size})
+        states = {"untuned": state}
+        main_key = "untuned"
+        if tune:
+            val = validation_split(cfg, sources, category)
+            tuned, curves = tune_state(cfg, state, extractor, val, mean, std, timer, log)
+            states["tuned"] = tuned
+            main_key = "tuned"
+            extra["tune_curves"] = curves
+            extra["tune_plot"] = viz.plot_curves(
+                os.path.join(out_dir, "figures", category, "tune_loss.png"),
+                {k: (list(range(len(v))), v) for k, v in curves.items()}, "step", "validation ranking loss",
+                f"{category}: tuning")
+            # validation metrics before / after, every score variant
+            vres = score_source(cfg, states, extractor, val, mean, std, Timer(),
+                                variants=(None,) + ABLATION_VARIANTS, keep_maps=True, desc="validation")
+            extra["validation"] = {f"{s}/{v or 'default'}": m for (s, v), m in evaluate_all(vres, True).items()}
+        if checkpoint_dir:
+            with timer("checkpoint_s"):
+                ckpt.save(checkpoint_dir, states[main_key], cfg,
+                          {"grid": list(extractor.grid), "category": category, "counts": counts,
+                           "weights_path": getattr(extractor, "weights_path", None), "tuned": tune})
     has_masks = cfg.data.dataset != "elpv"
     variants = (None,) + (ABLATION_VARIANTS if ablation else ())
-    res = score_source(cfg, state, extractor, sources["test"], mean, std, timer, variants=variants,
-                       keep_maps=has_masks, n_figures=n_figures)
+    res = score_source(cfg, {main_key: states[main_key], **states}, extractor, sources["test"], mean, std, timer,
+                       variants=variants, keep_maps=has_masks, n_figures=n_figures)
     with timer("metrics_s"):
-        masks = res["masks"] if has_masks else None
-        m = metrics.evaluate(res["scores"][None], res["labels"],
-                             res["maps"][None] if has_masks else None, masks)
-        abl = {}
-        for v in variants[1:]:
-            abl[v] = metrics.evaluate(res["scores"][v], res["labels"],
-                                      res["maps"][v] if has_masks else None, masks)
+        allm = evaluate_all(res, has_masks)
     fig_paths = write_figures(res["figures"], os.path.join(out_dir, "figures", category), mean, std, category)
     timer["total_s"] = time.perf_counter() - t_start
     n_test = len(res["labels"])
+    counts["test_anomalous"] = int(res["labels"].sum())
     entry = {
         "category": category,
-        "metrics": m,
+        "mode": mode,
+        "metrics": allm[(main_key, None)],
         "timings": dict(timer),
         "throughput": {"test_images_per_s": n_test / max(timer.get("extract_test_s", 0) + timer.get("score_s", 0), 1e-9)},
-        "counts": {"train": len(sources["train"]), "holdout": len(sources.get("holdout", [])),
-                   "test": n_test, "test_anomalous": int(res["labels"].sum()),
-                   "train_patches": report.n_train_patches, "bank": report.bank_size},
+        "counts": counts,
         "figures": fig_paths,
         "config": cfg.to_dict(),
+        **extra,
     }
+    if tune:
+        entry["test_before_after_tuning"] = {s: allm[(s, None)] for s in states}
     if ablation:
-        entry["ablation"] = abl
-    entry["_state"] = state
+        entry["ablation"] = {f"{v}" + ("" if s == main_key else f" ({s})"): allm[(s, v)]
+                             for s in states for v in variants[1:]}
+    entry["_states"] = states
     entry["_test"] = res
     return entry
 
