@@ -118,9 +118,13 @@ def main(argv=None) -> int:
     entries, t0 = [], time.perf_counter()
     for cat in categories:
         ck = checkpoint_dir(a, cat, len(categories))
-        e = runner.run_category(cfg, cat, a.out, mode=a.mode, checkpoint_dir=ck, tune=a.tune,
-                                max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
-                                n_figures=a.figures)
+        try:
+            e = runner.run_category(cfg, cat, a.out, mode=a.mode, checkpoint_dir=ck, tune=a.tune,
+                                    max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
+                                    n_figures=a.figures)
+        except (ValueError, FileNotFoundError) as err:  # data, weights and checkpoint errors say what to do
+            print(f"error [{cat}]: {err}", file=sys.stderr)
+            return 2
         t = e["timings"]
         c = e["counts"]
         print(f"[{cat}] mode={a.mode} train={c.get('train')} holdout={c.get('holdout')} test={c['test']} "

@@ -1,0 +1,58 @@
+"""The calibrated noise model: s_j from held-out normals only; whitened k-NN == brute-force NLL."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pn_jax import calibration, detector
+from tests import reference
+from tests.test_detector import make
+
+
+def test_noise_scale_is_rms_residual_with_shrinkage_and_floor():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(80, 12)).astype(np.float32)
+    hold = (rng.normal(size=(50, 12)) * np.linspace(0.01, 3, 12)).astype(np.float32)
+    s = np.asarray(calibration.fit_noise_scale(jnp.asarray(bank), jnp.asarray(hold), shrinkage=0.2, floor=0.5))
+    _, idx = reference.knn_bruteforce(hold, bank, 1)
+    var = ((hold - bank[idx[:, 0]]) ** 2).mean(0)
+    var = 0.8 * var + 0.2 * var.mean()
+    want = np.maximum(np.sqrt(var), 0.5 * np.median(np.sqrt(var)))
+    np.testing.assert_allclose(s, want, rtol=1e-5)
+
+
+def test_whitened_knn_equals_bruteforce_nll():
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(120, 16)).astype(np.float32) * 4
+    f = rng.normal(size=(30, 16)).astype(np.float32) * 4
+    scale = rng.uniform(0.1, 5.0, size=16).astype(np.float32)
+    sig, idx = calibration.calibrated_signals(jnp.asarray(f), jnp.asarray(bank), jnp.asarray(scale), 3, 32)
+    nll = 0.5 * (((f[:, None, :] - bank[None]) / scale) ** 2).sum(-1)  # [Q, M]
+    order = np.argsort(nll, axis=1)[:, :3]
+    np.testing.assert_array_equal(np.asarray(idx), order)
+    np.testing.assert_allclose(np.asarray(sig["calibrated_nll"]), nll.min(1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sig["calibrated"]), np.sqrt(2 * nll.min(1)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sig["calibrated_mean"]),
+                               np.sqrt(2 * np.take_along_axis(nll, order, 1)).mean(1), rtol=1e-5)
+
+
+def test_noise_scale_comes_from_holdout_only():
+    cfg, ext, state, train_feats, _ = make()
+    rng = np.random.default_rng(3)
+    hold_a = train_feats[:2] + rng.normal(size=train_feats[:2].shape).astype(np.float32) * 0.01
+    hold_b = train_feats[:2] + rng.normal(size=train_feats[:2].shape).astype(np.float32) * 0.5
+    sa, _ = detector.fit(cfg, train_feats, hold_a, jax.random.key(0))
+    sb, _ = detector.fit(cfg, train_feats, hold_b, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(sa.bank), np.asarray(sb.bank))  # same train -> same bank
+    assert float(np.mean(np.asarray(sb.params["noise_scale"]))) > 3 * float(np.mean(np.asarray(sa.params["noise_scale"])))
+    s_none, _ = detector.fit(cfg, train_feats, None, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(s_none.params["noise_scale"]), 1.0)  # nothing fitted without holdout
+
+
+def test_calibrated_scores_independent_of_batch_composition():
+    cfg, ext, state, _, test = make()
+    cfg = cfg.replace(noising={"score": "calibrated"})
+    scorer = detector.Scorer(cfg, ext.grid)
+    full = np.asarray(scorer(state, ext(test[:4]))["image_scores"])
+    alone = np.concatenate([np.asarray(scorer(state, ext(np.concatenate([test[i:i + 1], test[4:7]])))["image_scores"][:1])
+                            for i in range(4)])
+    np.testing.assert_allclose(alone, full, rtol=1e-5)

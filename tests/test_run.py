@@ -1,0 +1,77 @@
+"""End to end through `python -m experiments.run` on generated MVTec-layout data."""
+import json
+import os
+
+import pytest
+
+from experiments import run
+from pn_jax import runner
+from pn_jax.data import READ_LOG
+
+TINY = ["--dataset", "synthetic", "--category", "synthetic", "--image-size", "64", "--embed-dim", "64",
+        "--coreset-ratio", "0.1", "--k", "3", "--batch-size", "4", "--figures", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "train"), "--tune"]
+    READ_LOG.clear()
+    seen = {}
+    real_tune = runner.tune_state
+
+    def spy(*a, **kw):  # splits read by the time tuning has finished
+        out = real_tune(*a, **kw)
+        seen["after_tuning"] = set(READ_LOG.splits())
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "tune_state", spy)
+        assert run.main(args) == 0
+    seen["end"] = set(READ_LOG.splits())
+    return tmp, json.load(open(tmp / "train" / "results.json")), seen
+
+
+def test_train_run_writes_results_figures_and_checkpoint(trained):
+    tmp, res, _ = trained
+    entry = res["categories"]["synthetic"]
+    for key in ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_px", "mF1_max_px"):
+        assert 0 <= entry["metrics"][key] <= 100
+    assert entry["metrics"]["mAUROC_sp_max"] > 80  # obvious synthetic defects
+    assert entry["config"]["data"]["image_size"] == 64
+    assert all(os.path.isfile(p) for p in entry["figures"]) and len(entry["figures"]) == 2
+    assert os.path.isfile(entry["tune_plot"])
+    assert os.path.isdir(tmp / "train" / "checkpoint" / "synthetic")
+    assert set(entry["test_before_after_tuning"]) == {"untuned", "tuned"}
+
+
+def test_fit_and_tuning_read_no_test_image(trained):
+    _, _, seen = trained
+    assert seen["after_tuning"] == {"train", "holdout", "validation"}
+    assert "test" in seen["end"]  # read only by the final scoring pass
+
+
+def test_test_mode_reads_no_training_image_and_reproduces_metrics(trained):
+    tmp, res, _ = trained
+    READ_LOG.clear()
+    args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "test"), "--mode", "test",
+                   "--checkpoint", str(tmp / "train" / "checkpoint" / "synthetic")]
+    assert run.main(args) == 0
+    assert READ_LOG.splits() == {"test"}
+    got = json.load(open(tmp / "test" / "results.json"))["categories"]["synthetic"]["metrics"]
+    assert got == res["categories"]["synthetic"]["metrics"]
+
+
+def test_conflicting_checkpoint_is_refused_naming_the_field(trained, capsys):
+    tmp, _, _ = trained
+    args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "bad"), "--mode", "test",
+                   "--checkpoint", str(tmp / "train" / "checkpoint" / "synthetic")]
+    args[args.index("--image-size") + 1] = "96"
+    assert run.main(args) == 2
+    assert "image_size" in capsys.readouterr().err
+
+
+def test_missing_mvtec_fails_fast_with_instructions(tmp_path, capsys):
+    assert run.main(["--category", "bottle", "--data-root", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope") in err and "mvtec" in err.lower() and "--dataset elpv" in err
