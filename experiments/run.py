@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    help="normal train images held out of the bank for fit-time statistics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--devices", default="1",
+                   help="shard the memory bank and coreset over this many devices ('all' = every device JAX sees)")
     p.add_argument("--max-train", type=int, default=None, help="seeded cap on train images (quick runs)")
     p.add_argument("--max-test", type=int, default=None, help="seeded, label-stratified cap on test images")
     p.add_argument("--score", choices=config_lib.SCORES, default=None,
@@ -78,7 +80,17 @@ def build_config(a) -> Config:
         noising={"method": a.method, "k": a.k, "influence": a.influence, "influence_ratio": a.influence_ratio,
                  "dim_selection": a.dim_selection, "eps": a.eps, "znorm_signals": a.znorm,
                  "score_weights": weights, **({"score": a.score} if a.score else {})},
-        seed=a.seed, batch_size=a.batch_size)
+        seed=a.seed, batch_size=a.batch_size, devices=n_devices(a.devices))
+
+
+def n_devices(flag: str) -> int:
+    import jax
+
+    avail = len(jax.devices())
+    n = avail if flag == "all" else int(flag)
+    if not 1 <= n <= avail:
+        raise ValueError(f"--devices {flag}: JAX sees {avail} device(s) ({jax.devices()[0].platform})")
+    return n
 
 
 def check_dataset(cfg: Config, categories) -> None:

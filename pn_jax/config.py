@@ -75,6 +75,7 @@ class Config:
     noising: NoisingConfig = NoisingConfig()
     seed: int = 0
     batch_size: int = 8
+    devices: int = 1  # >1: memory bank and coreset sharded over that many devices (SPEC 2.9)
 
     def __post_init__(self):
         validate(self)
@@ -145,6 +146,7 @@ def validate(cfg: Config) -> None:
         (d.image_size >= 32, f"data.image_size must be >= 32, got {d.image_size}"),
         (0 <= d.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
+        (cfg.devices >= 1, "devices must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -99,16 +99,19 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size
 
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
-                   calibrated: bool = False, jit: bool = True):
-    """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted)."""
+                   calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None):
+    """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted).
+
+    `knn_fn(f, bank) -> (dist, idx)` overrides the main k-NN search (sharded banks)."""
     n = cfg.noising
+    knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
               std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block,
-              calibrated=calibrated)
+              calibrated=calibrated, knn_fn=knn_fn)
 
     def per_image(params, bank, dims, stats, f):
         if not need_influence:
-            dist, _ = knn_lib.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
+            dist, _ = knn_fn(f, bank)
             z = jnp.zeros(f.shape[:1], jnp.float32)
             sig = {"influence": z, "distance": dist.mean(-1), "noise": z, "nearest": dist[:, 0]}
             if calibrated:
@@ -158,8 +161,17 @@ class Scorer:
         self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
         self.traces = {"signals": 0, "maps": 0}  # the no-retracing test reads these
         self.need_influence, calibrated = needs(cfg, variants)
+        self._sharded = None
+        knn_fn = None
+        if cfg.devices > 1:
+            from pn_jax import sharding
+
+            mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
+            self._sharded = (sharding, mesh)
+            knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
+                f, rows, k=cfg.noising.k, block=cfg.bank.knn_block, n_valid=self._n_valid, mesh=mesh)
         self._signals = make_signal_fn(cfg, self.need_influence, on_trace=lambda: self._count("signals"),
-                                       calibrated=calibrated)
+                                       calibrated=calibrated, knn_fn=knn_fn)
         sigma = cfg.noising.blur_sigma
 
         def to_maps(patch):
@@ -172,7 +184,14 @@ class Scorer:
         self.traces[name] += 1
 
     def signals(self, state: DetectorState, feats) -> dict:
-        return self._signals(state.params, state.bank, state.dims, state.stats, feats)
+        bank = state.bank
+        if self._sharded:  # pad + place the bank rows over the mesh once per bank
+            sharding, mesh = self._sharded
+            if getattr(self, "_bank_src", None) is not state.bank:
+                sb = sharding.shard_bank(state.bank, mesh)
+                self._bank_src, self._bank_rows, self._n_valid = state.bank, sb.rows, sb.n_valid
+            bank = self._bank_rows
+        return self._signals(state.params, bank, state.dims, state.stats, feats)
 
     def maps(self, patch) -> jax.Array:
         return self._maps(patch)
@@ -245,8 +264,15 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
     dim = train_feats.shape[-1]
     flat = train_feats.reshape(-1, dim)
     t0 = time.perf_counter()
-    idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
-                                      cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts)
+    if cfg.devices > 1:
+        from pn_jax import sharding
+
+        mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
+        idx = sharding.coreset_indices_sharded(k_core, flat, cfg.bank.coreset_ratio,
+                                               cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, mesh)
+    else:
+        idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
+                                          cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts)
     bank = jnp.asarray(flat[np.asarray(idx)])
     t_core = time.perf_counter() - t0
     if bank.shape[0] < cfg.noising.k:

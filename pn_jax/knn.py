@@ -73,7 +73,7 @@ def knn(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096):
     # Ranking needs no gradient; distances below are differentiable through the gather.
     _, idx = knn_sq_ranked(jax.lax.stop_gradient(queries), jax.lax.stop_gradient(bank), k=k, block=block)
     d = exact_distances(queries, bank, idx)
-    order = jnp.argsort(d, axis=-1)  # re-sort after exact recomputation (ties may swap)
+    order = jnp.lexsort((idx, d), axis=-1)  # re-sort by exact distance; exact ties -> lower index
     return jnp.take_along_axis(d, order, -1), jnp.take_along_axis(idx, order, -1)
 
 

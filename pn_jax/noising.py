@@ -52,12 +52,13 @@ def propose_noise(infl_w, dist_signal, distance_weight, stats: Stats, std_range)
 
 
 def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, eps, std_range,
-                  block, calibrated: bool = False):
+                  block, calibrated: bool = False, knn_fn=None):
     """features [N, D] of ONE image -> dict of per-patch signals [N].
 
     With `calibrated`, also the whitened-space scores of the calibrated noise model
-    (params["noise_scale"], fitted on held-out normals) and the `proposed` NLL."""
-    dist, idx = knn_lib.knn(features, bank, k=k, block=block)
+    (params["noise_scale"], fitted on held-out normals) and the `proposed` NLL.
+    `knn_fn(features, bank) -> (dist, idx)` replaces the search (e.g. a sharded bank)."""
+    dist, idx = (knn_fn or (lambda f, b: knn_lib.knn(f, b, k=k, block=block)))(features, bank)
     infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps)
     infl_w = infl * params["influence_weight"][dims]
     dist_signal = jnp.mean(dist, axis=-1)

@@ -1,0 +1,195 @@
+"""Memory bank and greedy coreset sharded across devices (SPEC 2.9).
+
+The bank [M, D] (or the coreset's projected points [N, P]) is split along its rows over a
+1-D device mesh. Each device works on its own rows inside `jax.shard_map`; the small
+per-shard results are all-gathered and merged, so the answers equal the single-device
+`knn.knn` / `coreset.greedy_select` ones: the same formulas per row, the same tie rule
+(smallest global index). One limit: XLA's row reductions and matmuls round differently for
+different array shapes (last ulp), so where two candidates are equal to within float
+rounding (e.g. duplicated feature vectors) either may win, on one device as on several.
+
+Rows are padded to a multiple of the device count. Pad rows are never selected: the k-NN
+masks them to +inf after the per-shard search (taking `k + n_pad` local candidates so a pad
+can never push a real neighbour out), and the coreset gives them min-distance -inf.
+
+    mesh = make_bank_mesh()
+    sb = shard_bank(bank, mesh)
+    dist, idx = knn_sharded(queries, sb, k=9, mesh=mesh)   # == knn.knn(queries, bank, 9)
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pn_jax import coreset, knn
+
+
+class ShardedBank(NamedTuple):
+    """Padded bank rows [n_dev * m_local, D], sharded along rows; `n_valid` real rows (M)."""
+    rows: jax.Array
+    n_valid: int
+
+
+def make_bank_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "bank") -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices) with one axis named `axis`."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices, dtype=object), (axis,))
+
+
+def _axis(mesh: Mesh) -> str:
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names}")
+    return mesh.axis_names[0]
+
+
+def _pad_rows(x: jax.Array, n_dev: int, align: int = 1) -> jax.Array:
+    """Zero-pad rows so each of the n_dev shards gets the same multiple of `align` rows."""
+    per = -(-x.shape[0] // n_dev)
+    per = -(-per // align) * align
+    pad = per * n_dev - x.shape[0]
+    return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+
+
+def _place(x: jax.Array, mesh: Mesh) -> jax.Array:
+    return jax.device_put(x, NamedSharding(mesh, P(_axis(mesh), None)))
+
+
+def shard_bank(bank, mesh: Mesh) -> ShardedBank:
+    """Pad the bank [M, D] with zero rows to a multiple of the device count and shard it along M."""
+    bank = jnp.asarray(bank)
+    if bank.ndim != 2:
+        raise ValueError(f"bank must be [M, D], got shape {bank.shape}")
+    return ShardedBank(_place(_pad_rows(bank, mesh.size), mesh), int(bank.shape[0]))
+
+
+# ----------------------------------------------------------------------------- k-NN
+@functools.partial(jax.jit, static_argnames=("k", "block", "n_valid", "mesh"))
+def _knn_sharded(queries, rows, k: int, block: int, n_valid: int, mesh: Mesh):
+    axis = _axis(mesh)
+    n_dev = mesh.size
+    m_local = rows.shape[0] // n_dev
+    n_pad = rows.shape[0] - n_valid
+    # Pads (zero rows) could outrank real rows; at most n_pad of them sit in any shard, so the
+    # shard's true top-k is always inside its top-(k + n_pad).
+    k_local = min(k + n_pad, m_local)
+
+    def per_shard(q, b):
+        offset = jax.lax.axis_index(axis) * m_local
+        d2, idx = knn.knn_sq_ranked(q, b, k=k_local, block=block, index_offset=offset)
+        d2 = jnp.where(idx < n_valid, d2, jnp.inf)
+        # Merge all shards' candidates (shard order = global index order, so ties resolve to
+        # the smaller global index, as the single-device running merge does).
+        all_d2 = jax.lax.all_gather(d2, axis, axis=1, tiled=True)      # [Q, n_dev*k_local]
+        all_i = jax.lax.all_gather(idx, axis, axis=1, tiled=True)
+        neg, pos = jax.lax.top_k(-all_d2, k)
+        win = jnp.take_along_axis(all_i, pos, axis=-1)                  # [Q, k] global
+        # Exact distances from residuals: each shard handles the winners it owns; the psum
+        # only adds zeros from the other shards, so it introduces no rounding.
+        local = win - offset
+        owned = (local >= 0) & (local < m_local)
+        d_own = knn.exact_distances(q, b, jnp.clip(local, 0, m_local - 1))
+        d = jax.lax.psum(jnp.where(owned, d_own, 0.0), axis)
+        # Ascending distance; exact float ties go to the smaller global index (the ranking
+        # values d2 carry shape-dependent rounding, so they must not decide ties).
+        order = jnp.lexsort((win, d), axis=-1)
+        return jnp.take_along_axis(d, order, -1), jnp.take_along_axis(win, order, -1)
+
+    # check_vma=False: knn_sq_ranked's scan carry starts replicated and becomes per-shard;
+    # the outputs are replicated by construction (all_gather / psum).
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axis, None)),
+                         out_specs=(P(), P()), check_vma=False)(queries, rows)
+
+
+def knn_sharded(queries, bank_sharded: ShardedBank, k: int, mesh: Mesh, block: int = 4096):
+    """Exact k-NN against a sharded bank: (distances [Q,k] ascending, global indices [Q,k]).
+
+    Same result as `knn.knn(queries, bank, k, block)` on one device.
+    """
+    if k > bank_sharded.n_valid:
+        raise ValueError(f"k={k} nearest neighbours requested but the memory bank has only "
+                         f"{bank_sharded.n_valid} entries")
+    return _knn_sharded(jnp.asarray(queries), bank_sharded.rows, k=k, block=block,
+                        n_valid=bank_sharded.n_valid, mesh=mesh)
+
+
+def knn_sharded_batched(features, bank_sharded: ShardedBank, k: int, mesh: Mesh, block: int = 4096):
+    """features [B, N, D] -> (dist [B,N,k], idx [B,N,k]) against a sharded bank."""
+    b, n, d = features.shape
+    dist, idx = knn_sharded(jnp.reshape(features, (b * n, d)), bank_sharded, k, mesh, block)
+    return dist.reshape(b, n, k), idx.reshape(b, n, k)
+
+
+# ----------------------------------------------------------------------------- coreset
+@functools.partial(jax.jit, static_argnames=("n_select", "n_valid", "mesh"))
+def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh):
+    axis = _axis(mesh)
+    n_local = rows.shape[0] // mesh.size
+
+    def per_shard(x, starts):
+        offset = jax.lax.axis_index(axis) * n_local
+        gidx = offset + jnp.arange(n_local, dtype=jnp.int32)
+        sq = jnp.sum(x * x, axis=-1)
+        # Start rows: each start is owned by one shard; psum of it and zeros is exact.
+        loc = starts - offset
+        own = (loc >= 0) & (loc < n_local)
+        start_rows = jax.lax.psum(
+            jnp.where(own[:, None], x[jnp.clip(loc, 0, n_local - 1)], 0.0), axis)
+        start_d = jax.vmap(lambda c: coreset._dist_to(x, sq, c))(start_rows)   # [S, n_local]
+        min_d = jnp.where(gidx < n_valid, jnp.mean(start_d, axis=0), -jnp.inf)
+
+        def body(t, carry):
+            min_d, sel = carry
+            li = jnp.argmax(min_d)
+            # (value, global index, row) of each shard's local argmax -> pick the global one.
+            vals = jax.lax.all_gather(min_d[li], axis)                  # [n_dev]
+            idxs = jax.lax.all_gather(li.astype(jnp.int32) + offset, axis)
+            cands = jax.lax.all_gather(x[li], axis)                     # [n_dev, P]
+            w = jnp.argmax(vals)       # first max -> lowest shard -> smallest global index
+            sel = sel.at[t].set(idxs[w])
+            min_d = jnp.minimum(min_d, coreset._dist_to(x, sq, cands[w]))
+            return min_d, sel
+
+        sel0 = jnp.zeros((n_select,), jnp.int32)
+        _, sel = jax.lax.fori_loop(0, n_select, body, (min_d, sel0))
+        return sel
+
+    # check_vma=False: `sel` is replicated by construction (every shard picks the same winner
+    # from the all-gathered candidates).
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axis, None), P()),
+                         out_specs=P(), check_vma=False)(rows, starts)
+
+
+def greedy_select_sharded(projected, starts, n_select: int, mesh: Mesh, align: int = 128) -> jax.Array:
+    """Approximate greedy k-center with the points [N, P] sharded over `mesh`.
+
+    Selects the same indices [n_select] (int32) as `coreset.greedy_select` on one device
+    (argmax ties -> smallest global index). Each shard is padded to a multiple of `align`
+    rows (pads get min-distance -inf), which keeps XLA on the same vectorised code path for
+    every row; only ulp-level near-ties can still resolve differently (see module doc).
+    Each step all-gathers one (value, index, row) triple per device.
+    """
+    projected = jnp.asarray(projected, jnp.float32)
+    n = projected.shape[0]
+    rows = _place(_pad_rows(projected, mesh.size, align), mesh)
+    starts = jnp.asarray(starts, jnp.int32)
+    return _greedy_sharded(rows, starts, n_select=n_select, n_valid=n, mesh=mesh)
+
+
+def coreset_indices_sharded(key: jax.Array, features, ratio: float, proj_dim: int = 128,
+                            n_starts: int = 10, mesh: Mesh | None = None) -> jax.Array:
+    """`coreset.coreset_indices` with the greedy loop sharded over `mesh` (same indices)."""
+    mesh = make_bank_mesh() if mesh is None else mesh
+    n, d = features.shape
+    n_select = coreset.n_coreset(n, ratio)
+    if n_select >= n:
+        return jnp.arange(n, dtype=jnp.int32)
+    k_proj, k_start = jax.random.split(key)
+    projected = coreset.project_chunked(features, coreset.random_projection(k_proj, d, proj_dim)) \
+        if proj_dim < d else jnp.asarray(features, jnp.float32)
+    starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
+    return greedy_select_sharded(projected, starts, n_select, mesh)
