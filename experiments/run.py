@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="tune the learnable weights with optax on held-out normals + synthetic anomalies")
     p.add_argument("--ablation", action="store_true", help="also score each signal alone and PatchCore")
+    p.add_argument("--unified", action="store_true",
+                   help="one memory bank over all --category (multi-class), metrics per category")
     p.add_argument("--figures", type=int, default=8, help="figures per category")
     p.add_argument("--out", default="results/run")
     return p.parse_args(argv)
@@ -128,6 +130,14 @@ def main(argv=None) -> int:
           f"method={cfg.noising.method} influence={cfg.noising.influence} k={cfg.noising.k} "
           f"coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed}")
     entries, t0 = [], time.perf_counter()
+    if a.unified:
+        if a.mode != "train" or a.tune:
+            print("error: --unified supports --mode train without --tune", file=sys.stderr)
+            return 2
+        entries = runner.run_unified(cfg, categories, a.out, checkpoint_dir=checkpoint_dir(a, "unified", 1),
+                                     max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
+                                     n_figures=a.figures)
+        categories = []
     for cat in categories:
         ck = checkpoint_dir(a, cat, len(categories))
         try:

@@ -49,15 +49,18 @@ class Timer(dict):
         return _T()
 
 
-def fit_category(cfg: Config, sources: dict, extractor, timer: Timer, mean, std):
+def fit_category(cfg: Config, sources: dict | list[dict], extractor, timer: Timer, mean, std):
+    """Fit one bank on the train split of one category, or of several (a unified bank)."""
+    many = sources if isinstance(sources, list) else [sources]
     with timer("extract_train_s"):
-        train = detector.extract_all(extractor, batches(cfg, sources["train"], mean, std),
-                                     cfg.batch_size, desc="features train")
+        train = np.concatenate([detector.extract_all(extractor, batches(cfg, s["train"], mean, std),
+                                                     cfg.batch_size, desc="features train") for s in many])
     holdout = None
-    if len(sources.get("holdout", [])):
+    if any(len(s.get("holdout", [])) for s in many):
         with timer("extract_holdout_s"):
-            holdout = detector.extract_all(extractor, batches(cfg, sources["holdout"], mean, std),
-                                           cfg.batch_size, desc="features holdout")
+            holdout = np.concatenate([detector.extract_all(extractor, batches(cfg, s["holdout"], mean, std),
+                                                           cfg.batch_size, desc="features holdout")
+                                      for s in many if len(s.get("holdout", []))])
     state, report = detector.fit(cfg, train, holdout, jax.random.key(cfg.seed))
     timer["coreset_s"] = report.timings["coreset_s"]
     timer["stats_s"] = report.timings["stats_s"]
@@ -240,6 +243,47 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
     entry["_states"] = states
     entry["_test"] = res
     return entry
+
+
+def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_dir: str | None = None,
+                max_train=None, max_test=None, ablation: bool = False, n_figures: int = 8,
+                log=print) -> list[dict]:
+    """ADer-style multi-class setting: ONE bank over every category's train images, then
+    metrics per category on that shared bank."""
+    from pn_jax import checkpoint as ckpt
+
+    timer = Timer()
+    t_start = time.perf_counter()
+    info = backbones.info(cfg.model.backbone)
+    mean, std = info.mean, info.std
+    sources = {c: load_sources(cfg, c, max_train=max_train, max_test=max_test) for c in categories}
+    extractor = detector.FeatureExtractor(cfg)
+    state, report = fit_category(cfg, list(sources.values()), extractor, timer, mean, std)
+    if checkpoint_dir:
+        ckpt.save(checkpoint_dir, state, cfg, {"grid": list(extractor.grid), "category": "+".join(categories),
+                                               "unified": True})
+    fit_timings = dict(timer)
+    has_masks = cfg.data.dataset != "elpv"
+    variants = (None,) + (ABLATION_VARIANTS if ablation else ())
+    entries = []
+    for c in categories:
+        t = Timer()
+        res = score_source(cfg, {"unified": state}, extractor, sources[c]["test"], mean, std, t,
+                           variants=variants, keep_maps=has_masks, n_figures=n_figures)
+        allm = evaluate_all(res, has_masks)
+        entry = {"category": c, "mode": "unified", "metrics": allm[("unified", None)],
+                 "timings": {**{f"shared_{k}": v for k, v in fit_timings.items()}, **t},
+                 "counts": {"train": sum(len(s["train"]) for s in sources.values()), "test": len(res["labels"]),
+                            "test_anomalous": int(res["labels"].sum()), "bank": report.bank_size,
+                            "train_patches": report.n_train_patches, "categories_in_bank": len(categories)},
+                 "figures": write_figures(res["figures"], os.path.join(out_dir, "figures", c), mean, std, c),
+                 "config": cfg.to_dict()}
+        if ablation:
+            entry["ablation"] = {v: allm[("unified", v)] for v in variants[1:]}
+        entries.append(entry)
+    log(f"unified bank over {len(categories)} categories: {report.bank_size} entries from "
+        f"{report.n_train_patches} patches; total {time.perf_counter() - t_start:.1f}s")
+    return entries
 
 
 def write_results(path: str, entries: list[dict], extra: dict | None = None) -> None:

@@ -75,3 +75,16 @@ def test_missing_mvtec_fails_fast_with_instructions(tmp_path, capsys):
     assert run.main(["--category", "bottle", "--data-root", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nope") in err and "mvtec" in err.lower() and "--dataset elpv" in err
+
+
+def test_unified_bank_reports_each_category(tmp_path):
+    args = TINY + ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "uni"), "--unified",
+                   "--figures", "0"]
+    args[args.index("--category") + 1: args.index("--category") + 2] = ["synthetic", "synthetic_b"]
+    assert run.main(args) == 0
+    res = json.load(open(tmp_path / "uni" / "results.json"))
+    assert set(res["categories"]) == {"synthetic", "synthetic_b"}
+    a, b = (res["categories"][c] for c in ("synthetic", "synthetic_b"))
+    assert a["counts"]["categories_in_bank"] == 2 and a["counts"]["bank"] == b["counts"]["bank"]
+    assert a["counts"]["train"] == 2 * 18  # both categories' train images (minus holdout) in one bank
+    assert os.path.isdir(tmp_path / "uni" / "checkpoint" / "unified")
