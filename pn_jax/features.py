@@ -14,7 +14,6 @@ pool first and upsample the small pooled map, which saves a factor C_l*9/pretrai
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
@@ -76,9 +75,3 @@ def aggregate(feature_maps: Sequence[jax.Array], pretrain_dim: int, target_dim: 
     out = adaptive_avg_pool_last(stacked, target_dim)
     b, h, w, d = out.shape
     return out.reshape(b, h * w, d)
-
-
-def grid_shape(image_size: int, stride: int) -> tuple[int, int]:
-    """Patch grid of the first layer for a square input (backbones use ceil for SAME padding)."""
-    n = math.ceil(image_size / stride)
-    return n, n

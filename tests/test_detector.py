@@ -105,3 +105,21 @@ def test_other_influence_methods_score_close_to_fd_fixed(influence):
     cfg2 = cfg.replace(noising={"influence": influence})
     got, _, _ = score(cfg2, ext, state, test)
     np.testing.assert_allclose(got, ref, rtol=1e-3)
+
+
+def test_adaptive_noising_module_matches_the_scoring_path():
+    from pn_jax import noising
+
+    cfg, ext, state, _, test = make()
+    feats = ext(test[:2])
+    mod = noising.AdaptiveNoisingModule(feats.shape[-1], k=cfg.noising.k, influence="fd_fixed",
+                                        eps=cfg.noising.eps, block=cfg.bank.knn_block)
+    dist, idx = mod.compute_spatial_distance(feats, state.bank)
+    infl = mod.compute_feature_influence(feats, state.bank, dist, idx, state.dims)
+    noise = mod.propose_adaptive_noise(infl, dist, state.stats)
+    sig = detector.Scorer(cfg, ext.grid).signals(state, feats)
+    np.testing.assert_allclose(np.asarray(dist.mean(-1)), np.asarray(sig["distance"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(infl.mean(-1)), np.asarray(sig["influence"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(noise.mean(-1)), np.asarray(sig["noise"]), rtol=1e-5)
+    assert noise.shape == (2, feats.shape[1], state.dims.shape[0])
+    assert float(noise.min()) > cfg.noising.noise_std_min and float(noise.max()) < cfg.noising.noise_std_max
