@@ -141,11 +141,18 @@ def write_figures(items, out_dir, mean, std, category):
 
 
 def validation_split(cfg: Config, sources: dict, category: str):
-    """Held-out normal images + one seeded synthetic anomaly of each (never test images)."""
+    """Held-out normal images + one seeded synthetic anomaly of each (never test images),
+    split by image into a half to tune on and a half to judge the tuning and the scores on."""
     from pn_jax import data
 
-    recs = data.make_validation_records(sources["holdout"], seed=cfg.seed)
-    return data.records_source(recs, dataset=cfg.data.dataset, category=category, split="validation")
+    recs = data.make_validation_records(sources["holdout"], seed=cfg.seed)  # [normal_i, anomaly_i, ...]
+    halves = {"validation_tune": [], "validation_select": []}
+    for i in range(0, len(recs), 2):
+        halves["validation_tune" if (i // 2) % 2 == 0 else "validation_select"].extend(recs[i:i + 2])
+    if not halves["validation_select"]:  # a single held-out image: tune and judge on it
+        halves["validation_select"] = halves["validation_tune"]
+    return {name: data.records_source(r, dataset=cfg.data.dataset, category=category, split=name)
+            for name, r in halves.items()}
 
 
 def tune_state(cfg: Config, state, extractor, val_source, mean, std, timer: Timer, log=print):
@@ -196,8 +203,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         states = {"untuned": state}
         main_key = "untuned"
         if tune:
-            val = validation_split(cfg, sources, category)
-            tuned, curves = tune_state(cfg, state, extractor, val, mean, std, timer, log)
+            vals = validation_split(cfg, sources, category)
+            tuned, curves = tune_state(cfg, state, extractor, vals["validation_tune"], mean, std, timer, log)
             states["tuned"] = tuned
             main_key = "tuned"
             extra["tune_curves"] = curves
@@ -205,8 +212,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
                 os.path.join(out_dir, "figures", category, "tune_loss.png"),
                 {k: (list(range(len(v))), v) for k, v in curves.items()}, "step", "validation ranking loss",
                 f"{category}: tuning")
-            # validation metrics before / after, every score variant
-            vres = score_source(cfg, states, extractor, val, mean, std, Timer(),
+            # metrics before / after on the validation half NOT tuned on, every score variant
+            vres = score_source(cfg, states, extractor, vals["validation_select"], mean, std, Timer(),
                                 variants=(None,) + ABLATION_VARIANTS, keep_maps=True, desc="validation")
             extra["validation"] = {f"{s}/{v or 'default'}": m for (s, v), m in evaluate_all(vres, True).items()}
         if checkpoint_dir:

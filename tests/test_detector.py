@@ -24,7 +24,7 @@ def fake_backbone(images):
 
 @functools.lru_cache(maxsize=None)
 def make(method="propose_noising", influence="fd_fixed"):
-    cfg = tiny_config(noising={"method": method, "influence": influence},
+    cfg = tiny_config(noising={"method": method, "influence": influence, "score": "seed"},
                       model={"pretrain_embed_dimension": 32, "target_embed_dimension": 32})
     ext = detector.FeatureExtractor(cfg, backbone_fn=fake_backbone)
     rng = np.random.default_rng(0)
