@@ -272,7 +272,7 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
                                                cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, mesh)
     else:
         idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
-                                          cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts)
+                                          cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True)
     bank = jnp.asarray(flat[np.asarray(idx)])
     t_core = time.perf_counter() - t0
     if bank.shape[0] < cfg.noising.k:
