@@ -123,3 +123,19 @@ def test_adaptive_noising_module_matches_the_scoring_path():
     np.testing.assert_allclose(np.asarray(noise.mean(-1)), np.asarray(sig["noise"]), rtol=1e-5)
     assert noise.shape == (2, feats.shape[1], state.dims.shape[0])
     assert float(noise.min()) > cfg.noising.noise_std_min and float(noise.max()) < cfg.noising.noise_std_max
+
+
+def test_importance_dim_selection_picks_the_most_influential_dims():
+    from tests import reference as ref
+
+    cfg, ext, state, train_feats, test = make()
+    cfg = cfg.replace(noising={"dim_selection": "importance"})
+    hold = np.asarray(ext(test[:2]))
+    dims = np.asarray(detector.select_dims(cfg, jax.random.key(0), hold.shape[-1], hold, state.bank))
+    f = hold.reshape(-1, hold.shape[-1])
+    d, i = ref.knn_bruteforce(f, np.asarray(state.bank), cfg.noising.k)
+    r = f[:, None, :] - np.asarray(state.bank)[i]
+    imp = np.abs(r / d[..., None]).mean(axis=(0, 1))  # eps-free grad influence per dim
+    want = np.sort(np.argsort(-imp)[:len(dims)])
+    np.testing.assert_array_equal(dims, want)
+    assert len(dims) == detector.n_influence_dims(cfg, hold.shape[-1])
