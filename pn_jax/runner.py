@@ -99,12 +99,14 @@ def score_source(cfg: Config, states: dict, extractor, source, mean, std, timer:
                     if keep_maps:
                         maps[(sname, v)].append(amap.astype(np.float32))
                 if sname == first and len(fig_items) < n_figures:
+                    # up to half the figures per label, so both normal and anomalous images are shown
                     extra = {k: np.asarray(out[k][:n]) for k in ("anomaly_maps", "influence_maps", "noise_maps")
                              if k in out}
-                    for i in range(min(n, n_figures - len(fig_items))):
-                        fig_items.append((np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
-                                          np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]),
-                                          int(batch["label"][i])))
+                    for i in range(n):
+                        label = int(batch["label"][i])
+                        if sum(f[4] == label for f in fig_items) < -(-n_figures // 2) and len(fig_items) < n_figures:
+                            fig_items.append((np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
+                                              np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]), label))
         labels.append(np.asarray(batch["label"][:n]))
         if keep_maps:
             masks.append(np.asarray(batch["mask"][:n]) > 0.5)
