@@ -142,6 +142,12 @@ def write_figures(items, out_dir, mean, std, category):
     return paths
 
 
+def selection_criterion(m: dict) -> float:
+    """How validation results are compared (tuning kept or not; the default score): the mean of
+    image AUROC and pixel AUROC, ADer's two headline numbers."""
+    return (m["mAUROC_sp_max"] + m["mAUROC_px"]) / 2
+
+
 def validation_split(cfg: Config, sources: dict, category: str):
     """Held-out normal images + one seeded synthetic anomaly of each (never test images),
     split by image into a half to tune on and a half to judge the tuning and the scores on."""
@@ -208,7 +214,6 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
             vals = validation_split(cfg, sources, category)
             tuned, curves = tune_state(cfg, state, extractor, vals["validation_tune"], mean, std, timer, log)
             states["tuned"] = tuned
-            main_key = "tuned"
             extra["tune_curves"] = curves
             extra["tune_plot"] = viz.plot_curves(
                 os.path.join(out_dir, "figures", category, "tune_loss.png"),
@@ -217,12 +222,20 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
             # metrics before / after on the validation half NOT tuned on, every score variant
             vres = score_source(cfg, states, extractor, vals["validation_select"], mean, std, Timer(),
                                 variants=(None,) + ABLATION_VARIANTS, keep_maps=True, desc="validation")
-            extra["validation"] = {f"{s}/{v or 'default'}": m for (s, v), m in evaluate_all(vres, True).items()}
+            vm = evaluate_all(vres, True)
+            extra["validation"] = {f"{s}/{v or 'default'}": m for (s, v), m in vm.items()}
+            # Keep the tuned weights only if they help on the validation half not tuned on.
+            crit = {s: selection_criterion(vm[(s, None)]) for s in states}
+            main_key = "tuned" if crit["tuned"] > crit["untuned"] else "untuned"
+            extra["tuning_kept"] = main_key == "tuned"
+            log(f"  tuning {'kept' if main_key == 'tuned' else 'discarded'}: validation criterion "
+                f"(mean of image and pixel AUROC) untuned {crit['untuned']:.2f}, tuned {crit['tuned']:.2f}")
         if checkpoint_dir:
             with timer("checkpoint_s"):
                 ckpt.save(checkpoint_dir, states[main_key], cfg,
                           {"grid": list(extractor.grid), "category": category, "counts": counts,
-                           "weights_path": getattr(extractor, "weights_path", None), "tuned": tune})
+                           "weights_path": getattr(extractor, "weights_path", None),
+                           "tuned": main_key == "tuned"})
     has_masks = cfg.data.dataset != "elpv"
     variants = (None,) + (ABLATION_VARIANTS if ablation else ())
     res = score_source(cfg, {main_key: states[main_key], **states}, extractor, sources["test"], mean, std, timer,
