@@ -8,8 +8,9 @@
             compare the new sorted K distances rank by rank with the old ones.
   fd_fixed  the same with the K neighbours held fixed, in closed form from the residuals
             r_k = f - m_k:  dist_k' - dist_k = (2 eps r_kd + eps^2) / (dist_k' + dist_k).
-  grad      eps * |d dist_k / d f_d| from reverse-mode autodiff (jax.jacrev); = eps |r_kd| / dist_k.
-  jvp       the same derivative in forward mode (jax.jvp), one tangent per dim in S.
+  grad      eps * |d dist_k / d f_d| from reverse-mode autodiff (jax.grad); = eps |r_kd| / dist_k.
+  jvp       the same derivative in forward mode (jax.jvp), one tangent per dim in S, with
+            dist_k written as a function of the coordinates S (the other dims enter as a constant).
 
 All four agree to O(eps^2) wherever the neighbour set does not change under the perturbation.
 
@@ -26,11 +27,6 @@ import jax.numpy as jnp
 from pn_jax import knn as knn_lib
 
 
-def _residuals(f, bank, idx):
-    """f [Q,D], idx [Q,K] -> r [Q,K,D] = f - bank[idx]."""
-    return f[:, None, :].astype(jnp.float32) - bank[idx].astype(jnp.float32)
-
-
 def _stable_delta(r_d, dist, eps):
     """dist(f + eps e_d) - dist(f) for a fixed neighbour, without cancellation."""
     num = 2.0 * eps * r_d + eps * eps
@@ -39,35 +35,52 @@ def _stable_delta(r_d, dist, eps):
 
 def fd_fixed(f, bank, dist, idx, dims, eps):
     """[Q,D] -> [Q,|S|]. Neighbours fixed; vectorised over dims."""
-    r = _residuals(f, bank, idx)[..., dims]  # [Q,K,S]
+    # Residuals on the dims S only: gather the [M,S] columns first, then the neighbours' rows.
+    r = f[:, None, dims].astype(jnp.float32) - bank[:, dims][idx].astype(jnp.float32)  # [Q,K,S]
     delta = _stable_delta(r, dist[..., None], eps)
     return jnp.mean(jnp.abs(delta), axis=1)
 
 
-def _dist_fixed(f_q, nbrs):
-    """k-NN distances of one query f_q [D] to fixed neighbours nbrs [K,D]."""
-    return jnp.sqrt(jnp.sum((f_q[None, :] - nbrs) ** 2, axis=-1))
+def _split_residual(f, bank, idx_k, dims):
+    """For neighbour rank k: (f_S [Q,S], m_S [Q,S], c [Q]) with c = sum over dims NOT in S of r^2,
+    so that dist_k(f) = sqrt(c + sum_S (f_S - m_S)^2) as a function of the coordinates S."""
+    f32 = f.astype(jnp.float32)
+    nb = jnp.take(bank, idx_k, axis=0).astype(jnp.float32)
+    r = f32 - nb
+    r_s = r[:, dims]
+    c = jnp.maximum(jnp.sum(r * r, -1) - jnp.sum(r_s * r_s, -1), 0.0)
+    return f32[:, dims], nb[:, dims], c
+
+
+def _dist_of_s(x_s, m_s, c):
+    return jnp.sqrt(c + jnp.sum((x_s - m_s) ** 2, axis=-1))
 
 
 def grad(f, bank, dist, idx, dims, eps):
-    """eps * mean_k |d dist_k / d f_d| via jax.jacrev, dims S only."""
-    nbrs = bank[idx].astype(jnp.float32)  # [Q,K,D]
-    jac = jax.vmap(jax.jacrev(_dist_fixed))(f.astype(jnp.float32), nbrs)  # [Q,K,D]
-    return eps * jnp.mean(jnp.abs(jac[..., dims]), axis=1)
+    """eps * mean_k |d dist_k / d f_d| by reverse mode: one jax.grad per neighbour rank of
+    sum_q dist_k(f_q) (each query's distance depends on its own features only)."""
+    def rank(idx_k):
+        nb = jnp.take(bank, idx_k, axis=0).astype(jnp.float32)
+        g = jax.grad(lambda x: jnp.sum(jnp.sqrt(jnp.sum((x - nb) ** 2, axis=-1))))(f.astype(jnp.float32))
+        return jnp.abs(g[:, dims])
+
+    return eps * jnp.mean(jax.lax.map(rank, idx.T), axis=0)
 
 
 def jvp(f, bank, dist, idx, dims, eps):
-    """Forward mode: one jvp per dim in S (tangent e_d)."""
-    nbrs = bank[idx].astype(jnp.float32)
-    f32 = f.astype(jnp.float32)
-    d_feat = f.shape[-1]
+    """Forward mode: one jax.jvp per dim in S (tangent e_d) of dist_k as a function of f_S."""
+    n_s = dims.shape[0]
 
-    def one_dim(d):
-        tangent = jnp.zeros((d_feat,), jnp.float32).at[d].set(1.0)
-        per_q = lambda fq, nb: jax.jvp(lambda x: _dist_fixed(x, nb), (fq,), (tangent,))[1]
-        return jnp.mean(jnp.abs(jax.vmap(per_q)(f32, nbrs)), axis=1)  # [Q]
+    def rank(idx_k):
+        x_s, m_s, c = _split_residual(f, bank, idx_k, dims)
 
-    return eps * jax.lax.map(one_dim, dims).T  # [Q,S]
+        def along(t):  # t [S] one-hot tangent
+            tangent = jnp.broadcast_to(t, x_s.shape)
+            return jax.jvp(lambda x: _dist_of_s(x, m_s, c), (x_s,), (tangent,))[1]  # [Q]
+
+        return jnp.abs(jax.vmap(along)(jnp.eye(n_s, dtype=jnp.float32))).T  # [Q,S]
+
+    return eps * jnp.mean(jax.lax.map(rank, idx.T), axis=0)
 
 
 def fd(f, bank, dist, idx, dims, eps, block: int = 4096):
@@ -87,9 +100,9 @@ def fd(f, bank, dist, idx, dims, eps, block: int = 4096):
     def one_dim(d):
         shift = 2.0 * eps * (f32[:, d][:, None] - bank32[:, d][None, :]) + eps * eps
         neg, new_idx = jax.lax.top_k(-(d2_all + shift), k)
-        new_r = _residuals(f32, bank32, new_idx)
-        new_d2_unpert = jnp.sum(new_r * new_r, -1)  # exact d2 of the new winners, unperturbed
-        new_num = 2.0 * eps * new_r[..., d] + eps * eps
+        # exact d2 of the new winners, unperturbed, and their residual along d
+        new_d2_unpert = knn_lib.exact_distances(f32, bank32, new_idx) ** 2
+        new_num = 2.0 * eps * (f32[:, d][:, None] - bank32[:, d][new_idx]) + eps * eps
         new_dist = jnp.sqrt(new_d2_unpert + new_num)
         same = new_idx == idx
         stable = new_num / (new_dist + dist)  # exact change where the neighbour is the same

@@ -62,9 +62,17 @@ def knn_sq_ranked(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096
 
 
 def exact_distances(queries: jax.Array, bank: jax.Array, idx: jax.Array) -> jax.Array:
-    """||q - bank[idx]|| computed from the residuals. queries [Q,D], idx [Q,k] -> [Q,k]."""
-    r = queries[:, None, :].astype(jnp.float32) - bank[idx].astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(r * r, axis=-1))
+    """||q - bank[idx]|| computed from the residuals. queries [Q,D], idx [Q,k] -> [Q,k].
+
+    One neighbour rank at a time: XLA's CPU gather of a [Q,k,D] block is ~7x slower than k
+    gathers of [Q,D] (measured at Q=1024, k=9, D=1024)."""
+    q = queries.astype(jnp.float32)
+
+    def one_rank(i):
+        r = q - jnp.take(bank, i, axis=0).astype(jnp.float32)
+        return jnp.sqrt(jnp.sum(r * r, axis=-1))
+
+    return jax.lax.map(one_rank, idx.T).T
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block"))
