@@ -1,0 +1,563 @@
+"""Influence-approximation study (SPEC 3): fd / fd_fixed / grad / jvp across eps.
+
+    python -m experiments.influence_study --dataset elpv --category mono --max-train 120 --max-test 200
+    python -m experiments.influence_study --dataset synthetic --category synthetic --image-size 128
+
+For one category it fits once (memory bank, influence dims S, fit-time statistics) and reports
+
+  1. agreement: on --n-images test images, every method's influence [Q,S] at every eps
+     against the reference `grad` (the exact derivative times eps): relative error (median,
+     p99, max over entries; relative Frobenius), Spearman rank correlation over entries and
+     over patches (mean over S), and the fraction of (patch, dim) entries where the literal
+     `fd` saw a neighbour switch (where fd and fd_fixed differ beyond a tolerance: they agree
+     to rounding everywhere else);
+  2. cost: time per image of each method (jit-compiled, compile excluded), against the
+     k-NN search alone (K neighbours, and PatchCore's k=1) on the same bank, and the batched
+     scoring path (signals) of each method against PatchCore's;
+  3. effect on metrics: the whole test set scored with each method at --eps (default 1e-3),
+     for the seed's propose_noising score and the influence-only score (ADer metrics);
+  4. correlations over test patches between patch influence (mean over S) and the k-NN
+     distance signal (mean_k dist).
+
+Every flag of `experiments.run` is accepted (dataset, backbone, image size, caps, coreset,
+k, eps, embed dim, ...); the flags below are this study's own. Writes <out>/influence_study.json,
+<out>/influence_study.md and <out>/influence_study.png, and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from experiments import run as run_exp
+
+REFERENCE = "grad"
+
+
+def parse_args(argv=None):
+    # allow_abbrev=False: experiments.run's --eps must not be taken for --eps-list.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--eps-list", default="1e-1,1e-2,1e-3,1e-4", help="eps values of the agreement part")
+    p.add_argument("--methods", default="fd,fd_fixed,grad,jvp", help="influence methods to compare")
+    p.add_argument("--n-images", type=int, default=8, help="test images of the agreement and cost parts")
+    p.add_argument("--switch-rtol", type=float, default=1e-4,
+                   help="fd vs fd_fixed relative difference above which an entry counts as a switch")
+    p.add_argument("--timing-repeats", type=int, default=5, help="timing passes (the fastest is kept)")
+    p.add_argument("--timing-budget-s", type=float, default=20.0,
+                   help="stop repeating a timing once this many seconds are spent (slow methods: fd)")
+    p.add_argument("--out", default="results/influence_study")
+    mine, rest = p.parse_known_args(argv)
+    a = run_exp.parse_args(rest)  # every experiments.run flag
+    mine.eps_list = [float(e) for e in mine.eps_list.split(",") if e.strip()]
+    mine.methods = [m.strip() for m in mine.methods.split(",") if m.strip()]
+    return mine, a
+
+
+# ============================================================================ helpers
+# (Study-local helpers; candidates for the library if they prove useful elsewhere.)
+
+def _corr(x, y):
+    from scipy import stats
+
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan"), float("nan")
+    return float(stats.pearsonr(x, y)[0]), float(stats.spearmanr(x, y)[0])
+
+
+def agreement_stats(x, ref) -> dict:
+    """x, ref [Q,S] -> relative errors and rank correlations of x against ref."""
+    from scipy import stats
+
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    ok = np.abs(ref) > 0
+    rel = np.abs(x - ref)[ok] / np.abs(ref)[ok]
+    fro = float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
+    same = np.array_equal(x, ref)
+    sp_e = 1.0 if same else float(stats.spearmanr(x.ravel(), ref.ravel())[0])
+    sp_p = 1.0 if same else float(stats.spearmanr(x.mean(-1), ref.mean(-1))[0])
+    return {"rel_err_median": float(np.median(rel)), "rel_err_p99": float(np.quantile(rel, 0.99)),
+            "rel_err_max": float(rel.max()), "rel_fro": fro, "spearman_entries": sp_e,
+            "spearman_patches": sp_p, "n_ref_zero": int((~ok).sum())}
+
+
+def switch_mask(fd, fd_fixed, rtol: float):
+    """Entries where the literal fd saw a neighbour (rank) switch: elsewhere fd and fd_fixed
+    compute the same cancellation-free expression and agree to float32 rounding (~1e-6)."""
+    fd, fx = np.asarray(fd, np.float64), np.asarray(fd_fixed, np.float64)
+    return np.abs(fd - fx) > rtol * np.abs(fx) + 1e-30
+
+
+def time_per_call(fn, arg_list, repeats: int, budget_s: float = 20.0) -> float:
+    """Seconds per call of a jitted fn: the fastest of up to `repeats` passes over arg_list
+    (fewer once `budget_s` is spent; at least one), each pass timed as a whole and divided by
+    its length; compile excluded (one warm-up call). The minimum is the least noisy estimate
+    on a shared host."""
+    import jax
+
+    jax.block_until_ready(fn(*arg_list[0]))
+    passes, spent = [], 0.0
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        for args in arg_list:
+            jax.block_until_ready(fn(*args))
+        dt = time.perf_counter() - t0
+        passes.append(dt / len(arg_list))
+        spent += dt
+        if spent > budget_s:
+            break
+    return float(min(passes))
+
+
+def pick_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n test indices, half anomalous where possible (seeded), in index order."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n = min(n, len(labels))
+    n_pos = min(len(pos), n // 2)
+    n_neg = min(len(neg), n - n_pos)
+    n_pos = min(len(pos), n - n_neg)
+    chosen = np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
+    return np.sort(chosen.astype(int))
+
+
+def extract_test(cfg, extractor, source, mean, std, keep_masks: bool):
+    """Test features [n,N,D] (host), labels [n], masks [n,H,W] or None, extraction seconds."""
+    from tqdm.auto import tqdm
+
+    from pn_jax import detector, runner
+
+    feats, labels, masks = [], [], []
+    t0 = time.perf_counter()
+    for batch in tqdm(runner.batches(cfg, source, mean, std), desc="features test", unit="batch", leave=False):
+        n = len(batch["image"])
+        f = extractor(detector._pad_batch(np.asarray(batch["image"]), cfg.batch_size))
+        feats.append(np.asarray(f[:n]))
+        labels.append(np.asarray(batch["label"][:n]))
+        if keep_masks:
+            masks.append(np.asarray(batch["mask"][:n]) > 0.5)
+    t = time.perf_counter() - t0
+    return (np.concatenate(feats), np.concatenate(labels).astype(int),
+            np.concatenate(masks) if keep_masks else None, t)
+
+
+# ---------------------------------------------------------------------------- HOOK (lead)
+def noise_scale_hook(state, ctx: dict) -> dict | None:
+    """HOOK for the per-dim noise scale (lead): return extra correlation entries, or None.
+
+    ctx: "dims" [S]; "infl_per_dim" [S] (grad influence at --eps averaged over the agreement
+    patches); "patch_influence" / "patch_distance" [n_test*N] (configured method).
+    Default: when params hold a non-trivial "noise_scale" [D], correlate it over S with the
+    per-dim mean influence.
+    """
+    scale = state.params.get("noise_scale") if isinstance(state.params, dict) else None
+    if scale is None:
+        return None
+    s = np.asarray(scale)[np.asarray(ctx["dims"])]
+    if np.allclose(s, s[0]):
+        return None
+    pear, spear = _corr(ctx["infl_per_dim"], s)
+    return {"noise_scale_vs_influence_per_dim": {"pearson": pear, "spearman": spear, "n": int(s.size)}}
+
+
+# ============================================================================ the parts
+def part_agreement(state, cfg, feats, methods, eps_list, switch_rtol):
+    """feats [n,N,D] -> rows (method, eps, stats), switch stats per eps, per-dim influence."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from pn_jax import influence as infl, knn
+
+    bank, dims, k, block = state.bank, state.dims, cfg.noising.k, cfg.bank.knn_block
+    knn_fn = jax.jit(lambda f, b: knn.knn(f, b, k=k, block=block))
+    nbrs = [knn_fn(jnp.asarray(f), bank) for f in feats]
+    fns = {m: jax.jit(lambda f, b, d, i, s, e, m=m: infl.influence(m, f, b, d, i, s, e))
+           for m in set(methods) | {REFERENCE, "fd", "fd_fixed"}}
+
+    def compute(method, eps):
+        return np.concatenate([np.asarray(fns[method](jnp.asarray(f), bank, d, i, dims, jnp.float32(eps)))
+                               for f, (d, i) in zip(feats, nbrs)])
+
+    rows, switches, per_dim = [], {}, None
+    for eps in tqdm(eps_list, desc="agreement (eps)", leave=False):
+        ref = compute(REFERENCE, eps)
+        vals = {m: (ref if m == REFERENCE else compute(m, eps)) for m in methods}
+        for m in ("fd", "fd_fixed"):
+            if m not in vals:
+                vals[m] = compute(m, eps)
+        sw = switch_mask(vals["fd"], vals["fd_fixed"], switch_rtol)
+        sw_loose = switch_mask(vals["fd"], vals["fd_fixed"], 1e-2)
+        fd_clean = agreement_stats(vals["fd"][~sw], ref[~sw]) if (~sw).any() else {}
+        switches[eps] = {"fraction_entries": float(sw.mean()), "fraction_patches": float(sw.any(-1).mean()),
+                         "fraction_entries_rtol_1e-2": float(sw_loose.mean()),
+                         "fd_rel_err_median_no_switch": fd_clean.get("rel_err_median", float("nan")),
+                         "fd_rel_err_max_no_switch": fd_clean.get("rel_err_max", float("nan")),
+                         "fd_rel_err_median_switch": (float(np.median(np.abs(vals["fd"][sw] - ref[sw])
+                                                                      / np.abs(ref[sw])))
+                                                      if sw.any() else float("nan"))}
+        for m in methods:
+            rows.append({"method": m, "eps": eps, **agreement_stats(vals[m], ref)})
+        if np.isclose(eps, cfg.noising.eps) or per_dim is None:
+            per_dim = ref.mean(0) / eps * cfg.noising.eps
+    return rows, switches, per_dim, nbrs
+
+
+def part_cost(state, cfg, feats, nbrs, methods, repeats, budget_s):
+    """Per-image milliseconds: k-NN (K and 1), each method alone and fused with the k-NN."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from pn_jax import influence as infl, knn
+
+    bank, dims, k, block, eps = state.bank, state.dims, cfg.noising.k, cfg.bank.knn_block, cfg.noising.eps
+    fs = [jnp.asarray(f) for f in feats]
+    knn_k = jax.jit(lambda f, b: knn.knn(f, b, k=k, block=block))
+    knn_1 = jax.jit(lambda f, b: knn.knn(f, b, k=1, block=block))
+    out = {"knn_k_ms": 1e3 * time_per_call(knn_k, [(f, bank) for f in fs], repeats, budget_s),
+           "knn_1_ms": 1e3 * time_per_call(knn_1, [(f, bank) for f in fs], repeats, budget_s), "methods": {}}
+    for m in tqdm(methods, desc="cost", leave=False):
+        alone = jax.jit(lambda f, b, d, i, s, m=m: infl.influence(m, f, b, d, i, s, eps))
+
+        def fused_fn(f, b, s, m=m):
+            d, i = knn.knn(f, b, k=k, block=block)
+            return infl.influence(m, f, b, d, i, s, eps)
+
+        fused = jax.jit(fused_fn)
+        args = [(f, bank, d, i, dims) for f, (d, i) in zip(fs, nbrs)]
+        t_alone = 1e3 * time_per_call(alone, args, repeats, budget_s)
+        t_fused = 1e3 * time_per_call(fused, [(f, bank, dims) for f in fs], repeats, budget_s)
+        out["methods"][m] = {"influence_ms": t_alone, "knn_plus_influence_ms": t_fused,
+                             "overhead_vs_knn_k": t_fused / out["knn_k_ms"] - 1.0,
+                             "overhead_vs_patchcore": t_fused / out["knn_1_ms"] - 1.0}
+    return out
+
+
+def part_metrics(state, cfg, holdout, test, methods, grid, switch_rtol):
+    """Whole test set scored with each method (stats refit per method on the held-out normals)."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from pn_jax import detector, maps as maps_lib, metrics, noising
+
+    feats, labels, masks = test
+    bs = cfg.batch_size
+    size = detector.map_size(cfg)
+    to_maps = jax.jit(lambda p: maps_lib.to_pixel_maps(p, grid, size, cfg.noising.blur_sigma))
+    n = len(feats)
+
+    def run_signals(signal_fn, stats, name):
+        """-> per-patch signals {name: [n, N]} and scoring seconds per image (compile excluded)."""
+        chunks = [detector._pad_batch(feats[s:s + bs], bs) for s in range(0, n, bs)]
+        args = lambda c: (state.params, state.bank, state.dims, stats, jnp.asarray(c))
+        out, t, n_timed = [], 0.0, 0
+        # The first batch compiles and is not timed (timed again when it is the only one).
+        for j, c in enumerate(tqdm(chunks + chunks[:1] * (len(chunks) == 1), desc=f"scoring ({name})",
+                                   unit="batch", leave=False)):
+            t0 = time.perf_counter()
+            sig = jax.block_until_ready(signal_fn(*args(c)))
+            if j > 0:
+                t, n_timed = t + time.perf_counter() - t0, n_timed + bs
+            if j < len(chunks):
+                out.append({kk: np.asarray(v) for kk, v in sig.items()})
+        sig = {kk: np.concatenate([o[kk] for o in out])[:n] for kk in ("influence", "distance", "noise", "nearest")}
+        return sig, t / n_timed
+
+    def pixel_maps(patch):
+        return np.concatenate([np.asarray(to_maps(jnp.asarray(detector._pad_batch(patch[s:s + bs], bs))))
+                               for s in range(0, n, bs)])[:n]
+
+    def image_score(patch):  # sp_max: max of the blurred anomaly map
+        return pixel_maps(patch).reshape(n, -1).max(-1)
+
+    def evaluate(patch):
+        amaps = pixel_maps(patch)
+        img = amaps.reshape(n, -1).max(-1)
+        return metrics.evaluate(img, labels, amaps if masks is not None else None, masks)
+
+    res = {"per_method": {}, "baseline": {}, "scoring_ms_per_image": {}, "image_scores": {},
+           "labels": np.asarray(labels).tolist()}
+    base_fn = detector.make_signal_fn(cfg, need_influence=False)
+    base_sig, t_base = run_signals(base_fn, state.stats, "patchcore")
+    res["scoring_ms_per_image"]["patchcore(knn only)"] = 1e3 * t_base
+    res["baseline"]["patchcore"] = evaluate(base_sig["nearest"])
+    res["baseline"]["distance"] = evaluate(base_sig["distance"])
+    signals = {}
+    for m in tqdm(methods, desc="metrics (method)", leave=False):
+        cfg_m = cfg.replace(noising={"influence": m})
+        stats = detector.fit_stats(cfg_m, state.params, state.bank, state.dims, holdout)
+        sig, t = run_signals(detector.make_signal_fn(cfg_m, need_influence=True), stats, m)
+        res["scoring_ms_per_image"][m] = 1e3 * t
+        seed_score = np.asarray(noising.combine({kk: jnp.asarray(v) for kk, v in sig.items()},
+                                                cfg.noising.score_weights, stats, cfg.noising.znorm_signals))
+        res["per_method"][m] = {"propose_noising": evaluate(seed_score), "influence": evaluate(sig["influence"])}
+        res["image_scores"][m] = {"propose_noising": image_score(seed_score).tolist(),
+                                  "influence": image_score(sig["influence"]).tolist()}
+        signals[m] = sig
+    if "fd" in signals and "fd_fixed" in signals:
+        res["fd_vs_fd_fixed"] = compare_fd(signals["fd"]["influence"], signals["fd_fixed"]["influence"],
+                                           res["image_scores"]["fd"]["influence"],
+                                           res["image_scores"]["fd_fixed"]["influence"], labels, switch_rtol)
+    return res, signals
+
+
+def compare_fd(p_fd, p_fx, img_fd, img_fx, labels, rtol):
+    """Whole test set: where the literal fd's patch influence (mean over S) departs from fd_fixed's."""
+    p_fd, p_fx = np.asarray(p_fd, np.float64), np.asarray(p_fx, np.float64)
+    rel = np.abs(p_fd - p_fx) / np.maximum(np.abs(p_fx), 1e-30)
+    img_fd, img_fx = np.asarray(img_fd, np.float64), np.asarray(img_fx, np.float64)
+    img_rel = np.abs(img_fd - img_fx) / np.maximum(np.abs(img_fx), 1e-30)
+    worst = np.argsort(-img_rel)[:5]
+    return {"patches_differing": float((rel > rtol).mean()), "patch_rel_diff_max": float(rel.max()),
+            "patch_rel_diff_p999": float(np.quantile(rel, 0.999)),
+            "images_with_a_differing_patch": float((rel > rtol).any(-1).mean()),
+            "images_whose_influence_score_differs": float((img_rel > rtol).mean()),
+            "worst_images": [{"index": int(i), "label": int(labels[i]), "fd": float(img_fd[i]),
+                              "fd_fixed": float(img_fx[i]), "rel_diff": float(img_rel[i])} for i in worst]}
+
+
+def part_correlation(signals, labels, n_patches):
+    """Pearson/Spearman between patch influence and the k-NN distance signal, per method."""
+    per_img = np.repeat(labels, n_patches)
+    out = {}
+    for m, sig in signals.items():
+        x, y = sig["influence"].ravel(), sig["distance"].ravel()
+        row = {}
+        for name, sel in (("all", slice(None)), ("normal_images", per_img == 0), ("anomalous_images", per_img == 1)):
+            p, s = _corr(x[sel], y[sel])
+            row[name] = {"pearson": p, "spearman": s, "n": int(np.size(x[sel]))}
+        out[m] = row
+    return out
+
+
+# ============================================================================ reporting
+def _f(x, fmt="%.3g"):
+    return "-" if x is None or (isinstance(x, float) and x != x) else fmt % x
+
+
+def tables(doc) -> str:
+    ag = doc["agreement"]
+    lines = [f"# Influence study: {doc['dataset']} / {doc['category']}", "",
+             f"backbone {doc['config']['model']['backbone']}, image {doc['config']['data']['image_size']}, "
+             f"D={doc['counts']['dim']}, |S|={doc['counts']['n_dims']}, K={doc['config']['noising']['k']}, "
+             f"bank M={doc['counts']['bank']}, patches/image N={doc['counts']['patches_per_image']}, "
+             f"device {doc['device']}", "",
+             f"## Agreement with `{REFERENCE}` (exact derivative x eps) on {ag['n_images']} test images "
+             f"({ag['n_entries']} (patch, dim) entries)", "",
+             "| method | eps | rel err median | rel err p99 | rel err max | rel Frobenius | Spearman entries "
+             "| Spearman patches |", "|---|---|---|---|---|---|---|---|"]
+    for r in ag["rows"]:
+        lines.append(f"| {r['method']} | {r['eps']:g} | {_f(r['rel_err_median'])} | {_f(r['rel_err_p99'])} | "
+                     f"{_f(r['rel_err_max'])} | {_f(r['rel_fro'])} | {_f(r['spearman_entries'], '%.6f')} | "
+                     f"{_f(r['spearman_patches'], '%.6f')} |")
+    lines += ["", f"## Neighbour switches seen by `fd` (|fd - fd_fixed| > {ag['switch_rtol']:g} x |fd_fixed|)", "",
+              "| eps | switched entries | patches with a switch | entries (rtol 1e-2) | fd rel err median, "
+              "no switch | fd rel err max, no switch | fd rel err median, switched |", "|---|---|---|---|---|---|---|"]
+    for eps, s in ag["switches"].items():
+        lines.append(f"| {float(eps):g} | {100 * s['fraction_entries']:.3f}% | {100 * s['fraction_patches']:.2f}% | "
+                     f"{100 * s['fraction_entries_rtol_1e-2']:.3f}% | {_f(s['fd_rel_err_median_no_switch'])} | "
+                     f"{_f(s['fd_rel_err_max_no_switch'])} | {_f(s['fd_rel_err_median_switch'])} |")
+    c = doc["cost"]
+    lines += ["", f"## Cost per image (ms; jit, compile excluded; eps {doc['config']['noising']['eps']:g})", "",
+              f"k-NN search alone: K={doc['config']['noising']['k']}: {c['knn_k_ms']:.2f} ms, "
+              f"k=1 (PatchCore): {c['knn_1_ms']:.2f} ms; backbone + aggregation: "
+              f"{c['extract_ms_per_image']:.1f} ms", "",
+              "| method | influence alone | k-NN + influence | overhead vs k-NN (K) | overhead vs PatchCore (k=1) "
+              "| batched scoring (signals) |", "|---|---|---|---|---|---|"]
+    sc = doc["metrics"]["scoring_ms_per_image"]
+    for m, r in c["methods"].items():
+        lines.append(f"| {m} | {r['influence_ms']:.2f} | {r['knn_plus_influence_ms']:.2f} | "
+                     f"{100 * r['overhead_vs_knn_k']:+.1f}% | {100 * r['overhead_vs_patchcore']:+.1f}% | "
+                     f"{_f(sc.get(m), '%.2f')} |")
+    lines.append(f"| patchcore (k-NN only) | - | - | - | - | {_f(sc.get('patchcore(knn only)'), '%.2f')} |")
+    keys = ["mAUROC_sp_max", "mAP_sp_max", "mF1_max_sp"]
+    if doc["has_masks"]:
+        keys += ["mAUROC_px", "mAUPRO_px", "mAP_px"]
+    lines += ["", f"## Test metrics per method (eps {doc['config']['noising']['eps']:g}, "
+                  f"{doc['counts']['test']} test images, {doc['counts']['test_anomalous']} anomalous)", "",
+              "| method | score | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for m, d in doc["metrics"]["per_method"].items():
+        for score, mm in d.items():
+            lines.append(f"| {m} | {score} | " + " | ".join(_f(mm.get(k), "%.2f") for k in keys) + " |")
+    for name, mm in doc["metrics"]["baseline"].items():
+        lines.append(f"| - | {name} | " + " | ".join(_f(mm.get(k), "%.2f") for k in keys) + " |")
+    fv = doc["metrics"].get("fd_vs_fd_fixed")
+    if fv:
+        lines += ["", f"Whole test set, fd vs fd_fixed patch influence (mean over S, rtol {ag['switch_rtol']:g}): "
+                      f"{100 * fv['patches_differing']:.4f}% of patches differ (max rel diff "
+                      f"{fv['patch_rel_diff_max']:.3g}); {100 * fv['images_with_a_differing_patch']:.1f}% of images "
+                      f"hold one; {100 * fv['images_whose_influence_score_differs']:.1f}% of influence-only image "
+                      f"scores change; worst: " + ", ".join(
+                          f"#{w['index']} (label {w['label']}) {w['fd_fixed']:.3g} -> {w['fd']:.3g}"
+                          for w in fv["worst_images"][:3])]
+    lines += ["", "## Correlation over test patches: influence (mean over S) vs k-NN distance (mean over K)", "",
+              "| method | Pearson all | Spearman all | Pearson normal imgs | Spearman normal imgs "
+              "| Pearson anomalous imgs | Spearman anomalous imgs |", "|---|---|---|---|---|---|---|"]
+    for m, r in doc["correlation"].items():
+        if m.startswith("_"):
+            continue
+        cells = [f"{_f(r[g]['pearson'], '%.3f')} | {_f(r[g]['spearman'], '%.3f')}"
+                 for g in ("all", "normal_images", "anomalous_images")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if doc["correlation"].get("_hook"):
+        lines += ["", "Hook (per-dim noise scale): `" + json.dumps(doc["correlation"]["_hook"]) + "`"]
+    lines += ["", f"wall time {doc['wall_time_s']:.1f} s " + json.dumps(
+        {k: round(v, 1) for k, v in doc["timings"].items()})]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path, doc):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    methods = list(dict.fromkeys(r["method"] for r in doc["agreement"]["rows"]))
+    color = {m: f"C{i}" for i, m in enumerate(methods)}
+    for m in methods:
+        if m == REFERENCE:
+            continue
+        rows = [r for r in doc["agreement"]["rows"] if r["method"] == m]
+        eps = [r["eps"] for r in rows]
+        a1.plot(eps, [max(r["rel_fro"], 1e-12) for r in rows], marker="o", color=color[m], label=f"{m} (Frobenius)")
+        a1.plot(eps, [max(r["rel_err_median"], 1e-12) for r in rows], marker="x", ls="--",
+                color=color[m], label=f"{m} (median)")
+    a1.set_xscale("log")
+    a1.set_yscale("log")
+    a1.set_xlabel("eps")
+    a1.set_ylabel(f"relative error vs {REFERENCE}")
+    a1.set_title("agreement with the exact derivative", fontsize=9)
+    a1.grid(alpha=0.3, which="both")
+    a1.legend(fontsize=7)
+    c = doc["cost"]
+    names = ["k-NN k=1", f"k-NN K"] + [f"k-NN+{m}" for m in c["methods"]]
+    vals = [c["knn_1_ms"], c["knn_k_ms"]] + [r["knn_plus_influence_ms"] for r in c["methods"].values()]
+    a2.bar(names, vals, color=["gray", "gray"] + [color.get(m, "k") for m in c["methods"]])
+    a2.set_yscale("log")
+    a2.set_ylabel("ms per image")
+    a2.set_title(f"time per image ({doc['device']})", fontsize=9)
+    a2.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.suptitle(f"influence study: {doc['dataset']}/{doc['category']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ============================================================================ main
+def main(argv=None) -> int:
+    mine, a = parse_args(argv)
+    if len(a.category) != 1:
+        print("error: the influence study takes one --category", file=sys.stderr)
+        return 2
+    from pn_jax import influence as infl
+
+    bad = [m for m in mine.methods if m not in infl.METHODS]
+    if bad or not mine.eps_list or any(e <= 0 for e in mine.eps_list):
+        print(f"error: methods must be among {sorted(infl.METHODS)} and eps > 0 (got {mine.methods}, "
+              f"{mine.eps_list})", file=sys.stderr)
+        return 2
+    category = a.category[0]
+    try:
+        cfg = run_exp.build_config(a)
+        run_exp.check_dataset(cfg, [category])
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from pn_jax import backbones, detector, runner
+
+    t_start = time.perf_counter()
+    os.makedirs(mine.out, exist_ok=True)
+    print(f"influence study | dataset={cfg.data.dataset} category={category} backbone={cfg.model.backbone} "
+          f"image={cfg.data.image_size} D={cfg.model.target_embed_dimension} k={cfg.noising.k} "
+          f"coreset={cfg.bank.coreset_ratio} methods={','.join(mine.methods)} eps={mine.eps_list} "
+          f"device={jax.devices()[0].platform}")
+    timer = runner.Timer()
+    info = backbones.info(cfg.model.backbone)
+    sources = runner.load_sources(cfg, category, max_train=a.max_train, max_test=a.max_test)
+    extractor = detector.FeatureExtractor(cfg)
+
+    # 1. fit once
+    with timer("fit_s"):
+        state, report = runner.fit_category(cfg, sources, extractor, timer, info.mean, info.std)
+    with timer("extract_holdout_again_s"):  # for per-method statistics in part 4
+        holdout = (detector.extract_all(extractor, runner.batches(cfg, sources["holdout"], info.mean, info.std),
+                                        cfg.batch_size, desc="features holdout")
+                   if len(sources.get("holdout", [])) else None)
+    has_masks = cfg.data.dataset != "elpv"
+    with timer("extract_test_s"):
+        feats, labels, masks, t_ext = extract_test(cfg, extractor, sources["test"], info.mean, info.std, has_masks)
+    grid = extractor.grid
+    chosen = pick_images(labels, mine.n_images, cfg.seed)
+    sub = feats[chosen]
+
+    # 2. agreement
+    with timer("agreement_s"):
+        rows, switches, per_dim, nbrs = part_agreement(state, cfg, sub, mine.methods, mine.eps_list,
+                                                       mine.switch_rtol)
+    # 3. cost
+    with timer("cost_s"):
+        cost = part_cost(state, cfg, sub, nbrs, mine.methods, mine.timing_repeats, mine.timing_budget_s)
+    cost["extract_ms_per_image"] = 1e3 * t_ext / len(feats)
+    # 4. metrics
+    with timer("metrics_s"):
+        met, signals = part_metrics(state, cfg, holdout, (feats, labels, masks), mine.methods, grid,
+                                   mine.switch_rtol)
+    # 5. correlations
+    with timer("correlation_s"):
+        corr = part_correlation(signals, labels, feats.shape[1])
+        main_m = cfg.noising.influence if cfg.noising.influence in signals else next(iter(signals))
+        hook = noise_scale_hook(state, {"dims": state.dims, "infl_per_dim": per_dim,
+                                        "patch_influence": signals[main_m]["influence"].ravel(),
+                                        "patch_distance": signals[main_m]["distance"].ravel()})
+        if hook:
+            corr["_hook"] = hook
+
+    doc = {
+        "dataset": cfg.data.dataset, "category": category, "argv": list(sys.argv[1:] if argv is None else argv),
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "host_loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "config": cfg.to_dict(), "has_masks": has_masks,
+        "counts": {"train": len(sources["train"]), "holdout": len(sources.get("holdout", [])),
+                   "test": int(len(labels)), "test_anomalous": int(labels.sum()),
+                   "bank": report.bank_size, "train_patches": report.n_train_patches,
+                   "dim": int(feats.shape[-1]), "n_dims": int(state.dims.shape[0]),
+                   "patches_per_image": int(feats.shape[1]), "grid": list(grid)},
+        "agreement": {"reference": REFERENCE, "n_images": int(len(chosen)), "images": chosen.tolist(),
+                      "n_entries": int(len(chosen) * feats.shape[1] * state.dims.shape[0]),
+                      "switch_rtol": mine.switch_rtol, "rows": rows,
+                      "switches": {str(k): v for k, v in switches.items()}},
+        "cost": cost,
+        "metrics": met,
+        "correlation": corr,
+        "timings": dict(timer),
+    }
+    doc["wall_time_s"] = time.perf_counter() - t_start
+    md = tables(doc)
+    json_path = os.path.join(mine.out, "influence_study.json")
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=2, default=runner._json_default)
+    os.replace(json_path + ".tmp", json_path)
+    with open(os.path.join(mine.out, "influence_study.md"), "w") as f:
+        f.write(md)
+    plot(os.path.join(mine.out, "influence_study.png"), doc)
+    print()
+    print(md)
+    print(f"results: {json_path}, influence_study.md, influence_study.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
