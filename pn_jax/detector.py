@@ -161,6 +161,8 @@ class Scorer:
         self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
         self.traces = {"signals": 0, "maps": 0}  # the no-retracing test reads these
         self.need_influence, calibrated = needs(cfg, variants)
+        # Propose Noising always shows its influence and noise maps, whatever score it ranks by.
+        self.need_influence |= cfg.noising.method == "propose_noising"
         self._sharded = None
         knn_fn = None
         if cfg.devices > 1:

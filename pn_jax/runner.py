@@ -130,15 +130,23 @@ def evaluate_all(res: dict, has_masks: bool) -> dict:
     return out
 
 
+MAP_TITLES = {"anomaly_maps": "anomaly map", "influence_maps": "influence map", "noise_maps": "noise map"}
+
+
 def write_figures(items, out_dir, mean, std, category):
+    """One PNG per sampled test image; each map type shares one colour range over the figures."""
     paths = []
+    limits = {}
+    for key, title in MAP_TITLES.items():
+        vals = [maps[key] for _, maps, _, _, _ in items if key in maps]
+        if vals:
+            limits[title] = (float(min(v.min() for v in vals)), float(max(v.max() for v in vals)))
     for img, maps, mask, name, label in items:
         stem = name.replace("/", "_").rsplit(".", 1)[0]
         title = f"{category}: {name} ({'anomalous' if label else 'normal'})"
-        named = {{"anomaly_maps": "anomaly map", "influence_maps": "influence map",
-                  "noise_maps": "noise map"}[k]: v for k, v in maps.items()}
+        named = {MAP_TITLES[k]: v for k, v in maps.items()}
         paths.append(viz.save_figure(os.path.join(out_dir, f"{stem}.png"), viz.denormalize(img, mean, std),
-                                     named, mask if mask.any() else None, title))
+                                     named, mask if mask.any() else None, title, limits))
     return paths
 
 

@@ -15,17 +15,17 @@ def denormalize(image: np.ndarray, mean, std) -> np.ndarray:
 
 
 def save_figure(path: str, image: np.ndarray, maps: dict[str, np.ndarray], mask: np.ndarray | None,
-                title: str, vmax: dict[str, float] | None = None) -> str:
-    """image [H,W,3] in 0..1; maps name -> [H,W]; mask [H,W] or None. `vmax` fixes colour scales
-    across images (e.g. the test set's 99th percentile) so maps are comparable."""
+                title: str, limits: dict[str, tuple[float, float]] | None = None) -> str:
+    """image [H,W,3] in 0..1; maps name -> [H,W]; mask [H,W] or None. `limits` fixes each map's
+    colour range across figures (so a normal image does not look red just because its own
+    maximum is mapped to the top of the scale)."""
     panels = [("image", None)] + list(maps.items())
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     for ax, (name, m) in zip(np.atleast_1d(axes), panels):
         ax.imshow(image)
         if m is not None:
-            top = (vmax or {}).get(name, float(np.max(m)))
-            ax.imshow(m, cmap="jet", alpha=0.5, vmin=float(np.min(m)) if vmax is None else None,
-                      vmax=top)
+            lo, hi = (limits or {}).get(name, (float(np.min(m)), float(np.max(m))))
+            ax.imshow(m, cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
         if mask is not None and mask.any():
             ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
         ax.set_title(name, fontsize=9)
