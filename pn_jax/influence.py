@@ -93,9 +93,12 @@ def fd(f, bank, dist, idx, dims, eps, block: int = 4096):
     k = idx.shape[-1]
     f32 = f.astype(jnp.float32)
     bank32 = bank.astype(jnp.float32)
-    # Squared distances to every bank entry (expanded form, as the search itself uses).
-    d2_all = (jnp.sum(f32 * f32, -1, keepdims=True) - 2.0 * f32 @ bank32.T
-              + jnp.sum(bank32 * bank32, -1)[None, :])
+    # Squared distances to every bank entry, in the expanded form the search uses, but about
+    # the bank mean: centring shrinks |q|^2 and |m|^2 and with them the float32 rounding that
+    # otherwise shows up as false neighbour switches between near-tied entries.
+    mu = jnp.mean(bank32, axis=0)
+    fc, bc = f32 - mu, bank32 - mu
+    d2_all = (jnp.sum(fc * fc, -1, keepdims=True) - 2.0 * fc @ bc.T + jnp.sum(bc * bc, -1)[None, :])
 
     def one_dim(d):
         shift = 2.0 * eps * (f32[:, d][:, None] - bank32[:, d][None, :]) + eps * eps
