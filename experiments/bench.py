@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import backbones, detector, metrics, noising
+from pn_jax import backbones, detector, metrics, noising, runner
 from pn_jax import coreset as coreset_lib
 from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
@@ -876,7 +876,7 @@ def main(argv=None) -> dict:
     if peak.get(primary) is None:
         doc["peak_rss_gb"] = None
 
-    (args.out / "bench.json").write_text(json.dumps(doc, indent=2, default=_json_default))
+    (args.out / "bench.json").write_text(json.dumps(doc, indent=2, default=runner.json_default))
     md = render_markdown(doc)
     (args.out / "bench.md").write_text(md)
     if scaling:
@@ -891,12 +891,6 @@ def main(argv=None) -> dict:
     return doc
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 if __name__ == "__main__":

@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     md = tables(doc)
     json_path = os.path.join(mine.out, "influence_study.json")
     with open(json_path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=2, default=runner._json_default)
+        json.dump(doc, f, indent=2, default=runner.json_default)
     os.replace(json_path + ".tmp", json_path)
     with open(os.path.join(mine.out, "influence_study.md"), "w") as f:
         f.write(md)

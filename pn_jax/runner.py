@@ -324,11 +324,12 @@ def write_results(path: str, entries: list[dict], extra: dict | None = None) -> 
         doc.update(extra)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, default=_json_default)
+        json.dump(doc, f, indent=2, default=json_default)
     os.replace(tmp, path)
 
 
-def _json_default(o):
+def json_default(o):
+    """json.dump fallback for numpy scalars and arrays."""
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):
