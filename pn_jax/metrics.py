@@ -267,9 +267,7 @@ def evaluate(image_scores, image_labels, anomaly_maps=None, masks=None, *,
     if _one_class_warning(c, "image-level metrics"):
         out.update(dict.fromkeys(IMAGE_KEYS, nan))
     else:
-        out["mAUROC_sp_max"] = 100.0 * _auroc(c)
-        out["mAP_sp_max"] = 100.0 * _average_precision(c)
-        out["mF1_max_sp"] = 100.0 * _f1_max(c)[0]
+        out.update(_ranking_metrics(c, ("mAUROC_sp_max", "mAP_sp_max", "mF1_max_sp")))
 
     if anomaly_maps is not None:
         if np.shape(anomaly_maps)[:1] != scores.shape:
@@ -279,12 +277,16 @@ def evaluate(image_scores, image_labels, anomaly_maps=None, masks=None, *,
         if _one_class_warning(c, "pixel-level metrics"):
             out.update(dict.fromkeys(PIXEL_KEYS, nan))
         else:
-            out["mAUROC_px"] = 100.0 * _auroc(c)
-            out["mAP_px"] = 100.0 * _average_precision(c)
-            out["mF1_max_px"] = 100.0 * _f1_max(c)[0]
+            out.update(_ranking_metrics(c, ("mAUROC_px", "mAP_px", "mF1_max_px")))
             au = trapezoid_to(*_pro_curve(c, n_regions), fpr_limit) / fpr_limit
             out["mAUPRO_px"] = 100.0 * au
     return out
+
+
+def _ranking_metrics(c, names: tuple[str, str, str]) -> dict[str, float]:
+    """AUROC, AP and F1-max (percent) of one curve, under the given ADer names."""
+    auroc, ap, f1 = names
+    return {auroc: 100.0 * _auroc(c), ap: 100.0 * _average_precision(c), f1: 100.0 * _f1_max(c)[0]}
 
 
 def mean_over_categories(results: Sequence[dict[str, float]]) -> dict[str, float]:
