@@ -125,8 +125,8 @@ def knn_sharded_batched(features, bank_sharded: ShardedBank, k: int, mesh: Mesh,
 
 
 # ----------------------------------------------------------------------------- coreset
-@functools.partial(jax.jit, static_argnames=("n_select", "n_valid", "mesh"))
-def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh):
+@functools.partial(jax.jit, static_argnames=("n_select", "n_valid", "mesh", "n_cand"))
+def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh, n_cand: int):
     axis = _axis(mesh)
     n_local = rows.shape[0] // mesh.size
 
@@ -142,20 +142,29 @@ def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh):
         start_d = jax.vmap(lambda c: coreset._dist_to(x, sq, c))(start_rows)   # [S, n_local]
         min_d = jnp.where(gidx < n_valid, jnp.mean(start_d, axis=0), -jnp.inf)
 
-        def body(t, carry):
-            min_d, sel = carry
-            li = jnp.argmax(min_d)
-            # (value, global index, row) of each shard's local argmax -> pick the global one.
+        def global_argmax(min_d):
+            # (value, global index) of each shard's local argmax -> the global one.
+            li = coreset.first_argmax(min_d)
             vals = jax.lax.all_gather(min_d[li], axis)                  # [n_dev]
-            idxs = jax.lax.all_gather(li.astype(jnp.int32) + offset, axis)
-            cands = jax.lax.all_gather(x[li], axis)                     # [n_dev, P]
-            w = jnp.argmax(vals)       # first max -> lowest shard -> smallest global index
-            sel = sel.at[t].set(idxs[w])
-            min_d = jnp.minimum(min_d, coreset._dist_to(x, sq, cands[w]))
-            return min_d, sel
+            idxs = jax.lax.all_gather(li + offset, axis)
+            return idxs[jnp.argmax(vals)]  # first max -> lowest shard -> smallest global index
+
+        def refresh(min_d):
+            # Global top-n_cand of min_d: each shard's top, all-gathered (shard order = index
+            # order, so ties resolve as on one device), then the centre rows' local columns.
+            v, li = jax.lax.top_k(min_d, min(n_cand, n_local))
+            all_v = jax.lax.all_gather(v, axis, tiled=True)
+            all_i = jax.lax.all_gather(li.astype(jnp.int32) + offset, axis, tiled=True)
+            all_x = jax.lax.all_gather(x[li], axis, tiled=True)
+            _, pos = jax.lax.top_k(all_v, n_cand)
+            centres = all_x[pos]
+            return all_i[pos], coreset.dist_columns(x, sq, centres, jnp.sum(centres * centres, -1))
 
         sel0 = jnp.zeros((n_select,), jnp.int32)
-        _, sel = jax.lax.fori_loop(0, n_select, body, (min_d, sel0))
+        cand0 = jnp.full((n_cand,), -1, jnp.int32)
+        cols0 = jnp.zeros((n_cand, n_local), jnp.float32)
+        _, sel, _, _ = coreset.run_candidate_steps(min_d, sel0, 0, n_select, cand0, cols0, refresh,
+                                                   global_argmax)
         return sel
 
     # check_vma=False: `sel` is replicated by construction (every shard picks the same winner
@@ -164,20 +173,23 @@ def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh):
                          out_specs=P(), check_vma=False)(rows, starts)
 
 
-def greedy_select_sharded(projected, starts, n_select: int, mesh: Mesh, align: int = 128) -> jax.Array:
+def greedy_select_sharded(projected, starts, n_select: int, mesh: Mesh, align: int = 128,
+                          n_cand: int = coreset.N_CAND) -> jax.Array:
     """Approximate greedy k-center with the points [N, P] sharded over `mesh`.
 
     Selects the same indices [n_select] (int32) as `coreset.greedy_select` on one device
     (argmax ties -> smallest global index). Each shard is padded to a multiple of `align`
     rows (pads get min-distance -inf), which keeps XLA on the same vectorised code path for
     every row; only ulp-level near-ties can still resolve differently (see module doc).
-    Each step all-gathers one (value, index, row) triple per device.
+    Each step all-gathers one (value, index) pair per device; each candidate batch (see
+    `coreset`) all-gathers every shard's top candidates and their rows.
     """
     projected = jnp.asarray(projected, jnp.float32)
     n = projected.shape[0]
     rows = _place(_pad_rows(projected, mesh.size, align), mesh)
     starts = jnp.asarray(starts, jnp.int32)
-    return _greedy_sharded(rows, starts, n_select=n_select, n_valid=n, mesh=mesh)
+    return _greedy_sharded(rows, starts, n_select=n_select, n_valid=n, mesh=mesh,
+                           n_cand=coreset.n_candidates(n, n_cand))
 
 
 def coreset_indices_sharded(key: jax.Array, features, ratio: float, proj_dim: int = 128,

@@ -40,6 +40,23 @@ def test_greedy_coreset_matches_numpy_reference():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("n_cand", [1, 3, 64, 2000])
+def test_candidate_batching_selects_the_reference_points(n_cand):
+    # 1: a new batch every step (the plain loop); 3: a batch every few steps; 2000: all points.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2000, 12)).astype(np.float32)
+    starts = np.array([11, 500, 1999, 7])
+    want = reference.greedy_coreset(x.astype(np.float64), starts, 150)
+    got = coreset.greedy_select(jnp.asarray(x), jnp.asarray(starts), 150, n_cand=n_cand, chunks=7)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_first_argmax_ties_to_smallest_index():
+    v = jnp.asarray([0.5, 2.0, -1.0, 2.0, 2.0], jnp.float32)
+    assert int(coreset.first_argmax(v)) == int(jnp.argmax(v)) == 1
+    assert coreset.n_candidates(10) == 10 and coreset.n_candidates(10**9) >= 1
+
+
 def test_coreset_indices_seeded_and_sized():
     x = np.random.default_rng(4).normal(size=(1000, 64)).astype(np.float32)
     a = coreset.coreset_indices(jax.random.key(0), x, 0.05, proj_dim=16)

@@ -27,12 +27,14 @@ KNN_CASES = [
     ("m37_k5_b4096", 37, 16, 5, 4096, 30.0),  # block larger than a shard
     ("m101_k9_b5_near_pads", 101, 24, 9, 5, 0.0),
 ]
-# (name, N, P, n_select, duplicated): "dup" repeats 50 points, so the argmax has exact ties
-# between copies that live on different shards.
+# (name, N, P, n_select, duplicated, candidates per batch): "dup" repeats 50 points, so the
+# argmax has exact ties between copies that live on different shards. Few candidates force
+# many candidate batches (each a global top-k merge).
 GREEDY_CASES = [
-    ("n1001_p128", 1001, 128, 60, False),
-    ("n1001_p16_dup", 1001, 16, 45, True),
-    ("n13_p4", 13, 4, 12, False),            # fewer rows than 2 per device
+    ("n1001_p128", 1001, 128, 60, False, 64),
+    ("n1001_p16_dup", 1001, 16, 45, True, 64),
+    ("n13_p4", 13, 4, 12, False, 64),            # fewer rows than 2 per device
+    ("n2003_p32_c5", 2003, 32, 150, False, 5),   # ~100 candidate batches
 ]
 N_UNIQUE = 50
 
@@ -68,10 +70,10 @@ def _run_checks(mesh):
             "max_idx": int(i1.max()), "m": m,
             "ascending": bool(np.all(np.diff(np.asarray(d1), axis=-1) >= 0)),
         }
-    for name, n, p, n_sel, dup in GREEDY_CASES:
+    for name, n, p, n_sel, dup, n_cand in GREEDY_CASES:
         x, starts = _greedy_data(n, p, dup)
-        a = np.asarray(coreset.greedy_select(jnp.asarray(x), jnp.asarray(starts), n_sel))
-        b = np.asarray(sharding.greedy_select_sharded(x, starts, n_sel, mesh))
+        a = np.asarray(coreset.greedy_select(jnp.asarray(x), jnp.asarray(starts), n_sel, n_cand=n_cand))
+        b = np.asarray(sharding.greedy_select_sharded(x, starts, n_sel, mesh, n_cand=n_cand))
         out["greedy"][name] = {"a": a.tolist(), "b": b.tolist(), "dup": dup}
     f = np.random.default_rng(2).normal(size=(1203, 200)).astype(np.float32)
     key = jax.random.key(7)
