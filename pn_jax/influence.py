@@ -41,15 +41,16 @@ def fd_fixed(f, bank, dist, idx, dims, eps):
     return jnp.mean(jnp.abs(delta), axis=1)
 
 
-def _split_residual(f, bank, idx_k, dims):
-    """For neighbour rank k: (f_S [Q,S], m_S [Q,S], c [Q]) with c = sum over dims NOT in S of r^2,
-    so that dist_k(f) = sqrt(c + sum_S (f_S - m_S)^2) as a function of the coordinates S."""
-    f32 = f.astype(jnp.float32)
-    nb = jnp.take(bank, idx_k, axis=0).astype(jnp.float32)
-    r = f32 - nb
-    r_s = r[:, dims]
-    c = jnp.maximum(jnp.sum(r * r, -1) - jnp.sum(r_s * r_s, -1), 0.0)
-    return f32[:, dims], nb[:, dims], c
+def _on_dims(f, bank, dist, idx, dims):
+    """dist_k as a function of the coordinates S only: (x_S [Q,S], m_S [Q,K,S], c [Q,K]) with
+    c = dist_k^2 - |r_kS|^2 the part of the squared distance from the dims NOT in S, so that
+    dist_k(f) = sqrt(c + |x_S - m_kS|^2). Only the [M,S] columns of the bank are gathered, never
+    the neighbours' full [D] rows; the K-NN search already computed dist_k from full residuals."""
+    x_s = f[:, dims].astype(jnp.float32)
+    m_s = bank[:, dims][idx].astype(jnp.float32)  # [Q,K,S]
+    r_s = x_s[:, None, :] - m_s
+    c = jnp.maximum(dist * dist - jnp.sum(r_s * r_s, -1), 0.0)
+    return x_s, m_s, c
 
 
 def _dist_of_s(x_s, m_s, c):
@@ -57,30 +58,24 @@ def _dist_of_s(x_s, m_s, c):
 
 
 def grad(f, bank, dist, idx, dims, eps):
-    """eps * mean_k |d dist_k / d f_d| by reverse mode: one jax.grad per neighbour rank of
-    sum_q dist_k(f_q) (each query's distance depends on its own features only)."""
-    def rank(idx_k):
-        nb = jnp.take(bank, idx_k, axis=0).astype(jnp.float32)
-        g = jax.grad(lambda x: jnp.sum(jnp.sqrt(jnp.sum((x - nb) ** 2, axis=-1))))(f.astype(jnp.float32))
-        return jnp.abs(g[:, dims])
-
-    return eps * jnp.mean(jax.lax.map(rank, idx.T), axis=0)
+    """eps * mean_k |d dist_k / d f_d| by reverse mode: one jax.grad of sum_{q,k} dist_k(f_q)
+    with respect to a per-(q,k) copy of f_S (each distance depends on its own copy only)."""
+    x_s, m_s, c = _on_dims(f, bank, dist, idx, dims)
+    copies = jnp.broadcast_to(x_s[:, None, :], m_s.shape)
+    g = jax.grad(lambda x: jnp.sum(_dist_of_s(x, m_s, c)))(copies)  # [Q,K,S]
+    return eps * jnp.mean(jnp.abs(g), axis=1)
 
 
 def jvp(f, bank, dist, idx, dims, eps):
     """Forward mode: one jax.jvp per dim in S (tangent e_d) of dist_k as a function of f_S."""
-    n_s = dims.shape[0]
+    x_s, m_s, c = _on_dims(f, bank, dist, idx, dims)
 
-    def rank(idx_k):
-        x_s, m_s, c = _split_residual(f, bank, idx_k, dims)
+    def along(t):  # t [S] one-hot tangent
+        tangent = jnp.broadcast_to(t, x_s.shape)
+        return jax.jvp(lambda x: _dist_of_s(x[:, None, :], m_s, c), (x_s,), (tangent,))[1]  # [Q,K]
 
-        def along(t):  # t [S] one-hot tangent
-            tangent = jnp.broadcast_to(t, x_s.shape)
-            return jax.jvp(lambda x: _dist_of_s(x, m_s, c), (x_s,), (tangent,))[1]  # [Q]
-
-        return jnp.abs(jax.vmap(along)(jnp.eye(n_s, dtype=jnp.float32))).T  # [Q,S]
-
-    return eps * jnp.mean(jax.lax.map(rank, idx.T), axis=0)
+    d = jax.vmap(along)(jnp.eye(dims.shape[0], dtype=jnp.float32))  # [S,Q,K]
+    return eps * jnp.mean(jnp.abs(d), axis=-1).T
 
 
 def fd(f, bank, dist, idx, dims, eps, block: int = 4096):

@@ -1,5 +1,6 @@
 """The four influence estimators agree with jax.grad to O(eps^2) where neighbours stay put;
 the literal `fd` departs from them exactly where a neighbour switches."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,6 +32,18 @@ def test_grad_is_the_analytic_derivative():
     f, bank, dist, idx, dims = _problem()
     r = np.asarray(f)[:, None, :] - np.asarray(bank)[np.asarray(idx)]
     want = 1e-3 * np.mean(np.abs(r / np.asarray(dist)[..., None]), axis=1)[:, np.asarray(dims)]
+    assert _rel(influence.grad(f, bank, dist, idx, dims, 1e-3), want) < 1e-5
+
+
+def test_grad_equals_autodiff_of_the_full_knn_distance():
+    # Reference: jax.grad through the k-NN distances over all D dims (full residual rows),
+    # one neighbour rank at a time; `grad` differentiates only over the dims S.
+    f, bank, dist, idx, dims = _problem(seed=3)
+    per_rank = []
+    for k in range(idx.shape[1]):
+        g = jax.grad(lambda x: jnp.sum(knn.exact_distances(x, bank, idx[:, k:k + 1])))(f)
+        per_rank.append(np.abs(np.asarray(g)))
+    want = 1e-3 * np.mean(per_rank, axis=0)[:, np.asarray(dims)]
     assert _rel(influence.grad(f, bank, dist, idx, dims, 1e-3), want) < 1e-5
 
 
