@@ -15,7 +15,7 @@ METHODS = ("propose_noising", "patchcore")
 INFLUENCE_METHODS = ("fd", "fd_fixed", "grad", "jvp")
 DIM_SELECTION = ("random", "importance")
 # Patch scores of method propose_noising: the note's literal mix, or the calibrated noise model.
-SCORES = ("seed", "calibrated", "calibrated_mean", "calibrated_nll", "proposed")
+SCORES = ("seed", "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
 RESIZE_MODES = ("resize", "patchcore")  # resize: WxW no crop; patchcore: shorter side, centre crop
 
 

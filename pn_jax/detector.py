@@ -9,6 +9,7 @@ padded to a fixed batch size so the compiled scorer is traced once per configura
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Iterable, NamedTuple
 
@@ -99,24 +100,28 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size
 
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
-                   calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None):
+                   calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None,
+                   rerank: bool = False):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted).
 
-    `knn_fn(f, bank) -> (dist, idx)` overrides the main k-NN search (sharded banks)."""
+    `calibrated`: also the whitened-search scores; `rerank`: the calibrated score over the
+    Euclidean K-NN. `knn_fn(f, bank) -> (dist, idx)` overrides the main k-NN search (sharded banks)."""
     n = cfg.noising
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
               std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block,
-              calibrated=calibrated, knn_fn=knn_fn)
+              calibrated=calibrated, rerank=rerank, knn_fn=knn_fn)
 
     def per_image(params, bank, dims, stats, f):
         if not need_influence:
-            dist, _ = knn_fn(f, bank)
+            dist, idx = knn_fn(f, bank)
             z = jnp.zeros(f.shape[:1], jnp.float32)
             sig = {"influence": z, "distance": dist.mean(-1), "noise": z, "nearest": dist[:, 0]}
             if calibrated:
                 sig.update(calibration.calibrated_signals(f, bank, params["noise_scale"], n.k,
                                                           cfg.bank.knn_block)[0])
+            if rerank:
+                sig.update(calibration.rerank_signals(f, bank, params["noise_scale"], idx))
             return sig
         return noising.patch_signals(params, bank, dims, f, stats, **kw)
 
@@ -141,17 +146,27 @@ def patch_score(cfg: Config, signals: dict, stats: noising.Stats, variant: str |
         return noising.combine(signals, cfg.noising.score_weights, stats, cfg.noising.znorm_signals)
     if variant == "seed_z":
         return noising.combine(signals, cfg.noising.score_weights, stats, True)
-    if variant in noising.SIGNALS or variant in calibration.CALIBRATED_SCORES:
+    if variant in noising.SIGNALS or variant in calibration.CALIBRATED_SCORES + calibration.RERANK_SCORES:
         return signals[variant]
     raise ValueError(f"unknown score variant {variant!r}")
 
 
-def needs(cfg: Config, variants) -> tuple[bool, bool]:
-    """(influence needed, calibrated signals needed) for these score variants."""
+# Scores computed without the influence.
+NO_INFLUENCE = ("patchcore", "distance", "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank")
+
+
+class Needs(NamedTuple):
+    influence: bool  # the influence (and noise) signals
+    calibrated: bool  # the second, whitened-space k-NN search
+    rerank: bool  # the calibrated score over the Euclidean K-NN
+
+
+def needs(cfg: Config, variants) -> Needs:
+    """What the signal function must compute for these score variants."""
     vs = [v or default_variant(cfg) for v in variants]
-    infl = any(v not in ("patchcore", "distance", "calibrated", "calibrated_mean", "calibrated_nll") for v in vs)
-    cal = any(v in calibration.CALIBRATED_SCORES for v in vs)
-    return infl, cal
+    return Needs(influence=any(v not in NO_INFLUENCE for v in vs),
+                 calibrated=any(v in calibration.CALIBRATED_SCORES for v in vs),
+                 rerank=any(v in calibration.RERANK_SCORES for v in vs))
 
 
 class Scorer:
@@ -160,7 +175,7 @@ class Scorer:
     def __init__(self, cfg: Config, grid: tuple[int, int], variants=(None,)):
         self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
         self.traces = {"signals": 0, "maps": 0}  # the no-retracing test reads these
-        self.need_influence, calibrated = needs(cfg, variants)
+        self.need_influence, calibrated, rerank = needs(cfg, variants)
         # Propose Noising always shows its influence and noise maps, whatever score it ranks by.
         self.need_influence |= cfg.noising.method == "propose_noising"
         self._sharded = None
@@ -173,7 +188,7 @@ class Scorer:
             knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
                 f, rows, k=cfg.noising.k, block=cfg.bank.knn_block, n_valid=self._n_valid, mesh=mesh)
         self._signals = make_signal_fn(cfg, self.need_influence, on_trace=lambda: self._count("signals"),
-                                       calibrated=calibrated, knn_fn=knn_fn)
+                                       calibrated=calibrated, rerank=rerank, knn_fn=knn_fn)
         sigma = cfg.noising.blur_sigma
 
         def to_maps(patch):
@@ -212,41 +227,76 @@ class Scorer:
 
 
 # ----------------------------------------------------------------------------- fit
-def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("k", "block", "method", "eps"))
+def _holdout_search(feats, bank, dims, *, k, block, method, eps):
+    """feats [h, N, D] -> (dist [h,N,K], idx [h,N,K], raw influence [h,N,S]), image by image."""
+    def one(f):
+        dist, idx = knn_lib.knn(f, bank, k=k, block=block)
+        return dist, idx, influence_lib.influence(method, f, bank, dist, idx, dims, eps)
+    return jax.lax.map(one, feats)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _holdout_knn(feats, bank, *, k, block):
+    return jax.lax.map(lambda f: knn_lib.knn(f, bank, k=k, block=block), feats)
+
+
+def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax.Array]:
+    """The K-NN of every held-out patch, searched once for all fit-time statistics:
+    (dist [h,N,K], idx [h,N,K])."""
+    return _holdout_knn(jnp.asarray(holdout_feats), bank, k=cfg.noising.k, block=cfg.bank.knn_block)
+
+
+def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None, neighbours=None) -> jax.Array:
     """The influence dims S: random (PRNG key) or by importance on held-out normal patches."""
     s = n_influence_dims(cfg, dim)
     if cfg.noising.dim_selection == "random" or holdout_feats is None:
         return jnp.sort(jax.random.choice(key, dim, (s,), replace=False)).astype(jnp.int32)
-    # importance: mean grad influence of each dim over held-out normal patches (all D dims)
-    f = jnp.asarray(holdout_feats.reshape(-1, dim))
-    dist, idx = knn_lib.knn(f, bank, k=cfg.noising.k, block=cfg.bank.knn_block)
-    imp = influence_lib.fd_fixed(f, bank, dist, idx, jnp.arange(dim), cfg.noising.eps).mean(0)
+    # importance: mean influence of each dim over held-out normal patches (all D dims)
+    dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
+    f = jnp.asarray(holdout_feats).reshape(-1, dim)
+    k = cfg.noising.k
+    imp = _importance(f, bank, dist.reshape(-1, k), idx.reshape(-1, k), cfg.noising.eps)
     return jnp.sort(jax.lax.top_k(imp, s)[1]).astype(jnp.int32)
 
 
-def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray) -> noising.Stats:
-    """Normalisation statistics from held-out normal images (never the batch being scored)."""
+@jax.jit
+def _importance(f, bank, dist, idx, eps):
+    return influence_lib.fd_fixed(f, bank, dist, idx, jnp.arange(f.shape[-1]), eps).mean(0)
+
+
+def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighbours=None) -> noising.Stats:
+    """Normalisation statistics from held-out normal images (never the batch being scored).
+    `neighbours`: their (dist, idx) from `holdout_neighbours`, when already searched."""
     if holdout_feats is None or len(holdout_feats) == 0:
         return noising.identity_stats()
-    signal_fn = make_signal_fn(cfg)
-    ident = noising.identity_stats()
     n = cfg.noising
-    feats = jnp.asarray(holdout_feats)
-    # Pass 1: influence and distance statistics (noise needs them).
-    @jax.jit
-    def raw_signals(feats):
-        def one(f):
-            dist, idx = knn_lib.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
-            raw = influence_lib.influence(n.influence, f, bank, dist, idx, dims, n.eps)
-            return raw * params["influence_weight"][dims], dist.mean(-1)
-        return jax.lax.map(one, feats)
+    if neighbours is None:
+        dist, _, infl = _holdout_search(jnp.asarray(holdout_feats), bank, dims, k=n.k,
+                                        block=cfg.bank.knn_block, method=n.influence, eps=n.eps)
+    else:
+        dist, idx = neighbours
+        infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims,
+                                  method=n.influence, eps=n.eps)
+    return _stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max))
 
-    infl, dsig = raw_signals(feats)
-    std = lambda x: jnp.maximum(jnp.std(x), 1e-12)
-    stats = ident._replace(infl_mean=jnp.mean(infl), infl_std=std(infl),
-                           dist_mean=jnp.mean(dsig), dist_std=std(dsig))
+
+@functools.partial(jax.jit, static_argnames=("method", "eps"))
+def _holdout_influence(feats, bank, dist, idx, dims, *, method, eps):
+    return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps),
+                       (feats, dist, idx))
+
+
+@functools.partial(jax.jit, static_argnames=("std_range",))
+def _stats_from(params, dims, dist, infl, std_range):
+    # Pass 1: influence and distance statistics (the noise proposal needs them).
+    infl_w = infl * params["influence_weight"][dims]
+    dsig = jnp.mean(dist, axis=-1)
+    std = lambda x: jnp.maximum(jnp.std(x), 1e-12)  # noqa: E731
+    stats = noising.identity_stats()._replace(infl_mean=jnp.mean(infl_w), infl_std=std(infl_w),
+                                              dist_mean=jnp.mean(dsig), dist_std=std(dsig))
     # Pass 2: patch-level signal statistics for the optional z-normalisation.
-    sig = signal_fn(params, bank, dims, stats, feats)
+    sig, _ = noising.signals_from(params, dims, stats, dist, infl, std_range)
     parts = jnp.stack([sig[name].reshape(-1) for name in noising.SIGNALS])
     return stats._replace(signal_mean=parts.mean(-1), signal_std=jnp.maximum(parts.std(-1), 1e-12))
 
@@ -282,12 +332,14 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
                          f"raise --coreset-ratio or lower --k")
     params = init_params(dim)
     t0 = time.perf_counter()
+    neighbours = None
     if holdout_feats is not None and len(holdout_feats):
+        neighbours = holdout_neighbours(cfg, bank, holdout_feats)  # one search serves all below
         params["noise_scale"] = calibration.fit_noise_scale(
             bank, jnp.asarray(holdout_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
-            floor=cfg.noising.noise_floor, block=cfg.bank.knn_block)
-    dims = select_dims(cfg, k_dims, dim, holdout_feats, bank)
-    stats = fit_stats(cfg, params, bank, dims, holdout_feats)
+            floor=cfg.noising.noise_floor, nearest=neighbours[1][..., 0].reshape(-1))
+    dims = select_dims(cfg, k_dims, dim, holdout_feats, bank, neighbours)
+    stats = fit_stats(cfg, params, bank, dims, holdout_feats, neighbours)
     t_stats = time.perf_counter() - t0
     state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)
     return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats})

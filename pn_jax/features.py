@@ -47,9 +47,22 @@ def adaptive_avg_pool_last(x: jax.Array, out: int) -> jax.Array:
     if length == out:
         return x
     g, a, b, small = _pool_matrix(length, out)
-    y = jnp.einsum("...ga,ab->...gb", x.reshape(x.shape[:-1] + (g, a)), jnp.asarray(small, x.dtype),
-                   precision=jax.lax.Precision.HIGHEST)
+    y = _group_matmul(x.reshape(x.shape[:-1] + (g, a)), small)
     return y.reshape(x.shape[:-1] + (out,))
+
+
+def _group_matmul(x: jax.Array, small: np.ndarray) -> jax.Array:
+    """x [..., g, a] @ small [a, b] -> [..., g, b]. For a tiny matrix (WRN50's last pooling is
+    a = 2, b = 1) the products are written out so XLA fuses them into one elementwise loop;
+    a dot with a contraction of 2 is several times slower on a CPU."""
+    a, b = small.shape
+    if a * b > 32:
+        return jnp.einsum("...ga,ab->...gb", x, jnp.asarray(small, x.dtype), precision=jax.lax.Precision.HIGHEST)
+    cols = []
+    for j in range(b):
+        terms = [x[..., i] * float(small[i, j]) for i in range(a) if small[i, j] != 0.0]
+        cols.append(sum(terms[1:], terms[0]) if terms else jnp.zeros(x.shape[:-1], x.dtype))
+    return jnp.stack(cols, axis=-1)
 
 
 def unfold3x3(x: jax.Array, patchsize: int = 3) -> jax.Array:
@@ -62,12 +75,31 @@ def unfold3x3(x: jax.Array, patchsize: int = 3) -> jax.Array:
     return jnp.stack(shifts, axis=-1).reshape(b, h, w, c * p * p)
 
 
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch's 1-D bilinear interpolation (align_corners=False, no antialiasing) as two taps:
+    out[o] = (1 - lam[o]) * x[i0[o]] + lam[o] * x[i1[o]], with source coordinate
+    (o + 0.5) * n_in / n_out - 0.5 clamped at 0."""
+    src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def _interp_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
+    i0, i1, lam = bilinear_taps(x.shape[axis], n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    lam = jnp.asarray(lam, x.dtype).reshape(shape)
+    return jnp.take(x, i0, axis=axis) * (1.0 - lam) + jnp.take(x, i1, axis=axis) * lam
+
+
 def upsample_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of [B,h,w,C], matching torch's align_corners=False for upsampling."""
+    """Bilinear resize of [B,h,w,C] as torch's F.interpolate(mode="bilinear",
+    align_corners=False), one axis at a time with two static taps per output row (on a CPU
+    ~7x faster than jax.image.resize and ~12x faster than interpolation matmuls)."""
     if x.shape[1:3] == tuple(size):
         return x
-    return jax.image.resize(x, (x.shape[0], size[0], size[1], x.shape[3]), method="linear",
-                            antialias=False)
+    return _interp_axis(_interp_axis(x, size[0], 1), size[1], 2)
 
 
 def _pool_matrix(length: int, out: int):
@@ -111,8 +143,17 @@ def aggregate(feature_maps: Sequence[jax.Array], pretrain_dim: int, target_dim: 
               patchsize: int = 3) -> jax.Array:
     """Layer maps (first = reference grid) -> patch features [B, h0*w0, target_dim]."""
     ref = feature_maps[0].shape[1:3]
-    pooled = [upsample_bilinear(unfold_pool(fmap, pretrain_dim, patchsize), ref) for fmap in feature_maps]
-    stacked = jnp.concatenate(pooled, axis=-1)  # == torch's stack(dim=1).reshape(N, 1, -1)
-    out = adaptive_avg_pool_last(stacked, target_dim)
+    pooled = [unfold_pool(fmap, pretrain_dim, patchsize) for fmap in feature_maps]
+    n_layers = len(pooled)
+    g, a, _, _ = _pool_matrix(n_layers * pretrain_dim, target_dim)
+    if pretrain_dim % a == 0:
+        # Every bin of the last pooling lies inside one layer's block (WRN50: pairs of 2048
+        # -> 1024), so it commutes with the upsampling: pool each layer to its share (the same
+        # [a, b] bin matrix restricted to the layer), then upsample the smaller map, concatenate.
+        share = target_dim // n_layers
+        out = jnp.concatenate([upsample_bilinear(adaptive_avg_pool_last(p, share), ref) for p in pooled], -1)
+    else:
+        stacked = jnp.concatenate([upsample_bilinear(p, ref) for p in pooled], axis=-1)  # == torch's stack(dim=1).reshape(N, 1, -1)
+        out = adaptive_avg_pool_last(stacked, target_dim)
     b, h, w, d = out.shape
     return out.reshape(b, h * w, d)

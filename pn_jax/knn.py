@@ -61,8 +61,9 @@ def knn_sq_ranked(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096
     return jnp.maximum(best_d, 0.0), best_i + index_offset
 
 
-def exact_distances(queries: jax.Array, bank: jax.Array, idx: jax.Array) -> jax.Array:
+def exact_distances(queries: jax.Array, bank: jax.Array, idx: jax.Array, inv_scale=None) -> jax.Array:
     """||q - bank[idx]|| computed from the residuals. queries [Q,D], idx [Q,k] -> [Q,k].
+    With `inv_scale` [D]: the whitened distance ||(q - bank[idx]) * inv_scale||.
 
     One neighbour rank at a time: XLA's CPU gather of a [Q,k,D] block is ~7x slower than k
     gathers of [Q,D] (measured at Q=1024, k=9, D=1024)."""
@@ -70,6 +71,8 @@ def exact_distances(queries: jax.Array, bank: jax.Array, idx: jax.Array) -> jax.
 
     def one_rank(i):
         r = q - jnp.take(bank, i, axis=0).astype(jnp.float32)
+        if inv_scale is not None:
+            r = r * inv_scale
         return jnp.sqrt(jnp.sum(r * r, axis=-1))
 
     return jax.lax.map(one_rank, idx.T).T

@@ -52,28 +52,34 @@ def propose_noise(infl_w, dist_signal, distance_weight, stats: Stats, std_range)
 
 
 def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, eps, std_range,
-                  block, calibrated: bool = False, knn_fn=None):
+                  block, calibrated: bool = False, rerank: bool = False, knn_fn=None):
     """features [N, D] of ONE image -> dict of per-patch signals [N].
 
     With `calibrated`, also the whitened-space scores of the calibrated noise model
-    (params["noise_scale"], fitted on held-out normals) and the `proposed` NLL.
+    (params["noise_scale"], fitted on held-out normals) and the `proposed` NLL; with
+    `rerank`, the calibrated score over the Euclidean K-NN (no second search).
     `knn_fn(features, bank) -> (dist, idx)` replaces the search (e.g. a sharded bank)."""
     dist, idx = (knn_fn or (lambda f, b: knn_lib.knn(f, b, k=k, block=block)))(features, bank)
     infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps)
-    infl_w = infl * params["influence_weight"][dims]
-    dist_signal = jnp.mean(dist, axis=-1)
-    noise = propose_noise(infl_w, dist_signal, params["distance_weight"], stats, std_range)
-    out = {
-        "influence": jnp.mean(infl_w, axis=-1),
-        "distance": dist_signal,
-        "noise": jnp.mean(noise, axis=-1),
-        "nearest": dist[:, 0],
-    }
+    out, noise = signals_from(params, dims, stats, dist, infl, std_range)
+    if rerank:
+        out.update(calibration.rerank_signals(features, bank, params["noise_scale"], idx))
     if calibrated:
         cal, cal_idx = calibration.calibrated_signals(features, bank, params["noise_scale"], k, block)
         out.update(cal)
         out["proposed"] = calibration.proposed_nll(features, bank, cal_idx[:, 0], dims, noise)
     return out
+
+
+def signals_from(params, dims, stats: Stats, dist, infl, std_range):
+    """Per-patch signals from the k-NN distances dist [...,K] and raw influence infl [...,S]:
+    (dict of [...] signals, per-dim noise std [...,S])."""
+    infl_w = infl * params["influence_weight"][dims]
+    dist_signal = jnp.mean(dist, axis=-1)
+    noise = propose_noise(infl_w, dist_signal, params["distance_weight"], stats, std_range)
+    out = {"influence": jnp.mean(infl_w, axis=-1), "distance": dist_signal,
+           "noise": jnp.mean(noise, axis=-1), "nearest": dist[..., 0]}
+    return out, noise
 
 
 def combine(signals, weights, stats: Stats, znorm: bool):

@@ -15,7 +15,7 @@ from pn_jax.config import Config
 
 # Score variants of the ablation, all computed from one pass on the same bank.
 ABLATION_VARIANTS = ("patchcore", "distance", "influence", "noise", "seed", "seed_z",
-                     "calibrated", "calibrated_mean", "calibrated_nll", "proposed")
+                     "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
 
 
 def load_sources(cfg: Config, category: str, *, max_train=None, max_test=None):
@@ -183,7 +183,8 @@ def tune_state(cfg: Config, state, extractor, val_source, mean, std, timer: Time
     feats, masks = np.concatenate(feats), np.concatenate(masks)
     curves = {}
     with timer("tune_s"):
-        for variant in ("seed", "calibrated"):
+        score = cfg.noising.score
+        for variant in ("seed", score if score.startswith("calibrated") else "calibrated"):
             res = tune_lib.tune(cfg, state, feats, masks, extractor.grid, variant=variant, log=log)
             state = res.state
             curves[variant] = res.losses

@@ -91,10 +91,9 @@ def tune(cfg: Config, state: detector.DetectorState, val_feats: np.ndarray, val_
     anom_idx = jnp.arange(len(anom))
     norm_idx = jnp.arange(len(anom), len(anom) + len(norm))
 
-    _, calibrated = detector.needs(cfg, [variant])
-    signal_fn = detector.make_signal_fn(cfg, need_influence=variant not in ("calibrated", "calibrated_mean",
-                                                                             "calibrated_nll"),
-                                        calibrated=calibrated, jit=False)
+    need = detector.needs(cfg, [variant])
+    signal_fn = detector.make_signal_fn(cfg, need_influence=need.influence, calibrated=need.calibrated,
+                                        rerank=need.rerank, jit=False)
     fixed = {k: v for k, v in state.params.items() if k not in names}
 
     def to_params(theta):

@@ -35,6 +35,25 @@ def test_whitened_knn_equals_bruteforce_nll():
                                np.sqrt(2 * np.take_along_axis(nll, order, 1)).mean(1), rtol=1e-5)
 
 
+def test_rerank_is_the_whitened_nll_over_the_euclidean_knn():
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(150, 16)).astype(np.float32) * 4 + 10
+    f = rng.normal(size=(40, 16)).astype(np.float32) * 4 + 10
+    scale = rng.uniform(0.2, 4.0, size=16).astype(np.float32)
+    _, idx = reference.knn_bruteforce(f, bank, 5)  # Euclidean 5-NN
+    nll = 0.5 * (((f[:, None, :] - bank[idx]) / scale) ** 2).sum(-1)  # [Q, 5]
+    got = calibration.rerank_signals(jnp.asarray(f), jnp.asarray(bank), jnp.asarray(scale), jnp.asarray(idx))
+    np.testing.assert_allclose(np.asarray(got["calibrated_rerank"]), np.sqrt(2 * nll.min(1)), rtol=1e-5)
+    # an upper bound of the whitened search over the whole bank, equal where its winner is a candidate
+    full, w_idx = calibration.calibrated_signals(jnp.asarray(f), jnp.asarray(bank), jnp.asarray(scale), 1, 64)
+    r, c = np.asarray(got["calibrated_rerank"]), np.asarray(full["calibrated"])
+    assert np.all(r >= c * (1 - 1e-6))
+    inside = np.array([w in row for w, row in zip(np.asarray(w_idx)[:, 0], idx)])
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose(r[inside], c[inside], rtol=1e-5)
+    assert np.all(r[~inside] > c[~inside])
+
+
 def test_noise_scale_comes_from_holdout_only():
     cfg, ext, state, train_feats, _ = make()
     rng = np.random.default_rng(3)

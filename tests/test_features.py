@@ -21,7 +21,7 @@ def test_upsample_matches_torch_bilinear():
     np.testing.assert_allclose(got, reference.bilinear_nhwc(x, (13, 9)), atol=1e-5)
 
 
-@pytest.mark.parametrize("dims", [(32, 24), (64, 64), (200, 160)])
+@pytest.mark.parametrize("dims", [(32, 24), (36, 24), (64, 64), (200, 160)])  # (36, 24): bins of 9 -> 2
 def test_fast_aggregation_equals_direct_definition(dims):
     """Pool-then-upsample (ours) == unfold, upsample, pool, stack, pool (PatchCore's order)."""
     rng = np.random.default_rng(2)

@@ -14,7 +14,7 @@ def test_patch_labels_from_masks():
     np.testing.assert_array_equal(lab, [[1, 0, 0, -1]])
 
 
-@pytest.mark.parametrize("variant", ["seed", "calibrated"])
+@pytest.mark.parametrize("variant", ["seed", "calibrated", "calibrated_rerank"])
 def test_tuning_lowers_validation_loss(variant):
     cfg, ext, state, _, _ = make()
     rng = np.random.default_rng(7)
