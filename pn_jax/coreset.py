@@ -10,11 +10,12 @@ Step 3 is the whole cost: each step reads all N projected points ([N, 128] float
 for a bottle-sized run) for one matrix-vector product, so it is memory-bound. It runs here
 with *candidate batching*, which selects exactly the same points (same formula, same
 argmax, same tie rule): the distance columns of the `n_cand` points with the largest
-min-distance are computed in one matrix product (one pass over the points, compute-bound),
-and the following steps reuse them for as long as the next argmax is one of those
+min-distance come from one matrix product (one pass over the points, compute-bound; the
+dot products are kept and each step forms its one distance column from them), and the
+following steps reuse them for as long as the next argmax is one of those
 candidates (it usually is: the next farthest point is rarely outside the current top few
 dozen). Only a step whose argmax is not a candidate triggers a new batch. Each step then
-costs one pass over the [N] min-distance vector instead of over the [N, 128] points.
+costs a pass over [N] vectors instead of over the [N, 128] points.
 
 The loop is a `lax.while_loop` on the device, in a few chunks so that a progress bar can
 move; nothing but the chunk bounds crosses to the host.
@@ -22,6 +23,7 @@ move; nothing but the chunk bounds crosses to the host.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,14 +54,6 @@ def _dist_to(points: jax.Array, sq: jax.Array, centre: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.maximum(sq - 2.0 * points @ centre + centre @ centre, 0.0))
 
 
-def dist_columns(points: jax.Array, sq: jax.Array, centres: jax.Array, centres_sq: jax.Array) -> jax.Array:
-    """Distances of every point to each centre, [C, N] (one matmul, the formula of `_dist_to`).
-    `centres_sq` is computed from the [C, P] centre rows themselves, so the sharded loop,
-    which gathers those rows, gets the same values bit for bit."""
-    d2 = sq[None, :] - 2.0 * (centres @ points.T) + centres_sq[:, None]
-    return jnp.sqrt(jnp.maximum(d2, 0.0))
-
-
 def first_argmax(v: jax.Array) -> jax.Array:
     """argmax with ties to the smallest index (= jnp.argmax) as two vectorised reductions;
     XLA's CPU argmax (a variadic reduce) is ~3x slower on [N]."""
@@ -74,21 +68,40 @@ def _init_min_distance(projected, starts):
     return jnp.mean(start_d, axis=0)
 
 
-def run_candidate_steps(min_d, sel, t, t1, cand, cols, refresh, global_argmax=first_argmax):
+class Candidates(NamedTuple):
+    """A candidate batch: global indices [C] (-1: none), the dot products of each candidate
+    with every (local) point [C, n], and the candidates' squared norms [C]. The distance
+    column is formed per step with `_dist_to`'s formula, so it equals the plain loop's."""
+    index: jax.Array
+    dots: jax.Array
+    sq: jax.Array
+
+
+def candidates_for(index: jax.Array, centres: jax.Array, points: jax.Array) -> Candidates:
+    """The batch for centre rows [C, P] (one matmul over the points [n, P])."""
+    return Candidates(index, centres @ points.T, jnp.sum(centres * centres, -1))
+
+
+def empty_candidates(c: int, n: int) -> Candidates:
+    return Candidates(jnp.full((c,), -1, jnp.int32), jnp.zeros((c, n), jnp.float32), jnp.zeros((c,), jnp.float32))
+
+
+def run_candidate_steps(min_d, sel, t, t1, cand: Candidates, sq, refresh, global_argmax=first_argmax):
     """Greedy steps t..t1-1 with candidate batching (shared by the one-device and sharded loops).
 
-    cand [C] global indices of the current candidates (-1: none), cols [C, n] their distance
-    columns to the (local) points; refresh(min_d) -> new (cand, cols); global_argmax(min_d)
-    -> the step's winner (a global index). Returns (min_d, sel, cand, cols).
+    sq [n] squared norms of the (local) points; refresh(min_d) -> a new `Candidates` batch;
+    global_argmax(min_d) -> the step's winner (a global index). Returns (min_d, sel, cand).
     """
-    def steps(carry, cand, cols):
+    def steps(carry, cand):
         def cond(c):
             _, _, t, i = c
-            return (t < t1) & jnp.any(cand == i)
+            return (t < t1) & jnp.any(cand.index == i)
 
         def body(c):
             min_d, sel, t, i = c
-            col = jax.lax.dynamic_index_in_dim(cols, jnp.argmax(cand == i), 0, keepdims=False)
+            pos = jnp.argmax(cand.index == i)
+            dot = jax.lax.dynamic_index_in_dim(cand.dots, pos, 0, keepdims=False)
+            col = jnp.sqrt(jnp.maximum(sq - 2.0 * dot + cand.sq[pos], 0.0))  # = _dist_to
             min_d = jnp.minimum(min_d, col)
             return min_d, sel.at[t].set(i), t + 1, global_argmax(min_d)
 
@@ -97,30 +110,28 @@ def run_candidate_steps(min_d, sel, t, t1, cand, cols, refresh, global_argmax=fi
         return min_d, sel, t
 
     # Use the candidates carried in from the previous chunk, then batch after batch.
-    min_d, sel, t = steps((min_d, sel, t), cand, cols)
+    min_d, sel, t = steps((min_d, sel, t), cand)
 
     def batch(c):
-        min_d, sel, t, _, _ = c
-        cand, cols = refresh(min_d)
-        min_d, sel, t = steps((min_d, sel, t), cand, cols)
-        return min_d, sel, t, cand, cols
+        min_d, sel, t, _ = c
+        cand = refresh(min_d)
+        min_d, sel, t = steps((min_d, sel, t), cand)
+        return min_d, sel, t, cand
 
-    min_d, sel, _, cand, cols = jax.lax.while_loop(lambda c: c[2] < t1, batch, (min_d, sel, t, cand, cols))
-    return min_d, sel, cand, cols
+    min_d, sel, _, cand = jax.lax.while_loop(lambda c: c[2] < t1, batch, (min_d, sel, t, cand))
+    return min_d, sel, cand
 
 
-@functools.partial(jax.jit, donate_argnums=(1, 2, 4, 5))
-def _greedy_steps(projected, min_d, sel, t0, cand, cols, t1):
+@functools.partial(jax.jit, donate_argnums=(1, 2, 4))
+def _greedy_steps(projected, min_d, sel, t0, cand, t1):
     """Greedy steps t0..t1-1 (traced bounds: one compilation serves every chunk)."""
     sq = jnp.sum(projected * projected, axis=-1)
-    n_cand = cand.shape[0]
 
     def refresh(min_d):
-        _, c = jax.lax.top_k(min_d, n_cand)  # ties -> smaller index first
-        centres = projected[c]
-        return c.astype(jnp.int32), dist_columns(projected, sq, centres, jnp.sum(centres * centres, -1))
+        _, c = jax.lax.top_k(min_d, cand.index.shape[0])  # ties -> smaller index first
+        return candidates_for(c.astype(jnp.int32), projected[c], projected)
 
-    return run_candidate_steps(min_d, sel, t0, t1, cand, cols, refresh)
+    return run_candidate_steps(min_d, sel, t0, t1, cand, sq, refresh)
 
 
 def greedy_select(projected: jax.Array, starts: jax.Array, n_select: int, progress: bool = False,
@@ -134,12 +145,12 @@ def greedy_select(projected: jax.Array, starts: jax.Array, n_select: int, progre
     c = n_candidates(n, n_cand)
     min_d = _init_min_distance(projected, jnp.asarray(starts))
     sel = jnp.zeros((n_select,), jnp.int32)
-    cand, cols = jnp.full((c,), -1, jnp.int32), jnp.zeros((c, n), jnp.float32)
+    cand = empty_candidates(c, n)
     step = max(1, -(-n_select // chunks))
     bar = tqdm(total=n_select, desc="coreset", unit="pt", leave=False, disable=not progress)
     for t0 in range(0, n_select, step):
         t1 = min(t0 + step, n_select)
-        min_d, sel, cand, cols = _greedy_steps(projected, min_d, sel, t0, cand, cols, t1)
+        min_d, sel, cand = _greedy_steps(projected, min_d, sel, t0, cand, t1)
         if progress:
             sel.block_until_ready()
         bar.update(t1 - t0)

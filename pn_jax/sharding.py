@@ -157,14 +157,11 @@ def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh, n_can
             all_i = jax.lax.all_gather(li.astype(jnp.int32) + offset, axis, tiled=True)
             all_x = jax.lax.all_gather(x[li], axis, tiled=True)
             _, pos = jax.lax.top_k(all_v, n_cand)
-            centres = all_x[pos]
-            return all_i[pos], coreset.dist_columns(x, sq, centres, jnp.sum(centres * centres, -1))
+            return coreset.candidates_for(all_i[pos], all_x[pos], x)
 
         sel0 = jnp.zeros((n_select,), jnp.int32)
-        cand0 = jnp.full((n_cand,), -1, jnp.int32)
-        cols0 = jnp.zeros((n_cand, n_local), jnp.float32)
-        _, sel, _, _ = coreset.run_candidate_steps(min_d, sel0, 0, n_select, cand0, cols0, refresh,
-                                                   global_argmax)
+        _, sel, _ = coreset.run_candidate_steps(min_d, sel0, 0, n_select, coreset.empty_candidates(n_cand, n_local),
+                                                sq, refresh, global_argmax)
         return sel
 
     # check_vma=False: `sel` is replicated by construction (every shard picks the same winner
