@@ -112,7 +112,7 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
               std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block,
               calibrated=calibrated, rerank=rerank, knn_fn=knn_fn)
 
-    def per_image(params, bank, dims, stats, f):
+    def per_image(params, bank, dims, stats, f, bank_s):
         if not need_influence:
             dist, idx = knn_fn(f, bank)
             z = jnp.zeros(f.shape[:1], jnp.float32)
@@ -123,12 +123,13 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
             if rerank:
                 sig.update(calibration.rerank_signals(f, bank, params["noise_scale"], idx))
             return sig
-        return noising.patch_signals(params, bank, dims, f, stats, **kw)
+        return noising.patch_signals(params, bank, dims, f, stats, bank_s=bank_s, **kw)
 
     def signals(params, bank, dims, stats, feats):
         if on_trace:
             on_trace()
-        return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f), feats)
+        bank_s = influence_lib.bank_columns(bank, dims) if need_influence else None  # once, not per image
+        return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s), feats)
 
     return jax.jit(signals) if jit else signals
 
@@ -227,15 +228,6 @@ class Scorer:
 
 
 # ----------------------------------------------------------------------------- fit
-@functools.partial(jax.jit, static_argnames=("k", "block", "method", "eps"))
-def _holdout_search(feats, bank, dims, *, k, block, method, eps):
-    """feats [h, N, D] -> (dist [h,N,K], idx [h,N,K], raw influence [h,N,S]), image by image."""
-    def one(f):
-        dist, idx = knn_lib.knn(f, bank, k=k, block=block)
-        return dist, idx, influence_lib.influence(method, f, bank, dist, idx, dims, eps)
-    return jax.lax.map(one, feats)
-
-
 @functools.partial(jax.jit, static_argnames=("k", "block"))
 def _holdout_knn(feats, bank, *, k, block):
     return jax.lax.map(lambda f: knn_lib.knn(f, bank, k=k, block=block), feats)
@@ -271,19 +263,15 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     if holdout_feats is None or len(holdout_feats) == 0:
         return noising.identity_stats()
     n = cfg.noising
-    if neighbours is None:
-        dist, _, infl = _holdout_search(jnp.asarray(holdout_feats), bank, dims, k=n.k,
-                                        block=cfg.bank.knn_block, method=n.influence, eps=n.eps)
-    else:
-        dist, idx = neighbours
-        infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims,
-                                  method=n.influence, eps=n.eps)
+    dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
+    infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, method=n.influence, eps=n.eps)
     return _stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max))
 
 
 @functools.partial(jax.jit, static_argnames=("method", "eps"))
 def _holdout_influence(feats, bank, dist, idx, dims, *, method, eps):
-    return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps),
+    bank_s = influence_lib.bank_columns(bank, dims)
+    return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps, bank_s),
                        (feats, dist, idx))
 
 

@@ -33,21 +33,32 @@ def _stable_delta(r_d, dist, eps):
     return num / (jnp.sqrt(jnp.maximum(dist * dist + num, 0.0)) + dist)
 
 
-def fd_fixed(f, bank, dist, idx, dims, eps):
+def bank_columns(bank, dims):
+    """The bank's columns S, [M, S]: computed once per scoring call, shared by all images."""
+    return jnp.take(bank, dims, axis=1)
+
+
+def _neighbour_columns(bank, idx, dims, bank_s):
+    """The neighbours' coordinates on S, [Q,K,S]: rows of the [M,S] columns (gathered with
+    clipped indices, which XLA's CPU gather does ~4x faster than the default bounds mode)."""
+    bank_s = bank_columns(bank, dims) if bank_s is None else bank_s
+    return jnp.take(bank_s, idx, axis=0, mode="clip").astype(jnp.float32)
+
+
+def fd_fixed(f, bank, dist, idx, dims, eps, bank_s=None):
     """[Q,D] -> [Q,|S|]. Neighbours fixed; vectorised over dims."""
-    # Residuals on the dims S only: gather the [M,S] columns first, then the neighbours' rows.
-    r = f[:, None, dims].astype(jnp.float32) - bank[:, dims][idx].astype(jnp.float32)  # [Q,K,S]
+    r = f[:, None, dims].astype(jnp.float32) - _neighbour_columns(bank, idx, dims, bank_s)  # [Q,K,S]
     delta = _stable_delta(r, dist[..., None], eps)
     return jnp.mean(jnp.abs(delta), axis=1)
 
 
-def _on_dims(f, bank, dist, idx, dims):
+def _on_dims(f, bank, dist, idx, dims, bank_s=None):
     """dist_k as a function of the coordinates S only: (x_S [Q,S], m_S [Q,K,S], c [Q,K]) with
     c = dist_k^2 - |r_kS|^2 the part of the squared distance from the dims NOT in S, so that
     dist_k(f) = sqrt(c + |x_S - m_kS|^2). Only the [M,S] columns of the bank are gathered, never
     the neighbours' full [D] rows; the K-NN search already computed dist_k from full residuals."""
     x_s = f[:, dims].astype(jnp.float32)
-    m_s = bank[:, dims][idx].astype(jnp.float32)  # [Q,K,S]
+    m_s = _neighbour_columns(bank, idx, dims, bank_s)  # [Q,K,S]
     r_s = x_s[:, None, :] - m_s
     c = jnp.maximum(dist * dist - jnp.sum(r_s * r_s, -1), 0.0)
     return x_s, m_s, c
@@ -57,18 +68,18 @@ def _dist_of_s(x_s, m_s, c):
     return jnp.sqrt(c + jnp.sum((x_s - m_s) ** 2, axis=-1))
 
 
-def grad(f, bank, dist, idx, dims, eps):
+def grad(f, bank, dist, idx, dims, eps, bank_s=None):
     """eps * mean_k |d dist_k / d f_d| by reverse mode: one jax.grad of sum_{q,k} dist_k(f_q)
     with respect to a per-(q,k) copy of f_S (each distance depends on its own copy only)."""
-    x_s, m_s, c = _on_dims(f, bank, dist, idx, dims)
+    x_s, m_s, c = _on_dims(f, bank, dist, idx, dims, bank_s)
     copies = jnp.broadcast_to(x_s[:, None, :], m_s.shape)
     g = jax.grad(lambda x: jnp.sum(_dist_of_s(x, m_s, c)))(copies)  # [Q,K,S]
     return eps * jnp.mean(jnp.abs(g), axis=1)
 
 
-def jvp(f, bank, dist, idx, dims, eps):
+def jvp(f, bank, dist, idx, dims, eps, bank_s=None):
     """Forward mode: one jax.jvp per dim in S (tangent e_d) of dist_k as a function of f_S."""
-    x_s, m_s, c = _on_dims(f, bank, dist, idx, dims)
+    x_s, m_s, c = _on_dims(f, bank, dist, idx, dims, bank_s)
 
     def along(t):  # t [S] one-hot tangent
         tangent = jnp.broadcast_to(t, x_s.shape)
@@ -78,7 +89,7 @@ def jvp(f, bank, dist, idx, dims, eps):
     return eps * jnp.mean(jnp.abs(d), axis=-1).T
 
 
-def fd(f, bank, dist, idx, dims, eps, block: int = 4096):
+def fd(f, bank, dist, idx, dims, eps, bank_s=None):
     """The literal form: perturb dim d, search the whole bank again, compare rank by rank.
 
     The re-search ranks all M entries by d2(m) + 2 eps (f_d - m_d) + eps^2, which is exactly
@@ -113,13 +124,13 @@ def fd(f, bank, dist, idx, dims, eps, block: int = 4096):
 METHODS = {"fd": fd, "fd_fixed": fd_fixed, "grad": grad, "jvp": jvp}
 
 
-def influence(method: str, f, bank, dist, idx, dims, eps):
+def influence(method: str, f, bank, dist, idx, dims, eps, bank_s=None):
     """Dispatch; f [Q,D], dist/idx [Q,K] (from the k-NN search), dims [S] -> [Q,S]."""
     try:
         fn = METHODS[method]
     except KeyError:
         raise ValueError(f"unknown influence method {method!r}; choose from {sorted(METHODS)}") from None
-    return fn(f, bank, dist, idx, dims, eps)
+    return fn(f, bank, dist, idx, dims, eps, bank_s)
 
 
 def mean_influence_identity(dist, r_l1, eps, d_total):
