@@ -170,46 +170,83 @@ def needs(cfg: Config, variants) -> Needs:
                  rerank=any(v in calibration.RERANK_SCORES for v in vs))
 
 
+# One compiled function per configuration, shared by every Scorer built with it (a run over
+# several categories compiles its scoring path once): (kind, key) -> (jitted fn, trace counter).
+_COMPILED: dict = {}
+
+
+def _shared(kind: str, key, build: Callable):
+    entry = _COMPILED.get((kind, key))
+    if entry is None:
+        counter = {"traces": 0}
+
+        def on_trace():
+            counter["traces"] += 1
+
+        entry = _COMPILED[(kind, key)] = (build(on_trace), counter)
+    return entry
+
+
 class Scorer:
-    """One compiled scoring path per configuration: features -> signals -> maps -> image scores."""
+    """One compiled scoring path per configuration: features -> signals -> maps -> image scores.
+
+    The jitted signal and map functions are shared by all Scorers of the same configuration
+    (`traces` counts the traces of those shared functions); a sharded Scorer compiles one
+    signal function per bank size it sees, since the padding mask is static."""
 
     def __init__(self, cfg: Config, grid: tuple[int, int], variants=(None,)):
         self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
-        self.traces = {"signals": 0, "maps": 0}  # the no-retracing test reads these
         self.need_influence, calibrated, rerank = needs(cfg, variants)
         # Propose Noising always shows its influence and noise maps, whatever score it ranks by.
         self.need_influence |= cfg.noising.method == "propose_noising"
+        flags = dict(need_influence=self.need_influence, calibrated=calibrated, rerank=rerank)
         self._sharded = None
-        knn_fn = None
         if cfg.devices > 1:
             from pn_jax import sharding
 
             mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
             self._sharded = (sharding, mesh)
-            knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
-                f, rows, k=cfg.noising.k, block=cfg.bank.knn_block, n_valid=self._n_valid, mesh=mesh)
-        self._signals = make_signal_fn(cfg, self.need_influence, on_trace=lambda: self._count("signals"),
-                                       calibrated=calibrated, rerank=rerank, knn_fn=knn_fn)
-        sigma = cfg.noising.blur_sigma
+            self._sharded_counter = {"traces": 0}
 
-        def to_maps(patch):
-            self._count("maps")
-            return maps_lib.to_pixel_maps(patch, self.grid, self.size, sigma)
+            def build(n_valid):  # the pad mask depends on the bank size: one function per size
+                knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
+                    f, rows, k=cfg.noising.k, block=cfg.bank.knn_block, n_valid=n_valid, mesh=mesh)
+                return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, **flags)
 
-        self._maps = jax.jit(to_maps)
+            self._build_sharded, self._sharded_fns = build, {}
+            self._sig_counter = self._sharded_counter
+        else:
+            key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())))
+            self._signals, self._sig_counter = _shared(
+                "signals", key, lambda on_trace: make_signal_fn(cfg, on_trace=on_trace, **flags))
+        grid_, size, sigma = self.grid, self.size, cfg.noising.blur_sigma
 
-    def _count(self, name):
-        self.traces[name] += 1
+        def build_maps(on_trace):
+            def to_maps(patch):
+                on_trace()
+                return maps_lib.to_pixel_maps(patch, grid_, size, sigma)
+            return jax.jit(to_maps)
+
+        self._maps, self._maps_counter = _shared("maps", (grid_, size, sigma), build_maps)
+
+    def _count_sharded(self):
+        self._sharded_counter["traces"] += 1
+
+    @property
+    def traces(self) -> dict:
+        """Traces so far of this configuration's compiled signal and map functions."""
+        return {"signals": self._sig_counter["traces"], "maps": self._maps_counter["traces"]}
 
     def signals(self, state: DetectorState, feats) -> dict:
-        bank = state.bank
-        if self._sharded:  # pad + place the bank rows over the mesh once per bank
-            sharding, mesh = self._sharded
-            if getattr(self, "_bank_src", None) is not state.bank:
-                sb = sharding.shard_bank(state.bank, mesh)
-                self._bank_src, self._bank_rows, self._n_valid = state.bank, sb.rows, sb.n_valid
-            bank = self._bank_rows
-        return self._signals(state.params, bank, state.dims, state.stats, feats)
+        if not self._sharded:
+            return self._signals(state.params, state.bank, state.dims, state.stats, feats)
+        sharding, mesh = self._sharded
+        if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
+            sb = sharding.shard_bank(state.bank, mesh)
+            self._bank_src, self._bank_rows, self._n_valid = state.bank, sb.rows, sb.n_valid
+        if self._n_valid not in self._sharded_fns:
+            self._sharded_fns[self._n_valid] = self._build_sharded(self._n_valid)
+        return self._sharded_fns[self._n_valid](state.params, self._bank_rows, state.dims, state.stats, feats)
 
     def maps(self, patch) -> jax.Array:
         return self._maps(patch)

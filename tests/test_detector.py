@@ -73,6 +73,8 @@ def test_patchcore_equals_bruteforce_nearest_neighbour():
 
 def test_scorer_compiles_once_per_configuration():
     cfg, ext, state, _, test = make()
+    # a configuration no other test uses, so its shared compiled functions start untraced
+    cfg = cfg.replace(noising={"eps": 1.2345e-3, "blur_sigma": 3.875})
     ext(test[:1]); scorer = detector.Scorer(cfg, ext.grid)
     for i in range(3):
         scorer(state, ext(test[i:i + 4]))
@@ -80,6 +82,14 @@ def test_scorer_compiles_once_per_configuration():
     assert scorer.traces == {"signals": 1, "maps": 1}
     scorer(state, ext(test[3:5]))  # a different batch size is a different shape: one more trace
     assert scorer.traces == {"signals": 2, "maps": 2}
+    # a second Scorer of the same configuration (e.g. the next category) compiles nothing
+    again = detector.Scorer(cfg, ext.grid)
+    again(state, ext(test[:4]))
+    assert again.traces == {"signals": 2, "maps": 2}
+    # another configuration has its own compiled signal function (the maps are the same)
+    other = detector.Scorer(cfg.replace(noising={"eps": 2.3456e-3}), ext.grid)
+    other(state, ext(test[:4]))
+    assert other.traces == {"signals": 1, "maps": 2}
 
 
 def test_fit_is_seeded():

@@ -21,12 +21,22 @@ SCRIPT = textwrap.dedent("""
                           model={"pretrain_embed_dimension": 32, "target_embed_dimension": 32})
         ext = detector.FeatureExtractor(cfg, backbone_fn=fake_backbone)
         state, _ = detector.fit(cfg, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
-        res = detector.Scorer(cfg, ext.grid, variants=(None, "patchcore"))(state, ext(test))
+        scorer = detector.Scorer(cfg, ext.grid, variants=(None, "patchcore"))
+        res = scorer(state, ext(test))
         out[devices] = (np.asarray(state.bank), np.asarray(res["image_scores"]),
                         np.asarray(res["signals"]["nearest"]))
+        # The same Scorer with a bank one row larger that pads to the same sharded shape: the
+        # new row (all zeros, the exact nearest entry of all-zero queries) is a real entry now,
+        # not a pad, so the mask must follow the bank size.
+        assert state.bank.shape[0] % 8 not in (0, 7), state.bank.shape  # M + 1 pads to the same shape
+        bigger = state._replace(bank=np.concatenate([state.bank, np.zeros((1, 32), np.float32)]))
+        zeros = np.zeros(ext(test).shape, np.float32)  # the same shapes: no retrace on its own
+        out[devices] += (np.asarray(scorer(bigger, zeros)["signals"]["nearest"]),)
     np.testing.assert_array_equal(out[1][0], out[8][0])  # same coreset
     np.testing.assert_allclose(out[1][1], out[8][1], rtol=1e-6)
     np.testing.assert_allclose(out[1][2], out[8][2], rtol=1e-6)
+    np.testing.assert_allclose(out[1][3], out[8][3], rtol=1e-6)
+    assert out[8][3].max() == 0
     print("SHARDED_OK")
 """)
 
