@@ -152,8 +152,9 @@ def patch_score(cfg: Config, signals: dict, stats: noising.Stats, variant: str |
     raise ValueError(f"unknown score variant {variant!r}")
 
 
-# Scores computed without the influence.
-NO_INFLUENCE = ("patchcore", "distance", "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank")
+# Scores computed without the influence (`proposed` whitens with the influence-driven noise).
+NO_INFLUENCE = (("patchcore", "distance") + tuple(v for v in calibration.CALIBRATED_SCORES if v != "proposed")
+                + calibration.RERANK_SCORES)
 
 
 class Needs(NamedTuple):
@@ -206,7 +207,7 @@ class Scorer:
 
             mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
             self._sharded = (sharding, mesh)
-            self._sharded_counter = {"traces": 0}
+            self._sig_counter = {"traces": 0}
 
             def build(n_valid):  # the pad mask depends on the bank size: one function per size
                 knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
@@ -214,7 +215,6 @@ class Scorer:
                 return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, **flags)
 
             self._build_sharded, self._sharded_fns = build, {}
-            self._sig_counter = self._sharded_counter
         else:
             key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())))
             self._signals, self._sig_counter = _shared(
@@ -230,7 +230,7 @@ class Scorer:
         self._maps, self._maps_counter = _shared("maps", (grid_, size, sigma), build_maps)
 
     def _count_sharded(self):
-        self._sharded_counter["traces"] += 1
+        self._sig_counter["traces"] += 1
 
     @property
     def traces(self) -> dict:
