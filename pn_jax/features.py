@@ -145,7 +145,7 @@ def aggregate(feature_maps: Sequence[jax.Array], pretrain_dim: int, target_dim: 
     ref = feature_maps[0].shape[1:3]
     pooled = [unfold_pool(fmap, pretrain_dim, patchsize) for fmap in feature_maps]
     n_layers = len(pooled)
-    g, a, _, _ = _pool_matrix(n_layers * pretrain_dim, target_dim)
+    _, a, _, _ = _pool_matrix(n_layers * pretrain_dim, target_dim)
     if pretrain_dim % a == 0:
         # Every bin of the last pooling lies inside one layer's block (WRN50: pairs of 2048
         # -> 1024), so it commutes with the upsampling: pool each layer to its share (the same
