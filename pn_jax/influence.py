@@ -8,7 +8,8 @@
             compare the new sorted K distances rank by rank with the old ones.
   fd_fixed  the same with the K neighbours held fixed, in closed form from the residuals
             r_k = f - m_k:  dist_k' - dist_k = (2 eps r_kd + eps^2) / (dist_k' + dist_k).
-  grad      eps * |d dist_k / d f_d| from reverse-mode autodiff (jax.grad); = eps |r_kd| / dist_k.
+  grad      eps * |d dist_k / d f_d| from reverse-mode autodiff (jax.grad); = eps |r_kd| / dist_k
+            (0 where dist_k = 0, i.e. the patch equals its neighbour).
   jvp       the same derivative in forward mode (jax.jvp), one tangent per dim in S, with
             dist_k written as a function of the coordinates S (the other dims enter as a constant).
 
@@ -65,7 +66,12 @@ def _on_dims(f, bank, dist, idx, dims, bank_s=None):
 
 
 def _dist_of_s(x_s, m_s, c):
-    return jnp.sqrt(c + jnp.sum((x_s - m_s) ** 2, axis=-1))
+    # sqrt has an infinite slope at 0, so a patch equal to a bank entry would give 0 * inf =
+    # NaN. There the derivative is defined as 0 (the distance is at its minimum); the inner
+    # where keeps sqrt's own gradient finite so the outer where can zero it (double where).
+    sq = c + jnp.sum((x_s - m_s) ** 2, axis=-1)
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
 def grad(f, bank, dist, idx, dims, eps, bank_s=None):

@@ -100,3 +100,20 @@ def test_mean_over_dims_identity():
     r = np.asarray(f)[:, None, :] - np.asarray(bank)[np.asarray(idx)]
     want = influence.mean_influence_identity(dist, jnp.asarray(np.abs(r).sum(-1)), 1e-3, d)
     assert _rel(g, want) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["grad", "jvp"])
+def test_zero_distance_has_zero_derivative_not_nan(method):
+    """A test patch equal to a bank entry: the derivative of its distance is defined as 0 there
+    (sqrt's slope at 0 would otherwise give NaN); the other neighbours keep eps |r_d| / dist."""
+    f, bank, _, _, dims = _problem(seed=5, q=6)
+    f = f.at[2].set(bank[17]).at[4].set(bank[3])  # two patches sit exactly on bank entries
+    dist, idx = knn.knn(f, bank, k=5, block=64)
+    assert float(dist[2, 0]) == 0.0 and float(dist[4, 0]) == 0.0
+    d64, i64 = np.asarray(dist, np.float64), np.asarray(idx)
+    r = np.asarray(f, np.float64)[:, None, :] - np.asarray(bank, np.float64)[i64]
+    per = np.where(d64[..., None] > 0, np.abs(r) / np.where(d64 > 0, d64, 1.0)[..., None], 0.0)
+    want = 1e-3 * per.mean(axis=1)[:, np.asarray(dims)]
+    got = np.asarray(influence.influence(method, f, bank, dist, idx, dims, 1e-3))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
