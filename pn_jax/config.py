@@ -76,6 +76,9 @@ class Config:
     seed: int = 0
     batch_size: int = 8
     devices: int = 1  # >1: memory bank and coreset sharded over that many devices (SPEC 2.9)
+    # Decision threshold, chosen at fit time without test labels (SPEC 6): None = F1-max on the
+    # validation split; q = the (1 - q) quantile of the validation normals' image scores.
+    threshold_fpr: float | None = None
 
     def __post_init__(self):
         validate(self)
@@ -147,6 +150,7 @@ def validate(cfg: Config) -> None:
         (0 <= d.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.devices >= 1, "devices must be >= 1"),
+        (cfg.threshold_fpr is None or 0 < cfg.threshold_fpr < 1, "threshold_fpr must be in (0, 1)"),
     ]
     for ok, msg in checks:
         if not ok:

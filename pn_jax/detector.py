@@ -77,11 +77,16 @@ class FeatureExtractor:
         return self._aggregate(maps)
 
 
-def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+def pad_batch(x, size: int):
+    """Zero-pad the batch axis to `size`, so the compiled functions see one shape. Host arrays
+    stay on the host and device arrays on the device."""
     if x.shape[0] == size:
         return x
-    pad = np.zeros((size - x.shape[0],) + x.shape[1:], x.dtype)
-    return np.concatenate([x, pad], axis=0)
+    widths = ((0, size - x.shape[0]),) + ((0, 0),) * (x.ndim - 1)
+    return jnp.pad(x, widths) if isinstance(x, jax.Array) else np.pad(x, widths)
+
+
+_pad_batch = pad_batch  # old name, until every caller has moved to the public pipeline
 
 
 def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size: int,

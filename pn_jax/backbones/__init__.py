@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 from pn_jax.backbones.base import BackboneInfo, StageInfo
 
-__all__ = ["BackboneInfo", "StageInfo", "UnknownBackboneError", "create", "info", "list_backbones"]
+__all__ = ["BackboneInfo", "StageInfo", "UnknownBackboneError", "create", "info", "list_backbones", "weights_file"]
 
 
 class UnknownBackboneError(KeyError):
@@ -75,3 +75,14 @@ def create(
     if hasattr(mod, "INFOS"):
         return mod.build(name, weights=weights, layers=layers)
     return mod.build(weights, layers=layers)
+
+
+def weights_file(name: str, weights: str | os.PathLike | None = None):
+    """The weights file `create(name, weights)` loads (raises the same not-found error)."""
+    from pn_jax import weights as wio
+
+    mod = _module(name)
+    if hasattr(mod, "find_weights_file"):
+        return mod.find_weights_file(weights)
+    bi = info(name)
+    return wio.find_weights(bi.weight_file, explicit=weights, help=bi.weight_help)

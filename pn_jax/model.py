@@ -1,0 +1,516 @@
+"""The public pipeline: fit on good images, predict on new ones, save, load (SPEC 6).
+
+    model = pn_jax.fit(cfg, "data/good_parts", key=jax.random.key(0))
+    pred = model.predict("new_photos/")          # scores, normalised scores, labels, maps
+    model.save("ckpt/parts"); model = pn_jax.load("ckpt/parts")
+
+Everything that scores images goes through `Model`: the CLI, `experiments.run`, the
+benchmarks and the studies. Preprocessing (decode, resize, the backbone's own
+normalisation), batching and padding to the compiled batch size happen here and nowhere
+else, so a benchmark times the code a user runs and no caller pads.
+
+The decision threshold is chosen at fit time without test labels: F1-max on a validation
+split of normal images the bank never saw plus seeded synthetic anomalies made from them, or
+the (1 - q) quantile of those normal images' scores (`cfg.threshold_fpr = q`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import os
+import time
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from pn_jax import detector, metrics
+from pn_jax.config import Config
+
+FORMAT = "pn_jax.Model/1"
+MAP_KEYS = ("anomaly_maps", "influence_maps", "noise_maps")
+
+
+class ModelError(ValueError):
+    """A model cannot be built, loaded or used as asked; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclasses.dataclass
+class Item:
+    """One image to score: where it came from and how to read it (RGB uint8 HxWx3)."""
+    name: str
+    read: Callable[[], np.ndarray]
+
+
+def as_items(inputs) -> list[Item]:
+    """A path, a list of paths, a folder (recursive) or an array ([H,W], [H,W,C] or [B,H,W,C];
+    uint8, uint16, bool or float in [0, 1]) -> items, in a deterministic order."""
+    from pn_jax import data
+
+    if isinstance(inputs, np.ndarray) or isinstance(inputs, jax.Array):
+        arr = np.asarray(inputs)
+        batch = arr[None] if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4)
+                                               and arr.ndim != 4) else arr
+        if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):  # [B, H, W] grayscale batch
+            batch = arr
+        return [Item(f"array[{i}]", (lambda a=a: data.array_to_rgb(a))) for i, a in enumerate(batch)]
+    if isinstance(inputs, (list, tuple)) and inputs and not isinstance(inputs[0], (str, os.PathLike)):
+        return [it for i, x in enumerate(inputs) for it in _renamed(as_items(np.asarray(x)), i)]
+    paths = data.resolve_inputs(inputs)
+    return [Item(p, (lambda p=p: data.load_rgb(p))) for p in paths]
+
+
+def _renamed(items, i):
+    for it in items:
+        it.name = f"array[{i}]"
+        yield it
+
+
+# ----------------------------------------------------------------------------- results
+@dataclasses.dataclass
+class Prediction:
+    """Per image: score, normalised score (score / threshold: 1.0 is the decision boundary),
+    label (score >= threshold) and maps at the input's own resolution. Images that could not
+    be read have NaN scores, no maps and an entry in `errors`."""
+    names: list[str]
+    scores: np.ndarray
+    normalized: np.ndarray
+    labels: np.ndarray
+    anomaly_maps: list
+    influence_maps: list
+    noise_maps: list
+    errors: dict[str, str]
+    threshold: float
+
+    @property
+    def paths(self) -> list[str]:
+        return self.names
+
+    def rows(self) -> list[dict]:
+        """One CSV row per input (failures included, with their error)."""
+        return [{"path": n, "score": _fmt(s), "normalized_score": _fmt(z),
+                 "label": "" if n in self.errors else ("anomalous" if lab else "normal"),
+                 "error": self.errors.get(n, "")}
+                for n, s, z, lab in zip(self.names, self.scores, self.normalized, self.labels)]
+
+
+def _fmt(x) -> str:
+    return "" if not np.isfinite(x) else f"{float(x):.6g}"
+
+
+# ----------------------------------------------------------------------------- the model
+class Model:
+    """A fitted detector: config, feature grid, `DetectorState`, threshold and provenance."""
+
+    def __init__(self, cfg: Config, grid: tuple[int, int], state: detector.DetectorState, *,
+                 threshold: float | None = None, provenance: dict | None = None,
+                 calibration: dict | None = None, extractor: detector.FeatureExtractor | None = None):
+        self.cfg, self.grid, self.state = cfg, tuple(int(g) for g in grid), state
+        self.threshold = None if threshold is None else float(threshold)
+        self.provenance = dict(provenance or {})
+        self.calibration = dict(calibration or {})
+        self._extractor = extractor
+        self._scorers: dict = {}
+        from pn_jax import backbones
+
+        info = backbones.info(cfg.model.backbone)
+        self.mean, self.std = info.mean, info.std
+
+    # -- pieces the runner, benchmarks and studies use -------------------------------------
+    @property
+    def extractor(self) -> detector.FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = detector.FeatureExtractor(self.cfg)
+        return self._extractor
+
+    def with_state(self, state: detector.DetectorState, **changes) -> "Model":
+        """The same model (sharing its compiled extractor) with another state, e.g. tuned."""
+        kw = dict(threshold=self.threshold, provenance=self.provenance, calibration=self.calibration,
+                  extractor=self._extractor)
+        kw.update(changes)
+        return Model(self.cfg, self.grid, state, **kw)
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.data.crop_size if self.cfg.data.resize_mode == "patchcore" else self.cfg.data.image_size
+
+    def batches(self, source, *, num_workers: int = 2) -> Iterator[dict]:
+        """Preprocessed batches of a data source (list of records, `Source`, tfds source),
+        decoded by `num_workers` threads while the device works on the previous batch."""
+        from pn_jax.data import pipeline
+
+        d = self.cfg.data
+        return pipeline.make_batches(source, image_size=d.image_size, mean=self.mean, std=self.std,
+                                     batch_size=self.cfg.batch_size, resize_mode=d.resize_mode,
+                                     crop_size=d.crop_size, num_workers=num_workers)
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """RGB uint8 HxWx3 -> the normalised float32 model input."""
+        from pn_jax.data import preprocess
+
+        d = self.cfg.data
+        img = preprocess.resize_image(rgb, d.image_size, d.resize_mode, d.crop_size)
+        return preprocess.normalize(img, self.mean, self.std)
+
+    def features(self, images: np.ndarray) -> jax.Array:
+        """Normalised images [n, S, S, 3] -> patch features [n, N, D] (on the device).
+        Padded to the compiled batch size inside, so nothing recompiles for a short batch."""
+        images = np.asarray(images, np.float32)
+        n, bs = len(images), self.cfg.batch_size
+        out = [self.extractor(detector.pad_batch(images[s:s + bs], bs))[:min(bs, n - s)]
+               for s in range(0, n, bs)]
+        return out[0] if len(out) == 1 else jnp.concatenate(out)
+
+    def extract(self, images, *, desc: str = "features") -> np.ndarray:
+        """Patch features [n, N, D] (host float32) of a source, a folder, paths or an array."""
+        if not _is_source(images):
+            images = _items_source(as_items(images))
+        out = [np.asarray(self.features(b["image"]))
+               for b in tqdm(self.batches(images), desc=desc, unit="batch", leave=False)]
+        if not out:
+            raise ModelError(f"no images to extract features from ({desc})")
+        return np.concatenate(out)
+
+    def scorer(self, variants=(None,)) -> detector.Scorer:
+        key = tuple(variants)
+        if key not in self._scorers:
+            self._scorers[key] = detector.Scorer(self.cfg, self.grid, variants=key)
+        return self._scorers[key]
+
+    def score_features(self, feats, variants=(None,)) -> dict:
+        """Patch features [n, N, D] -> {"image_scores", "anomaly_maps", "influence_maps",
+        "noise_maps", "patch_scores", "signals", "variants": {variant: (image scores, maps)}}
+        at the model's input resolution, as host arrays. Variant None is the configured score."""
+        feats = jnp.asarray(feats)
+        n, bs = feats.shape[0], self.cfg.batch_size
+        scorer = self.scorer(variants)
+        parts = []
+        for s in range(0, n, bs):
+            m = min(bs, n - s)
+            out = scorer(self.state, detector.pad_batch(feats[s:s + m], bs))
+            host = {k: np.asarray(v[:m]) for k, v in out.items() if k != "signals"}
+            host["variants"] = {}
+            for v in variants:
+                if v is None:
+                    host["variants"][None] = (host["image_scores"], host["anomaly_maps"])
+                else:
+                    amap = scorer.maps(detector.patch_score(self.cfg, out["signals"], self.state.stats, v))
+                    amap = np.asarray(amap[:m])
+                    host["variants"][v] = (amap.reshape(m, -1).max(-1), amap)
+            parts.append(host)
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "variants"}
+        merged["variants"] = {v: tuple(np.concatenate([p["variants"][v][i] for p in parts]) for i in (0, 1))
+                              for v in variants}
+        return merged
+
+    def score_images(self, images: np.ndarray, variants=(None,)) -> dict:
+        """Normalised images [n, S, S, 3] -> `score_features` of their features."""
+        return self.score_features(self.features(images), variants)
+
+    # -- the user's call -------------------------------------------------------------------
+    def predict_iter(self, inputs, *, progress: bool = True, maps: bool = True,
+                     num_workers: int = 2) -> Iterator[dict]:
+        """Stream predictions, one dict per input, in input order: {"name", "score",
+        "normalized", "label", "error", "image" (RGB uint8), "anomaly_map", ...}. Decoding and
+        resizing run on `num_workers` threads while the device scores the previous batch;
+        only a few batches are ever held in memory."""
+        items = inputs if isinstance(inputs, list) and inputs and isinstance(inputs[0], Item) else as_items(inputs)
+        bs = self.cfg.batch_size
+        thr = self.threshold
+
+        def load(item):
+            try:
+                rgb = item.read()
+                return rgb, self.preprocess(rgb), None
+            except (ValueError, OSError) as e:  # DataError is a ValueError: it names the file
+                return None, None, str(e).splitlines()[0]
+
+        bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress, leave=False)
+        with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+            pending = [pool.submit(load, it) for it in items[:2 * bs]]
+            nxt = len(pending)
+            for start in range(0, len(items), bs):
+                chunk = items[start:start + bs]
+                loaded = [pending.pop(0).result() for _ in chunk]
+                while nxt < len(items) and len(pending) < 2 * bs:
+                    pending.append(pool.submit(load, items[nxt]))
+                    nxt += 1
+                ok = [i for i, (_, x, err) in enumerate(loaded) if err is None]
+                out = self.score_images(np.stack([loaded[i][1] for i in ok])) if ok else None
+                for j, (item, (rgb, _, err)) in enumerate(zip(chunk, loaded)):
+                    rec = {"name": item.name, "error": err}
+                    if err is None:
+                        r = ok.index(j)
+                        score = float(out["image_scores"][r])
+                        rec.update(score=score, normalized=score / thr if thr else float("nan"),
+                                   label=bool(thr is not None and score >= thr), image=rgb)
+                        if maps:
+                            for k in MAP_KEYS:
+                                if k in out:
+                                    rec[k[:-1]] = self.to_input_resolution(out[k][r], rgb.shape[:2])
+                    else:
+                        rec.update(score=float("nan"), normalized=float("nan"), label=False)
+                    yield rec
+                bar.update(len(chunk))
+        bar.close()
+
+    def predict(self, inputs, *, progress: bool = True, maps: bool = True) -> Prediction:
+        """Score a path, a list of paths, a folder (recursive) or an array of images."""
+        if self.threshold is None:
+            warnings.warn("this model has no decision threshold (no validation images at fit "
+                          "time); labels are all False and normalised scores NaN", stacklevel=2)
+        recs = list(self.predict_iter(inputs, progress=progress, maps=maps))
+        get = lambda k: [r.get(k[:-1]) for r in recs]  # noqa: E731
+        return Prediction(
+            names=[r["name"] for r in recs],
+            scores=np.array([r["score"] for r in recs], np.float64),
+            normalized=np.array([r["normalized"] for r in recs], np.float64),
+            labels=np.array([r["label"] for r in recs], bool),
+            anomaly_maps=get("anomaly_maps"), influence_maps=get("influence_maps"),
+            noise_maps=get("noise_maps"),
+            errors={r["name"]: r["error"] for r in recs if r["error"]},
+            threshold=float("nan") if self.threshold is None else self.threshold)
+
+    def to_input_resolution(self, amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """A map at the model's input resolution -> the original image's H x W (bilinear). In
+        PatchCore's centre-crop mode the map covers the crop; outside it takes the map's minimum."""
+        from PIL import Image
+
+        from pn_jax.data import preprocess
+
+        h, w = hw
+        d = self.cfg.data
+        amap = np.asarray(amap, np.float32)
+        if d.resize_mode != "patchcore":
+            return np.asarray(Image.fromarray(amap).resize((w, h), Image.BILINEAR))
+        (nw, nh), (l, t, r, b) = preprocess._geometry(h, w, d.image_size, "patchcore", d.crop_size)
+        x0, x1 = round(l * w / nw), round(r * w / nw)
+        y0, y1 = round(t * h / nh), round(b * h / nh)
+        out = np.full((h, w), amap.min(), np.float32)
+        out[y0:y1, x0:x1] = np.asarray(Image.fromarray(amap).resize((x1 - x0, y1 - y0), Image.BILINEAR))
+        return out
+
+    # -- persistence -----------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {"format": FORMAT, "grid": list(self.grid), "threshold": self.threshold,
+                "category": self.provenance.get("category"),
+                "weights_sha256": self.provenance.get("weights_sha256"),
+                "provenance": self.provenance, "calibration": self.calibration}
+
+    def save(self, directory) -> str:
+        """Atomic Orbax checkpoint of the state, with config, threshold and provenance."""
+        from pn_jax import checkpoint
+
+        return checkpoint.save(os.path.abspath(os.fspath(directory)), self.state, self.cfg, self.meta())
+
+    def export(self, path, **kw) -> dict:
+        """A self-contained `jax.export` artifact of image -> scores, labels, maps (SPEC 6)."""
+        from pn_jax import export
+
+        return export.export_model(self.cfg, self.state, self.grid, self.threshold, self.meta(), path, **kw)
+
+
+def _is_source(x) -> bool:
+    return hasattr(x, "__getitem__") and hasattr(x, "__len__") and not isinstance(
+        x, (str, bytes, os.PathLike, np.ndarray, list, tuple)) or (
+        isinstance(x, list) and bool(x) and isinstance(x[0], dict))
+
+
+def _items_source(items: Sequence[Item]):
+    """Items -> a records source (label 0, no mask) for the batch pipeline."""
+    from pn_jax.data import records
+
+    def read(i):
+        return records.make_record(items[i].read(), None, 0, "good", items[i].name, "train")
+
+    return records.Source(len(items), read, [it.name for it in items], dataset="user", category="user",
+                          split="train")
+
+
+# ----------------------------------------------------------------------------- fit
+def weights_sha256(cfg: Config) -> str | None:
+    """sha256 of the backbone weights file the model was built with (None for random weights)."""
+    from pn_jax import backbones, weights
+
+    if cfg.model.weights == "random":
+        return None
+    try:
+        path = backbones.weights_file(cfg.model.backbone, cfg.model.weights)
+    except (AttributeError, FileNotFoundError, ValueError):
+        return None
+    return weights.sha256_file(path)
+
+
+def provenance(cfg: Config, *, dataset: str | None = None, category: str | None = None, **extra) -> dict:
+    import importlib.metadata
+
+    import pn_jax
+
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"pn_jax": pn_jax.__version__, "jax": jax.__version__, "flax": version("flax"),
+            "orbax": version("orbax-checkpoint"), "backbone": cfg.model.backbone,
+            "weights_sha256": weights_sha256(cfg), "dataset": dataset or cfg.data.dataset,
+            "category": category, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), **extra}
+
+
+def choose_threshold(normal_scores, anomaly_scores=None, *, fpr: float | None = None) -> tuple[float, dict]:
+    """The decision threshold from validation image scores (never test labels).
+
+    fpr=None: F1-max over the normals and synthetic anomalies, placed halfway between the
+    F1-max threshold and the next lower validation score (the same F1 on validation, and not
+    flush against one synthetic anomaly's score). fpr=q: the (1 - q) quantile of the normals.
+    """
+    normal = np.asarray(normal_scores, np.float64)
+    if normal.size == 0:
+        raise ModelError("no validation normal images to choose a threshold from")
+    if fpr is not None:
+        thr = float(np.quantile(normal, 1.0 - fpr, method="higher"))
+        thr = float(np.nextafter(thr, np.inf))  # strictly above that normal: FPR <= q on validation
+        return thr, {"rule": f"quantile 1-{fpr} of {normal.size} validation normal scores", "fpr": fpr}
+    anom = np.asarray(anomaly_scores, np.float64)
+    if anom.size == 0:
+        raise ModelError("no synthetic anomalies to choose an F1-max threshold from")
+    scores = np.concatenate([normal, anom])
+    labels = np.concatenate([np.zeros(normal.size, bool), np.ones(anom.size, bool)])
+    f1, thr = metrics.f1_max_with_threshold(scores, labels)
+    below = scores[scores < thr]
+    if below.size:
+        thr = 0.5 * (thr + below.max())
+    return float(thr), {"rule": f"F1-max on validation ({normal.size} normal, {anom.size} synthetic anomalies)",
+                        "validation_f1": 100.0 * f1}
+
+
+def validation_records(holdout, seed: int) -> tuple[list, list]:
+    """(normal records, synthetic anomaly records) made from held-out normal images."""
+    from pn_jax import data
+
+    recs = data.make_validation_records(holdout, seed=seed)  # [normal_i, anomaly_i, ...]
+    return recs[0::2], recs[1::2]
+
+
+def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, category: str | None = None,
+        dataset: str | None = None, log: Callable = print, timer: dict | None = None,
+        extractor: detector.FeatureExtractor | None = None) -> Model:
+    """Fit a model on normal images: a folder, paths, an array, or a data `Source`.
+
+    `holdout`: normal images kept out of the bank for the fit-time statistics and the
+    threshold; None splits them off `train` by `cfg.data.holdout_fraction` (seeded). `timer`
+    receives the stage timings (seconds)."""
+    from pn_jax.data import records
+
+    timer = {} if timer is None else timer
+    key = jax.random.key(cfg.seed) if key is None else key
+    if not _is_source(train):
+        train = _items_source(as_items(train))
+    if holdout is None and cfg.data.holdout_fraction > 0:
+        tr_idx, ho_idx = records.split_train_holdout(list(range(len(train))), cfg.data.holdout_fraction,
+                                                     cfg.data.holdout_min, cfg.seed)
+        train, holdout = _subset(train, tr_idx, "train"), _subset(train, ho_idx, "holdout")
+    model = Model(cfg, (0, 0), None, extractor=extractor)  # grid is known after the first batch
+    t0 = time.perf_counter()
+    train_feats = model.extract(train, desc="features train")
+    timer["extract_train_s"] = time.perf_counter() - t0
+    holdout_feats = None
+    if holdout is not None and len(holdout):
+        t0 = time.perf_counter()
+        holdout_feats = model.extract(holdout, desc="features holdout")
+        timer["extract_holdout_s"] = time.perf_counter() - t0
+    else:
+        warnings.warn("no held-out normal images: the noise scale and the statistics fall back to "
+                      "identity (the default score then equals plain whitened-free PatchCore ranking) "
+                      "and no decision threshold can be chosen; set holdout_fraction > 0", stacklevel=2)
+    state, report = detector.fit(cfg, train_feats, holdout_feats, key)
+    timer.update(report.timings)
+    del train_feats
+    model.grid = tuple(model.extractor.grid)
+    model.state = state
+    model.provenance = provenance(cfg, dataset=dataset, category=category,
+                                  n_train=len(train), n_holdout=0 if holdout is None else len(holdout),
+                                  bank_size=report.bank_size, train_patches=report.n_train_patches)
+    model.calibration = {"holdout_images": 0 if holdout is None else len(holdout),
+                         "noise_scale": "held-out residuals" if holdout_feats is not None else "identity"}
+    if holdout is not None and len(holdout):
+        t0 = time.perf_counter()
+        set_threshold(model, holdout, log=log)
+        timer["threshold_s"] = time.perf_counter() - t0
+    return model
+
+
+def set_threshold(model: Model, holdout, *, log: Callable = print) -> None:
+    """Choose and store the model's threshold on held-out normals + synthetic anomalies."""
+    from pn_jax import data
+
+    normal, anomalous = validation_records(holdout, model.cfg.seed)
+    src = lambda recs, split: data.records_source(recs, dataset="validation", category="validation",  # noqa: E731
+                                                  split=split)
+    scores = []
+    for recs in (normal, anomalous):
+        feats = model.extract(src(recs, "validation"), desc="threshold")
+        scores.append(model.score_features(feats)["image_scores"])
+    thr, info = choose_threshold(scores[0], scores[1], fpr=model.cfg.threshold_fpr)
+    model.threshold = thr
+    model.calibration["threshold"] = {**info, "value": thr}
+    log(f"threshold {thr:.5g} ({info['rule']})")
+
+
+def _subset(source, idx: Sequence[int], split: str):
+    from pn_jax.data import records
+
+    idx = list(idx)
+    names = [source.names[i] for i in idx] if hasattr(source, "names") else [str(i) for i in idx]
+    return records.Source(len(idx), lambda i: source[idx[i]], names,
+                          dataset=getattr(source, "dataset", "user"),
+                          category=getattr(source, "category", "user"), split=split)
+
+
+# ----------------------------------------------------------------------------- load
+def resolve_checkpoint(directory, category: str | None = None) -> str:
+    """A checkpoint directory, or the parent of `<category>/` checkpoints."""
+    d = os.path.abspath(os.fspath(directory))
+    if _is_checkpoint(d):
+        return d
+    if category and _is_checkpoint(os.path.join(d, category)):
+        return os.path.join(d, category)
+    if os.path.isdir(d):
+        subs = sorted(s for s in os.listdir(d) if _is_checkpoint(os.path.join(d, s)))
+        if len(subs) == 1 and not category:
+            return os.path.join(d, subs[0])
+        if subs:
+            raise ModelError(f"{d} holds checkpoints of several categories ({', '.join(subs)}); "
+                             f"name one with --category or pass {os.path.join(d, subs[0])}")
+    return d  # checkpoint.load names what is wrong with it
+
+
+def _is_checkpoint(d: str) -> bool:
+    return os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(os.path.join(d, "meta.json"))
+
+
+def load(directory, *, category: str | None = None, expected: Config | None = None) -> Model:
+    """A model saved by `Model.save` (or by `experiments.run`'s train mode). `category`
+    resolves a parent directory and must match the checkpoint's (unified checkpoints hold
+    several); `expected`: a config whose feature-space fields must match."""
+    from pn_jax import checkpoint
+
+    d = resolve_checkpoint(directory, category)
+    state, cfg, meta = checkpoint.load(d, expected=expected)
+    saved_cat = meta.get("category") or (meta.get("provenance") or {}).get("category")
+    if category and saved_cat and category != saved_cat and category not in str(saved_cat).split("+"):
+        raise ModelError(f"checkpoint {d} was fitted on category {saved_cat!r}, not {category!r}; "
+                         f"pass that category's checkpoint or re-fit")
+    grid = meta.get("grid")
+    if not grid:
+        raise ModelError(f"checkpoint {d} records no feature grid; re-fit it with this pn_jax")
+    return Model(cfg, tuple(grid), state, threshold=meta.get("threshold"),
+                 provenance=meta.get("provenance") or {"category": saved_cat},
+                 calibration=meta.get("calibration") or {})
