@@ -158,13 +158,18 @@ def test_load_rgb_modes(tmp_path, mode):
         np.testing.assert_array_equal(out, rgb)
 
 
-def test_mask_binarised_after_resize_at_half_full_scale():
+def test_mask_nonzero_is_defect_and_resize_does_not_grow_it():
+    # Any non-zero value marks the defect (1, 100, 200 alike); after binarising, the 8 -> 4
+    # bilinear (triangle, support 2) resize gives column j the mean weight of the defect
+    # columns around 2j+1: columns 4:6 -> [0, 0, .75, .14] -> [0, 0, 1, 0] at 0.5.
     mask = np.zeros((8, 8), np.uint8)
-    mask[:, :4], mask[:, 4:] = 100, 200
+    mask[:, 4], mask[:, 5] = 1, 100
+    mask[::2, 5] = 200
     out = D.resize_mask(mask, 4)
-    np.testing.assert_array_equal(out[:, :2], 0)
-    np.testing.assert_array_equal(out[:, 2:], 1)
     assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.tile([0, 0, 1, 0], (4, 1)))
+    np.testing.assert_array_equal(D.resize_mask(mask.astype(bool), 4), out)
+    np.testing.assert_array_equal(D.resize_mask((mask > 0).astype(np.uint16) * 7, 4), out)
     rec = {"image": np.zeros((8, 8, 3), np.uint8), "mask": mask, "label": 1, "defect": "x",
            "name": "n"}
     np.testing.assert_array_equal(
@@ -183,9 +188,12 @@ def test_mask_file_modes(tmp_path):
 
 def test_label_from_folder_even_with_empty_mask(syn_root, tmp_path):
     root, cat = _copy(syn_root, tmp_path)
-    Image.new("L", (64, 64), 0).save(os.path.join(cat, "ground_truth", "blob", "000_mask.png"))
+    empty = os.path.join(cat, "ground_truth", "blob", "000_mask.png")
+    Image.new("L", (64, 64), 0).save(empty)
     test = D.load_category("mvtec_ad", root, "plain")["test"]
-    r = test[test.names.index("test/blob/000.png")]
+    with pytest.warns(D.DataWarning, match="all zero") as w:
+        r = test[test.names.index("test/blob/000.png")]
+    assert empty in str(w[0].message)
     assert r["label"] == 1 and r["defect"] == "blob" and r["mask"].max() == 0
     labels = {n.split("/")[1]: [] for n in test.names}
     for r in test:

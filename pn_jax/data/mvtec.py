@@ -4,17 +4,18 @@
     <root>/<category>/test/<good | defect type>/*.<ext>
     <root>/<category>/ground_truth/<defect type>/<stem>_mask.png
 
-Works for any dataset in this layout (VisA, MPDD, converted BTAD, ...): any category names,
+Works for any dataset in this layout (MPDD, converted VisA or BTAD, ...): any category names,
 extensions png/jpg/jpeg/bmp/tif/tiff in any case, grayscale or colour, sizes varying within
 a category. The label comes from the folder: everything under test/ except `good` is
-anomalous, even if its mask is empty. Non-image files (Thumbs.db, .DS_Store) are ignored.
+anomalous, even if its mask is empty (a warning names it when read). Non-image files
+(Thumbs.db, .DS_Store) are ignored.
 """
 from __future__ import annotations
 
 import os
 
-from pn_jax.data.preprocess import DataError, MissingDataError, image_size_of, is_image_file
-from pn_jax.data.records import Sample
+from pn_jax.data.preprocess import DataError, MissingDataError, is_image_file
+from pn_jax.data.records import Sample, check_headers
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -24,7 +25,7 @@ MVTEC_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 OFFLINE_DEMO = "python -m experiments.run --dataset elpv"
 
 
-def _image_files(folder: str) -> list[str]:
+def image_files(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder)
                   if is_image_file(f) and not f.startswith(".")
                   and os.path.isfile(os.path.join(folder, f)))
@@ -49,13 +50,13 @@ def check_root(root: str) -> None:
             f"dataset on disk, the offline demo is: {OFFLINE_DEMO}")
 
 
-def _find_mask(gt_dir: str, stem: str) -> str | None:
+def find_mask(gt_dir: str, stem: str) -> str | None:
     """<stem>_mask.png first; also tolerate another image extension or no _mask suffix."""
     exact = os.path.join(gt_dir, stem + "_mask.png")
     if os.path.isfile(exact):
         return exact
     if os.path.isdir(gt_dir):
-        for f in _image_files(gt_dir):
+        for f in image_files(gt_dir):
             if os.path.splitext(f)[0] in (stem + "_mask", stem):
                 return os.path.join(gt_dir, f)
     return None
@@ -80,7 +81,7 @@ def index_category(root: str, category: str, *, require_masks: bool = True,
         raise MissingDataError(
             f"{train_dir} does not exist: a category needs its normal training images in "
             f"train/good/ (MVTec AD layout).")
-    train_files = _image_files(train_dir)
+    train_files = image_files(train_dir)
     if not train_files:
         raise DataError(
             f"{train_dir} holds no images (looked for extensions png, jpg, jpeg, bmp, tif, "
@@ -97,10 +98,10 @@ def index_category(root: str, category: str, *, require_masks: bool = True,
     for defect in sorted(d for d in os.listdir(test_dir)
                          if os.path.isdir(os.path.join(test_dir, d)) and not d.startswith(".")):
         gt_dir = os.path.join(cat_dir, "ground_truth", defect)
-        for f in _image_files(os.path.join(test_dir, defect)):
+        for f in image_files(os.path.join(test_dir, defect)):
             mask = None
             if defect != "good":
-                mask = _find_mask(gt_dir, os.path.splitext(f)[0])
+                mask = find_mask(gt_dir, os.path.splitext(f)[0])
                 if mask is None and require_masks:
                     expected = os.path.join(gt_dir, os.path.splitext(f)[0] + "_mask.png")
                     raise MissingDataError(
@@ -114,12 +115,5 @@ def index_category(root: str, category: str, *, require_masks: bool = True,
     if not test:
         raise DataError(f"{test_dir} holds no images in any test/<defect or good>/ folder.")
     if check_files:
-        for s in train + test:
-            size = image_size_of(s.path)
-            if s.mask_path is not None:
-                msize = image_size_of(s.mask_path, "mask")
-                if msize != size:
-                    raise DataError(
-                        f"mask {s.mask_path} is {msize[0]}x{msize[1]} (WxH) but its image "
-                        f"{s.path} is {size[0]}x{size[1]}; fix or regenerate the mask.")
+        check_headers(train + test)
     return {"train": train, "test": test}

@@ -9,6 +9,7 @@
         batch["label"]  # int32 [B]
         batch["name"]   # str array [B]
 The last batch may be smaller than batch_size (no drop_remainder): the caller pads it.
+`load_folders` (pn_jax.data.folder) gives the same Sources for a plain folder of good images.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from pn_jax.data import elpv, mvtec, preprocess, synthetic
-from pn_jax.data.records import (ReadLog, Sample, Source, cap_samples, check_mask_size,
-                                 samples_source, split_train_holdout)
+from pn_jax.data import elpv, mvtec, preprocess, synthetic, visa
+from pn_jax.data.records import (ReadLog, Sample, Source, check_mask_size, choose_samples,
+                                 mask_coverage, samples_source)
 
-DATASETS = ("mvtec_ad", "elpv", "synthetic")
+DATASETS = ("mvtec_ad", "elpv", "synthetic", "visa")
+TFDS_DATASETS = ("mvtec_ad", "elpv", "synthetic")
 BACKENDS = ("direct", "tfds")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,14 +40,18 @@ def _coerce(record: dict) -> dict:
         from pn_jax.data.tfds_builders import tfds_to_record  # imports tfds only when needed
         return tfds_to_record(record, record.get("split", ""))
     image, mask = record["image"], record.get("mask")
+    mask_file = str(mask) if isinstance(mask, (str, os.PathLike)) else None
     if isinstance(image, (str, os.PathLike)):
-        image_file, mask_file = str(image), (str(mask) if isinstance(mask, (str, os.PathLike)) else None)
+        image_file = str(image)
         image = preprocess.load_rgb(image_file)
         if mask_file:
             mask = preprocess.load_mask(mask_file)
         check_mask_size(image, mask, image_file, mask_file)
-    elif isinstance(mask, (str, os.PathLike)):
-        mask = preprocess.load_mask(str(mask))
+    elif mask_file:
+        image_file = str(record.get("name", "?"))
+        mask = preprocess.load_mask(mask_file)
+    if mask_file:
+        preprocess.warn_if_empty_mask(mask, record.get("label", 0), mask_file, image_file)
     return {**record, "image": image, "mask": mask}
 
 
@@ -84,18 +90,32 @@ def make_batches(source, *, image_size: int, mean, std, batch_size: int,
     ds = ds.map(fn).batch(batch_size, drop_remainder=False, batch_fn=_collate)
     if num_workers > 0:
         options = grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=2 * num_workers)
-        return iter(ds.to_iter_dataset(options))
-    return iter(ds)
+        return _plain_errors(iter(ds.to_iter_dataset(options)))
+    return _plain_errors(iter(ds))
+
+
+def _plain_errors(batches: Iterator) -> Iterator:
+    """Our DataError as raised by the reader: grain (main thread or workers) appends a note
+    about its filtered frames to the exception, which is noise next to a file name."""
+    try:
+        yield from batches
+    except preprocess.DataError as e:
+        notes = [n for n in getattr(e, "__notes__", []) if "Grain" not in n]
+        if hasattr(e, "__notes__"):
+            e.__notes__ = notes
+        raise e.with_traceback(None) from None
 
 
 def default_root(dataset: str) -> str:
-    return {"mvtec_ad": "data/mvtec_ad", "synthetic": "data/synthetic",
+    return {"mvtec_ad": "data/mvtec_ad", "synthetic": "data/synthetic", "visa": "data/visa",
             "elpv": os.path.expanduser("~/.cache/pn_jax")}[dataset]
 
 
 def available_categories(dataset: str, root: str | None = None) -> list[str]:
     if dataset == "elpv":
         return list(elpv.ELPV_CATEGORIES)
+    if dataset == "visa":
+        return visa.list_categories(root or default_root(dataset))
     found = mvtec.list_categories(root or default_root(dataset))
     return found or (["synthetic"] if dataset == "synthetic" else [])
 
@@ -138,6 +158,8 @@ def index_dataset(dataset: str, root: str | None, category: str, *,
     if dataset == "elpv":
         return elpv.index_elpv(category)
     root = root or default_root(dataset)
+    if dataset == "visa":
+        return visa.index_visa(root, category, require_masks=require_masks)
     if dataset == "synthetic":
         ensure_synthetic(root, category, **(synthetic_kwargs or {}))
     return mvtec.index_category(root, category, require_masks=require_masks)
@@ -168,10 +190,14 @@ def _tfds_sources(dataset, root, category, full, chosen, tfds_dir, log):
                     f"tfds build in {builder.data_dir} is stale (example {_idx[i]} is "
                     f"{rec['name']}, expected {_names[i]}); delete it to rebuild.")
             check_mask_size(rec["image"], rec["mask"], rec["name"], rec["name"] + " (mask)")
+            if rec["mask"] is not None:  # stored as on disk: 0/1 masks stay 0/1 there
+                rec["mask"] = (np.asarray(rec["mask"]) != 0).astype(np.uint8) * np.uint8(255)
+                preprocess.warn_if_empty_mask(rec["mask"], rec["label"],
+                                              f"{rec['name']} (mask, tfds build)", rec["name"])
             return rec
 
         out[split] = Source(len(samples), read, names, dataset=dataset, category=category,
-                            split=split, log=log)
+                            split=split, log=log, has_masks=mask_coverage(samples)[0])
     return out
 
 
@@ -190,16 +216,25 @@ def load_category(dataset: str, root: str | None = None, category: str | None = 
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "tfds" and dataset not in TFDS_DATASETS:
+        raise ValueError(f"backend 'tfds' reads {', '.join(TFDS_DATASETS)}; use backend "
+                         f"'direct' for {dataset}")
     category = category or ("all" if dataset == "elpv" else "synthetic" if dataset == "synthetic" else None)
     if category is None:
-        raise ValueError("category is required for mvtec_ad")
+        raise ValueError(f"category is required for {dataset}")
     root = root or default_root(dataset)
     full = index_dataset(dataset, root, category, require_masks=require_masks,
                  synthetic_kwargs=synthetic_kwargs)
-    train = cap_samples(full["train"], max_train, seed)
-    test = cap_samples(full["test"], max_test, seed + 1)
-    train, holdout = split_train_holdout(train, holdout_fraction, holdout_min, seed)
-    chosen = {"train": train, "holdout": holdout, "test": test}
+    chosen = choose_samples(full, holdout_fraction=holdout_fraction, holdout_min=holdout_min,
+                            seed=seed, max_train=max_train, max_test=max_test)
+    has_masks, missing = mask_coverage(chosen["test"])
+    if missing and len(missing) < sum(s.label for s in chosen["test"]):
+        # Only with require_masks=False: pixel metrics over the defect images that happen to
+        # have a mask would measure another test set, so the split reports no masks at all.
+        preprocess.warn_data(
+            f"{len(missing)} anomalous test images of {dataset}/{category} have no mask (e.g. "
+            f"{', '.join(s.path for s in missing[:3])}): the test split is treated as having "
+            f"no masks (image metrics only).")
     if backend == "tfds":
         return _tfds_sources(dataset, None if dataset == "elpv" else root, category, full,
                              chosen, tfds_dir or os.path.join(root, "_tfds"), log)

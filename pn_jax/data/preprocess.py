@@ -1,17 +1,21 @@
 """Image and mask loading and geometry (SPEC 2.1).
 
 Every image becomes RGB uint8 HxWx3 whatever its file mode (grayscale, palette, RGBA,
-16-bit); masks become uint8 HxW on a 0..255 scale. Geometry:
+16-bit); arrays go through `array_to_rgb` to the same form. Masks become uint8 HxW in
+{0, 255}: a pixel is a defect when it is non-zero, whatever the encoding (0/1, 0/255, bool,
+palette index, 16-bit, RGB), so a 0/1 mask is not read as empty. Geometry:
   * "resize" (default, the seed's `patchcore_noising_256`): SxS bilinear. PIL's BILINEAR
     resize widens its kernel when downscaling, so it is antialiased.
   * "patchcore" (PatchCore-original): shorter side to `image_size`, centre crop `crop_size`,
     with torchvision's Resize/CenterCrop rounding.
-Masks take the same geometry, resized as float, then binarised at > 0.5 of full scale: real
-masks are not always clean 0/255 and an antialiased edge must not become a defect.
+Masks are binarised (non-zero -> 1) before the geometry, then resized as float and thresholded
+at 0.5: the resize's interpolated edge must not grow the defect.
 """
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,6 +32,18 @@ class MissingDataError(DataError, FileNotFoundError):
     """A dataset folder or file that should exist does not."""
 
 
+class DataWarning(UserWarning):
+    """Data that is usable but probably not what the user meant (names the files)."""
+
+
+def warn_data(msg: str) -> None:
+    warnings.warn(msg, DataWarning, stacklevel=3)
+
+
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError)
+
+
 def is_image_file(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
@@ -40,9 +56,11 @@ def _open(path: str, what: str) -> Image.Image:
         return img
     except FileNotFoundError:
         raise MissingDataError(f"{what} not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _READ_ERRORS as e:
         if img is not None:
             img.close()
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            e = "the file is empty (0 bytes)"
         raise DataError(
             f"cannot read {what} {path}: {e}. Replace or remove the file.") from None
 
@@ -70,6 +88,95 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1) if gray.ndim == 2 else gray[..., :3]
 
 
+FLOAT_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding, not by a scale
+_CHANNELS = (1, 3, 4)
+
+
+def _array_scale_to_uint8(a: np.ndarray, shape) -> np.ndarray:
+    """Values of one dtype convention -> uint8 0..255 (conventions as load_rgb's files)."""
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * np.uint8(255)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.uint16:  # 16-bit: full scale 65535, as a 16-bit PNG is read
+        return np.rint(a / 257.0).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer):
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"an integer image array of dtype {a.dtype} (shape {shape}) must hold values "
+                f"in 0..255, found {lo}..{hi}; pass uint16 for 16-bit data or scale it to "
+                f"uint8 first.")
+        return a.astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        if a.size and not np.isfinite(a).all():
+            raise ValueError(f"a float image array (shape {shape}) holds NaN or inf values.")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        # Only one float convention: a float array with max <= 1 could be a dark 0..255 image
+        # too, so guessing the scale from the values could silently be off by 255x.
+        if lo < -FLOAT_TOLERANCE or hi > 1.0 + FLOAT_TOLERANCE:
+            raise ValueError(
+                f"a float image array (dtype {a.dtype}, shape {shape}) must hold values in "
+                f"[0, 1], found {lo:.4g}..{hi:.4g}; for 0..255 data pass "
+                f"array.astype(np.uint8), or divide by 255.")
+        return np.rint(np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise ValueError(f"an image array must be bool, integer or float, got dtype {a.dtype} "
+                     f"(shape {shape}).")
+
+
+def array_to_rgb(array) -> np.ndarray:
+    """One image array -> RGB uint8 HxWx3.
+
+    Shapes HxW, HxWx1 (grayscale), HxWx3 (RGB), HxWx4 (RGBA: alpha dropped, as load_rgb
+    does). dtypes: uint8; uint16 (16-bit, 65535 = white); other integers holding 0..255;
+    float in [0, 1] (a float outside [0, 1] is refused, not guessed); bool (True = white).
+    """
+    a = np.asarray(array)
+    shape = tuple(a.shape)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in _CHANNELS)):
+        raise ValueError(
+            f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 (channels last), got shape "
+            f"{shape}; a channels-first array needs np.moveaxis(a, 0, -1).")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"an image array has no pixels (shape {shape}).")
+    a = _array_scale_to_uint8(a, shape)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def array_to_images(array) -> list[np.ndarray]:
+    """An array of one image or a batch -> [RGB uint8 HxWx3, ...].
+
+    4-D is a batch [B, H, W, C]; 2-D is one grayscale image; 3-D is one image when its last
+    axis is 1, 3 or 4 (HxWxC), a batch of grayscale images [B, H, W] otherwise, except when
+    its first axis is 1, 3 or 4: that is also a channels-first image, so it is refused as
+    ambiguous. A list or tuple of arrays is a list of single images.
+    """
+    if isinstance(array, (list, tuple)):
+        return [array_to_rgb(a) for a in array]
+    a = np.asarray(array)
+    shape = tuple(a.shape)
+    if a.ndim == 4:
+        if a.shape[3] not in _CHANNELS:
+            raise ValueError(f"a batch of images must be [B, H, W, C] with C in 1, 3 or 4, "
+                             f"got shape {shape}.")
+        return [array_to_rgb(x) for x in a]
+    if a.ndim == 3 and a.shape[2] not in _CHANNELS:
+        if a.shape[0] in _CHANNELS:
+            raise ValueError(
+                f"ambiguous image array shape {shape}: a channels-first image or a batch of "
+                f"{shape[0]} grayscale images? Pass channels last (np.moveaxis(a, 0, -1)) for "
+                f"one image, or a 4-D [B, H, W, 1] array (or a list) for a batch.")
+        return [array_to_rgb(x) for x in a]
+    if a.ndim in (2, 3):
+        return [array_to_rgb(a)]
+    raise ValueError(f"an image array must have 2, 3 or 4 dimensions (HxW, HxWxC or "
+                     f"[B, H, W, C]), got shape {shape}.")
+
+
 def load_rgb(path: str) -> np.ndarray:
     """Any image file -> RGB uint8 HxWx3 (raises DataError naming the file)."""
     with _open(path, "image") as img:
@@ -79,17 +186,52 @@ def load_rgb(path: str) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def mask_to_binary(img: Image.Image) -> np.ndarray:
+    """A decoded mask -> bool HxW, True where the defect is.
+
+    Non-zero marks the defect in every lossless encoding: palette masks by their index (label
+    PNGs: index 0 is background), colour masks in any channel (alpha ignored, as for images),
+    16-bit and float masks by their raw value, so a 1 out of 65535 is not rounded away. A
+    lossy (JPEG) mask has compression noise around 0 and its edges, so there the defect is
+    above half of the mask's own maximum (a 0/120 JPEG mask is still read).
+    """
+    if img.mode in ("RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "HSV", "LAB"):
+        a = np.asarray(img.convert("RGB")).max(axis=-1)
+    elif img.mode in ("LA", "La", "PA"):
+        a = np.asarray(img)[..., 0]
+    else:  # "1", "L", "P", "I;16*", "I", "F"
+        a = np.asarray(img)
+    if img.format in ("JPEG", "MPO", "WEBP") and a.size:
+        return a > 0.5 * float(a.max())
+    return a != 0
+
+
 def load_mask(path: str) -> np.ndarray:
-    """Any mask file -> uint8 HxW on 0..255 (not yet binarised: that happens after resize)."""
+    """Any mask file -> uint8 HxW in {0, 255} (non-zero pixels are the defect)."""
     with _open(path, "mask") as img:
-        if img.mode == "1":
-            img = img.convert("L")
-        elif img.mode in ("P", "PA", "RGB", "RGBA", "LA", "La", "CMYK", "YCbCr"):
-            img = img.convert("RGB")  # then max over channels: a pure-red mask is a mask
-        out = _to_uint8(img)
-    if out.ndim == 3:
-        out = out.max(axis=-1)
-    return np.ascontiguousarray(out.astype(np.uint8))
+        out = mask_to_binary(img)
+    return np.ascontiguousarray(out.astype(np.uint8) * np.uint8(255))
+
+
+_WARNED_EMPTY: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_if_empty_mask(mask: np.ndarray | None, label: int, mask_file: str,
+                       image_file: str) -> None:
+    """A defect image whose mask marks nothing: pixel metrics would silently count it as all
+    normal. Warned once per mask file per process."""
+    if mask is None or int(label) != 1 or np.any(mask):
+        return
+    with _WARNED_LOCK:
+        if mask_file in _WARNED_EMPTY:
+            return
+        _WARNED_EMPTY.add(mask_file)
+    warnings.warn(
+        f"the mask {mask_file} of defect image {image_file} is all zero: no pixel marks the "
+        f"defect, so pixel metrics count the whole image as normal. Fix the mask (non-zero "
+        f"pixels mark the defect) or move the image to good/ if it has no defect.",
+        DataWarning, stacklevel=2)
 
 
 def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
@@ -99,7 +241,9 @@ def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
             return img.size
     except FileNotFoundError:
         raise MissingDataError(f"{what} not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _READ_ERRORS as e:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            e = "the file is empty (0 bytes)"
         raise DataError(
             f"cannot read {what} {path}: {e}. Replace or remove the file.") from None
 
@@ -136,10 +280,17 @@ def resize_image(image: np.ndarray, image_size: int, resize_mode: str = "resize"
 
 
 def resize_mask(mask: np.ndarray, image_size: int, resize_mode: str = "resize",
-                crop_size: int = 224, full_scale: float = 255.0) -> np.ndarray:
-    """uint8 HxW (0..full_scale) -> float32 SxS in {0, 1}: resize as float, then > 0.5."""
+                crop_size: int = 224) -> np.ndarray:
+    """HxW mask of any dtype (non-zero = defect) -> float32 SxS in {0, 1}.
+
+    Binarised first, so 0/1, 0/255 and 16-bit masks agree; then resized as float and
+    thresholded at 0.5, so the interpolated edge neither grows nor shrinks the defect.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be HxW, got shape {mask.shape}")
     size, box = _geometry(*mask.shape[:2], image_size, resize_mode, crop_size)
-    img = Image.fromarray(mask.astype(np.float32) / np.float32(full_scale))  # mode "F"
+    img = Image.fromarray((mask != 0).astype(np.float32))  # mode "F"
     if img.size != size:
         img = img.resize(size, Image.BILINEAR)
     if box is not None:

@@ -2,12 +2,15 @@
 
 Every dataset (MVTec layout, ELPV, synthetic, read directly or through tfds) yields records
 
-    {"image": uint8 HxWx3, "mask": uint8 HxW (0..255) or None, "label": int (0 normal,
+    {"image": uint8 HxWx3, "mask": uint8 HxW (non-zero = defect) or None, "label": int (0 normal,
      1 anomalous), "defect": str ("good" for normal), "name": str (path relative to the
      category, the sample's identity), "split": "train" | "holdout" | "test" | ...}
 
 Splits: `train` builds the memory bank; `holdout` is normal images held out of train/good
 (seeded) for fit-time statistics and tuning, never in the bank; `test` is only scored.
+
+`Source.has_masks` says whether pixel metrics are defined for a split. It is decided by the
+files on disk (every anomalous sample has a mask file), not by the dataset's name.
 
 Provenance: a source logs (dataset, category, split) to a `ReadLog` each time it actually
 reads an image, so tests can prove that tuning never read `test` and that scoring a saved
@@ -77,13 +80,19 @@ def check_mask_size(image: np.ndarray, mask: np.ndarray | None, image_file: str,
 
 
 class Source:
-    """Random-access records of one split; reading an item is logged."""
+    """Random-access records of one split; reading an item is logged.
+
+    has_masks: every anomalous record of the split has a mask (and there is at least one),
+    so pixel metrics are defined.
+    """
 
     def __init__(self, n: int, read: Callable[[int], dict], names: Sequence[str], *,
-                 dataset: str, category: str, split: str, log: ReadLog | None = None):
+                 dataset: str, category: str, split: str, log: ReadLog | None = None,
+                 has_masks: bool = False):
         self._n, self._read, self.names = n, read, list(names)
         self.dataset, self.category, self.split = dataset, category, split
         self.log = READ_LOG if log is None else log
+        self.has_masks = bool(has_masks)
 
     def __len__(self) -> int:
         return self._n
@@ -102,6 +111,26 @@ class Source:
         return f"Source({self.dataset}/{self.category}/{self.split}, n={self._n})"
 
 
+def mask_coverage(samples: Sequence[Sample]) -> tuple[bool, list[Sample]]:
+    """-> (has_masks, anomalous samples without a mask file)."""
+    anomalous = [s for s in samples if s.label == 1]
+    missing = [s for s in anomalous if not s.mask_path]
+    return bool(anomalous) and not missing, missing
+
+
+def check_headers(samples: Sequence[Sample]) -> None:
+    """Read every image's (and mask's) header, not its pixels: unreadable files and masks
+    whose size differs from their image are reported before any work starts."""
+    for s in samples:
+        size = preprocess.image_size_of(s.path)
+        if s.mask_path is not None:
+            msize = preprocess.image_size_of(s.mask_path, "mask")
+            if msize != size:
+                raise preprocess.DataError(
+                    f"mask {s.mask_path} is {msize[0]}x{msize[1]} (WxH) but its image "
+                    f"{s.path} is {size[0]}x{size[1]}; fix or regenerate the mask.")
+
+
 def samples_source(samples: Sequence[Sample], *, dataset: str, category: str,
                    split: str, log: ReadLog | None = None) -> Source:
     """A source that reads image (and mask) files from disk on access."""
@@ -112,18 +141,23 @@ def samples_source(samples: Sequence[Sample], *, dataset: str, category: str,
         image = preprocess.load_rgb(s.path)
         mask = preprocess.load_mask(s.mask_path) if s.mask_path else None
         check_mask_size(image, mask, s.path, s.mask_path)
+        preprocess.warn_if_empty_mask(mask, s.label, s.mask_path, s.path)
         return make_record(image, mask, s.label, s.defect, s.name, split)
 
     return Source(len(samples), read, [s.name for s in samples], dataset=dataset,
-                  category=category, split=split, log=log)
+                  category=category, split=split, log=log,
+                  has_masks=mask_coverage(samples)[0])
 
 
 def records_source(records: Sequence[dict], *, dataset: str, category: str, split: str,
                    log: ReadLog | None = None) -> Source:
     """A source over in-memory records (e.g. synthetic anomalies for tuning)."""
     records = list(records)
+    anomalous = [r for r in records if int(r["label"]) == 1]
+    has_masks = bool(anomalous) and all(r.get("mask") is not None for r in anomalous)
     return Source(len(records), lambda i: dict(records[i]), [r["name"] for r in records],
-                  dataset=dataset, category=category, split=split, log=log)
+                  dataset=dataset, category=category, split=split, log=log,
+                  has_masks=has_masks)
 
 
 def split_train_holdout(samples: Sequence, fraction: float, min_count: int,
@@ -162,3 +196,25 @@ def cap_samples(samples: Sequence[Sample], max_count: int | None, seed: int) -> 
             shares[j] = 1
     keep = sorted(i for g, k in zip(groups, shares) for i in rng.permutation(g)[:k].tolist())
     return [samples[i] for i in keep]
+
+
+def _check_cap(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value < 1):
+        raise ValueError(f"{name} must be a positive number of images or None (no cap), "
+                         f"got {value!r}")
+
+
+def choose_samples(full: dict[str, list[Sample]], *, holdout_fraction: float,
+                   holdout_min: int, seed: int, max_train: int | None = None,
+                   max_test: int | None = None) -> dict[str, list[Sample]]:
+    """{"train", "test"?} indexed samples -> {"train", "holdout", "test"?}: seeded caps, then
+    the seeded holdout split of train (the same rule for every dataset)."""
+    _check_cap("max_train", max_train)
+    _check_cap("max_test", max_test)
+    train = cap_samples(full["train"], max_train, seed)
+    train, holdout = split_train_holdout(train, holdout_fraction, holdout_min, seed)
+    chosen = {"train": train, "holdout": holdout}
+    if full.get("test") is not None:
+        chosen["test"] = cap_samples(full["test"], max_test, seed + 1)
+    return chosen
