@@ -50,15 +50,19 @@ def _noise_scale(bank, holdout, nearest, shrinkage, floor):
     return jnp.maximum(s, floor * jnp.median(s) + 1e-12)
 
 
-def whitened_knn(f: jax.Array, bank: jax.Array, scale: jax.Array, k: int, block: int):
-    """k-NN in the space whitened by `scale`: (distances [Q,k], indices [Q,k])."""
+def whitened_knn(f: jax.Array, bank: jax.Array, scale: jax.Array, k: int, block: int, knn_fn=None):
+    """k-NN in the space whitened by `scale`: (distances [Q,k], indices [Q,k]).
+    `knn_fn(queries, bank) -> (dist, idx)`: the K-NN search to use (k fixed inside it), e.g.
+    the sharded one, which knows which rows of a padded bank are real."""
     inv = 1.0 / scale
-    return knn_lib.knn(f * inv, bank * inv, k=k, block=block)
+    if knn_fn is None:
+        return knn_lib.knn(f * inv, bank * inv, k=k, block=block)
+    return knn_fn(f * inv, bank * inv)
 
 
-def calibrated_signals(f, bank, scale, k, block):
+def calibrated_signals(f, bank, scale, k, block, knn_fn=None):
     """Per-patch calibrated scores of one image's features f [N, D]."""
-    d_w, idx = whitened_knn(f, bank, scale, k, block)
+    d_w, idx = whitened_knn(f, bank, scale, k, block, knn_fn)
     return {"calibrated": d_w[:, 0], "calibrated_mean": jnp.mean(d_w, -1),
             "calibrated_nll": 0.5 * d_w[:, 0] ** 2}, idx
 

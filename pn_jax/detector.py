@@ -106,16 +106,18 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
                    calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None,
-                   rerank: bool = False):
+                   rerank: bool = False, n_valid: int | None = None):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted).
 
     `calibrated`: also the whitened-search scores; `rerank`: the calibrated score over the
-    Euclidean K-NN. `knn_fn(f, bank) -> (dist, idx)` overrides the main k-NN search (sharded banks)."""
+    Euclidean K-NN. `knn_fn(f, bank) -> (dist, idx)` overrides every K-NN search, the whitened
+    one included (sharded banks); `n_valid`: the real rows of a zero-padded bank, so the
+    literal `fd` re-search never picks a pad."""
     n = cfg.noising
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
               std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block,
-              calibrated=calibrated, rerank=rerank, knn_fn=knn_fn)
+              calibrated=calibrated, rerank=rerank, knn_fn=knn_fn, n_valid=n_valid)
 
     def per_image(params, bank, dims, stats, f, bank_s):
         if not need_influence:
@@ -124,7 +126,7 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
             sig = {"influence": z, "distance": dist.mean(-1), "noise": z, "nearest": dist[:, 0]}
             if calibrated:
                 sig.update(calibration.calibrated_signals(f, bank, params["noise_scale"], n.k,
-                                                          cfg.bank.knn_block)[0])
+                                                          cfg.bank.knn_block, knn_fn)[0])
             if rerank:
                 sig.update(calibration.rerank_signals(f, bank, params["noise_scale"], idx))
             return sig
@@ -217,7 +219,8 @@ class Scorer:
             def build(n_valid):  # the pad mask depends on the bank size: one function per size
                 knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
                     f, rows, k=cfg.noising.k, block=cfg.bank.knn_block, n_valid=n_valid, mesh=mesh)
-                return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, **flags)
+                return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, n_valid=n_valid,
+                                      **flags)
 
             self._build_sharded, self._sharded_fns = build, {}
         else:

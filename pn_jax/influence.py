@@ -95,22 +95,27 @@ def jvp(f, bank, dist, idx, dims, eps, bank_s=None):
     return eps * jnp.mean(jnp.abs(d), axis=-1).T
 
 
-def fd(f, bank, dist, idx, dims, eps, bank_s=None):
+def fd(f, bank, dist, idx, dims, eps, bank_s=None, n_valid=None):
     """The literal form: perturb dim d, search the whole bank again, compare rank by rank.
 
     The re-search ranks all M entries by d2(m) + 2 eps (f_d - m_d) + eps^2, which is exactly
     the perturbed squared distance (only coordinate d moved). The K winners' distances are
-    then recomputed from residuals.
+    then recomputed from residuals. `n_valid`: only the first n_valid rows are bank entries
+    (a sharded bank is zero-padded to a multiple of the device count; pads must never win).
     """
     k = idx.shape[-1]
     f32 = f.astype(jnp.float32)
     bank32 = bank.astype(jnp.float32)
+    m = bank.shape[0]
+    valid = None if n_valid is None or n_valid >= m else jnp.arange(m) < n_valid
     # Squared distances to every bank entry, in the expanded form the search uses, but about
     # the bank mean: centring shrinks |q|^2 and |m|^2 and with them the float32 rounding that
     # otherwise shows up as false neighbour switches between near-tied entries.
-    mu = jnp.mean(bank32, axis=0)
+    mu = jnp.mean(bank32, axis=0) if valid is None else jnp.sum(bank32, axis=0) / n_valid  # pads are 0
     fc, bc = f32 - mu, bank32 - mu
     d2_all = (jnp.sum(fc * fc, -1, keepdims=True) - 2.0 * fc @ bc.T + jnp.sum(bc * bc, -1)[None, :])
+    if valid is not None:
+        d2_all = jnp.where(valid[None, :], d2_all, jnp.inf)
 
     def one_dim(d):
         shift = 2.0 * eps * (f32[:, d][:, None] - bank32[:, d][None, :]) + eps * eps
@@ -130,12 +135,15 @@ def fd(f, bank, dist, idx, dims, eps, bank_s=None):
 METHODS = {"fd": fd, "fd_fixed": fd_fixed, "grad": grad, "jvp": jvp}
 
 
-def influence(method: str, f, bank, dist, idx, dims, eps, bank_s=None):
-    """Dispatch; f [Q,D], dist/idx [Q,K] (from the k-NN search), dims [S] -> [Q,S]."""
+def influence(method: str, f, bank, dist, idx, dims, eps, bank_s=None, n_valid=None):
+    """Dispatch; f [Q,D], dist/idx [Q,K] (from the k-NN search), dims [S] -> [Q,S].
+    `n_valid`: the bank's real rows (the rest are pads); only `fd` searches the bank again."""
     try:
         fn = METHODS[method]
     except KeyError:
         raise ValueError(f"unknown influence method {method!r}; choose from {sorted(METHODS)}") from None
+    if method == "fd":
+        return fd(f, bank, dist, idx, dims, eps, bank_s, n_valid=n_valid)
     return fn(f, bank, dist, idx, dims, eps, bank_s)
 
 

@@ -52,21 +52,24 @@ def propose_noise(infl_w, dist_signal, distance_weight, stats: Stats, std_range)
 
 
 def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, eps, std_range,
-                  block, calibrated: bool = False, rerank: bool = False, knn_fn=None, bank_s=None):
+                  block, calibrated: bool = False, rerank: bool = False, knn_fn=None, bank_s=None,
+                  n_valid=None):
     """features [N, D] of ONE image -> dict of per-patch signals [N].
 
     With `calibrated`, also the whitened-space scores of the calibrated noise model
     (params["noise_scale"], fitted on held-out normals) and the `proposed` NLL; with
     `rerank`, the calibrated score over the Euclidean K-NN (no second search). `bank_s`: the
     bank's columns S (`influence.bank_columns`), when the caller shares them across images.
-    `knn_fn(features, bank) -> (dist, idx)` replaces the search (e.g. a sharded bank)."""
-    dist, idx = (knn_fn or (lambda f, b: knn_lib.knn(f, b, k=k, block=block)))(features, bank)
-    infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps, bank_s)
+    `knn_fn(features, bank) -> (dist, idx)` replaces both searches (e.g. a sharded bank); with
+    a padded bank, `n_valid` (its real rows) keeps the pads out of the literal `fd` re-search."""
+    knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=k, block=block))
+    dist, idx = knn_fn(features, bank)
+    infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps, bank_s, n_valid)
     out, noise = signals_from(params, dims, stats, dist, infl, std_range)
     if rerank:
         out.update(calibration.rerank_signals(features, bank, params["noise_scale"], idx))
     if calibrated:
-        cal, cal_idx = calibration.calibrated_signals(features, bank, params["noise_scale"], k, block)
+        cal, cal_idx = calibration.calibrated_signals(features, bank, params["noise_scale"], k, block, knn_fn)
         out.update(cal)
         out["proposed"] = calibration.proposed_nll(features, bank, cal_idx[:, 0], dims, noise)
     return out

@@ -1,4 +1,5 @@
-"""The detector with a bank sharded over 8 simulated CPU devices scores exactly as on one."""
+"""The detector with a bank sharded over 8 simulated CPU devices scores exactly as on one,
+for every score variant (each of them must keep the bank's zero pad rows out of its searches)."""
 import os
 import subprocess
 import sys
@@ -41,9 +42,53 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_bank_and_coreset_match_single_device():
+VARIANTS_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    assert len(jax.devices()) == 8, jax.devices()
+    from pn_jax import detector
+    from tests.test_detector import fake_backbone
+    from pn_jax.config import tiny_config
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(6, 64, 64, 3)).astype(np.float32)
+    hold = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
+    test = rng.normal(size=(3, 64, 64, 3)).astype(np.float32)
+    test[1, 8:30, 8:30] += 2.0
+    base = tiny_config(model={"pretrain_embed_dimension": 32, "target_embed_dimension": 32})
+    ext = detector.FeatureExtractor(base, backbone_fn=fake_backbone)
+    state, _ = detector.fit(base, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
+    assert state.bank.shape[0] % 8, state.bank.shape  # 8 devices: the sharded bank has pad rows
+    feats = np.array(ext(test))
+    # Patches at or near the origin: a zero pad row would be their nearest entry if any search
+    # (Euclidean, whitened, or the literal fd re-search) looked at the pads.
+    feats[2, :40] = 0.0
+    feats[2, 40:80] *= 0.01
+    variants = ("patchcore", "distance", "influence", "noise", "seed", "seed_z", "calibrated",
+                "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
+    for influence in ("fd_fixed", "fd"):
+        out = {}
+        for devices in (1, 8):
+            cfg = base.replace(devices=devices, noising={"influence": influence})
+            sig = detector.Scorer(cfg, ext.grid, variants=variants).signals(state, feats)
+            out[devices] = {v: np.asarray(detector.patch_score(cfg, sig, state.stats, v)) for v in variants}
+        for v in variants:
+            assert np.all(np.isfinite(out[1][v])), v
+            np.testing.assert_allclose(out[8][v], out[1][v], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"influence={influence} score={v}")
+    print("SHARDED_OK")
+""")
+
+
+def run_on_8_devices(script):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert "SHARDED_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_sharded_bank_and_coreset_match_single_device():
+    run_on_8_devices(SCRIPT)
+
+
+def test_every_score_variant_sharded_matches_single_device():
+    run_on_8_devices(VARIANTS_SCRIPT)
