@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 __all__ = [
+    "WeightsError",
     "UnsafeWeightsError",
     "WeightsFormatError",
     "WeightsHashError",
@@ -34,26 +35,32 @@ __all__ = [
     "sha256_file",
     "check_mapping",
     "torchvision_help",
+    "torchvision_url",
 ]
 
 
-class UnsafeWeightsError(pickle.UnpicklingError):
+class WeightsError(ValueError):
+    """Any problem with a weights file; the message names the file and what to do. One type
+    for the CLI to catch (exit 2)."""
+
+
+class UnsafeWeightsError(WeightsError, pickle.UnpicklingError):
     """The pickle asks for a global that a plain state dict never needs."""
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(WeightsError):
     """The file is not a readable state dict (truncated, unknown layout, bad tensor view)."""
 
 
-class WeightsHashError(ValueError):
+class WeightsHashError(WeightsError):
     """The file's SHA-256 does not match the prefix in its published name."""
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
     """No weights file where we looked; the message says where and how to get it."""
 
 
-class WeightMappingError(KeyError):
+class WeightMappingError(WeightsError, KeyError):
     """Converted weights do not match the model: missing, unexpected or mis-shaped keys."""
 
     def __str__(self) -> str:  # KeyError would repr() the message, losing the line breaks
@@ -271,7 +278,9 @@ def _load_legacy(path: Path) -> Any:
         except UnsafeWeightsError:
             raise
         except Exception as e:
-            raise WeightsFormatError(f"{src}: not a PyTorch weights file ({e})") from None
+            raise WeightsFormatError(
+                f"{src}: not a PyTorch weights file (unreadable header: {type(e).__name__}); it is "
+                "corrupt, or not a weights file at all") from None
         if magic != _LEGACY_MAGIC:
             raise WeightsFormatError(f"{src}: not a PyTorch weights file (bad magic number)")
         if load_plain() != _LEGACY_PROTOCOL:
@@ -319,23 +328,38 @@ def load_state_dict(path: str | os.PathLike, check_hash: bool = True) -> dict[st
     """Read a PyTorch `.pth`/`.pt` (zip or legacy) or `.safetensors` file into numpy arrays.
 
     Names are kept exactly as in the file. With `check_hash`, a torchvision-style name
-    `name-<hex>.pth` must match the file's SHA-256 prefix.
+    `name-<hex>.pth` must match the file's SHA-256 prefix. Every failure is a `WeightsError`
+    naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
-    if check_hash:
-        verify_hash(path)
-    src = str(path)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    try:
+        if check_hash:
+            verify_hash(path)
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
 
-        return dict(load_file(src))
-    if zipfile.is_zipfile(path):
-        obj = _load_zip(path)
-    else:
-        obj = _load_legacy(path)
-    return _unwrap(obj, src)
+            return dict(load_file(str(path)))
+        if zipfile.is_zipfile(path):
+            obj = _load_zip(path)
+        else:
+            with open(path, "rb") as f:
+                if f.read(4) == b"PK\x03\x04":  # a zip (torch.save's format) whose end is missing
+                    raise WeightsFormatError(
+                        f"{path}: truncated or corrupt zip-format .pth (its central directory is "
+                        "missing, e.g. an interrupted download or copy); fetch it again")
+            obj = _load_legacy(path)
+        return _unwrap(obj, str(path))
+    except WeightsError:
+        raise
+    except OSError as e:
+        raise WeightsFormatError(f"cannot read weights file {path}: {e.strerror or e}") from None
+    except Exception as e:  # zipfile, pickle, struct, safetensors... each has its own error type
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch weights"
+        raise WeightsFormatError(
+            f"{path}: not a readable {kind} file ({type(e).__name__}: {str(e)[:200]}); it is "
+            "corrupt or truncated (e.g. an interrupted copy): fetch it again") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -390,9 +414,13 @@ def torch_hub_dir() -> Path:
     return base / "hub" / "checkpoints"
 
 
+def torchvision_url(file_name: str) -> str:
+    return f"https://download.pytorch.org/models/{file_name}"
+
+
 def torchvision_help(file_name: str, constructor: str) -> str:
     return (
-        f"Download https://download.pytorch.org/models/{file_name} on a machine with internet "
+        f"Download {torchvision_url(file_name)} on a machine with internet "
         f"(or run python -c \"import torchvision; torchvision.models.{constructor}"
         f"(weights='IMAGENET1K_V1')\" there, which puts it in ~/.cache/torch/hub/checkpoints/), "
         "then copy it into $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/) "
@@ -405,11 +433,13 @@ def find_weights(
     explicit: str | os.PathLike | None = None,
     extra_dirs: Iterable[str | os.PathLike] = (),
     help: str = "",
+    url: str | None = None,
 ) -> Path:
-    """Locate a weights file; never downloads.
+    """Locate a weights file.
 
     An explicit path wins (and must exist). Otherwise look for `file_name` in the torch hub
-    cache and then in `extra_dirs`.
+    cache and then in `extra_dirs`. Not found there and given a `url`: download it into the
+    torch hub cache, unless downloading is off (`pn_jax.download.allowed()`).
     """
     if explicit is not None:
         p = Path(explicit).expanduser()
@@ -420,11 +450,16 @@ def find_weights(
     for d in searched:
         if (d / file_name).is_file():
             return d / file_name
-    where = "\n".join(f"  {d}" for d in searched)
+    note = "Nothing is downloaded automatically."
+    if url is not None:
+        from pn_jax import download
+
+        if download.allowed():
+            return download.ensure_weights(file_name, url, torch_hub_dir())
+        note = f"Not downloaded: {download.disabled_reason()}."
     raise WeightsNotFoundError(
-        f"weights file {file_name} not found. Looked in:\n{where}\n"
-        + (help or "Pass its path explicitly (--weights).")
-        + "\nNothing is downloaded automatically."
+        f"weights file {file_name} not found (looked in {', '.join(map(str, searched))}). "
+        + (help or "Pass its path explicitly (--weights).") + " " + note
     )
 
 
@@ -432,27 +467,32 @@ def find_weights(
 # Strict mapping
 # --------------------------------------------------------------------------------------
 
+_SHOWN = 5  # names listed per kind of mismatch; the counts say how many there are
+
+
 def check_mapping(
     expected: Mapping[str, tuple[int, ...]],
     got: Mapping[str, Any],
     source: str = "weights",
 ) -> None:
-    """Raise `WeightMappingError` naming every missing, unexpected and mis-shaped key."""
+    """Raise `WeightMappingError` with the counts of missing, unexpected and mis-shaped keys
+    and the first few names of each (a wrong file can mismatch hundreds)."""
     missing = sorted(k for k in expected if k not in got)
     unexpected = sorted(k for k in got if k not in expected)
     misshaped = sorted(
-        (k, tuple(expected[k]), tuple(np.shape(got[k])))
+        f"{k} expected {tuple(expected[k])} got {tuple(np.shape(got[k]))}"
         for k in expected
         if k in got and tuple(np.shape(got[k])) != tuple(expected[k])
     )
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"{source} do not match the model:"]
-    if missing:
-        lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-        lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
-    if misshaped:
-        lines.append(f"  mis-shaped ({len(misshaped)}): " + ", ".join(
-            f"{k} expected {e} got {g}" for k, e, g in misshaped))
-    raise WeightMappingError("\n".join(lines))
+
+    def part(kind: str, items: list[str]) -> str:
+        more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+        return f"{kind} ({len(items)}): " + ", ".join(items[:_SHOWN]) + more
+
+    parts = [part(k, v) for k, v in (("missing", missing), ("unexpected", unexpected),
+                                     ("mis-shaped", misshaped)) if v]
+    raise WeightMappingError(
+        f"{source} do not match the model ({len(expected)} tensors expected): " + "; ".join(parts)
+        + ". Is it the weights file of this backbone?")

@@ -193,3 +193,68 @@ def test_check_mapping_reports_everything():
     assert "unexpected (2): d, e" in msg
     assert "a expected (2, 3) got (3, 2)" in msg
     W.check_mapping(expected, {"a": np.zeros((2, 3)), "b": np.zeros(4), "c": np.zeros(1)})
+
+
+# ----------------------------------------------------------------------------- one error type
+def test_every_weights_error_is_one_catchable_type():
+    for cls in (W.UnsafeWeightsError, W.WeightsFormatError, W.WeightsHashError,
+                W.WeightsNotFoundError, W.WeightMappingError):
+        assert issubclass(cls, W.WeightsError) and issubclass(cls, ValueError), cls
+    # the old bases still catch them
+    assert issubclass(W.UnsafeWeightsError, pickle.UnpicklingError)
+    assert issubclass(W.WeightsNotFoundError, FileNotFoundError)
+    assert issubclass(W.WeightMappingError, KeyError)
+
+
+def _corrupt_files(tmp_path):
+    data = (FIX / "resnet_tiny_zip.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.pth").write_bytes(b"\x00\x01not a pickle" * 10)
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    # a zip whose data.pkl is cut short
+    with zipfile.ZipFile(FIX / "resnet_tiny_zip.pth") as zin, \
+            zipfile.ZipFile(tmp_path / "short_pickle.pth", "w") as zout:
+        for item in zin.infolist():
+            blob = zin.read(item.filename)
+            zout.writestr(item, blob[:20] if item.filename.endswith("data.pkl") else blob)
+    return ["truncated.pth", "garbage.pth", "bad.safetensors", "empty.safetensors", "short_pickle.pth"]
+
+
+def test_corrupt_files_give_one_weights_error_naming_the_file(tmp_path):
+    for name in _corrupt_files(tmp_path):
+        path = tmp_path / name
+        with pytest.raises(W.WeightsError) as e:
+            W.load_state_dict(path)
+        msg = str(e.value)
+        assert str(path) in msg, (name, msg)
+        assert "\n" not in msg, (name, msg)
+        assert e.type is not W.WeightsError  # a specific subclass, not the bare base
+
+
+def test_mapping_error_counts_and_few_names():
+    expected = {f"layer.{i}.weight": (4,) for i in range(300)}
+    got = {f"other.{i}.weight": np.zeros(4) for i in range(280)}
+    got["layer.0.weight"] = np.zeros(3)
+    with pytest.raises(W.WeightMappingError) as e:
+        W.check_mapping(expected, got, source="big.pth")
+    msg = str(e.value)
+    assert "big.pth" in msg and "\n" not in msg
+    assert "missing (299)" in msg and "unexpected (280)" in msg and "mis-shaped (1)" in msg
+    assert "layer.0.weight expected (4,) got (3,)" in msg
+    # at most 5 names per kind, plus a count of the rest
+    assert msg.count("layer.") <= 6 and msg.count("other.") <= 5
+    assert "(294 more)" in msg and "(275 more)" in msg
+    assert len(msg) < 800
+
+
+def test_not_found_is_one_line_and_says_why_nothing_was_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("PN_JAX_OFFLINE", "1")
+    with pytest.raises(W.WeightsNotFoundError) as e:
+        W.find_weights("resnet18-f37072fd.pth", help=W.torchvision_help("resnet18-f37072fd.pth", "resnet18"),
+                       url=W.torchvision_url("resnet18-f37072fd.pth"))
+    msg = str(e.value)
+    assert "\n" not in msg and "resnet18-f37072fd.pth" in msg
+    assert "PN_JAX_OFFLINE=1" in msg and "Not downloaded" in msg
+    assert not (tmp_path / "th").exists()  # nothing created, nothing fetched

@@ -57,8 +57,9 @@ def create(
     """Jitted feature extractor computing only up to the deepest of `layers`.
 
     `layers=None` returns every stage. `weights`: a file path (.pth or .safetensors), or None
-    to look for the backbone's published weights file in the usual places (never
-    downloaded). ResNets also take "random": seeded random weights, for speed tests only.
+    to look for the backbone's published weights file in the usual places (torchvision's are
+    downloaded into the torch hub cache when absent, unless `pn_jax.download` says not to).
+    ResNets also take "random": seeded random weights, for speed tests only.
     """
     bi = info(name)
     if layers is not None:
@@ -82,6 +83,8 @@ def weights_file(name: str, weights: str | os.PathLike | None = None):
     from pn_jax import weights as wio
 
     mod = _module(name)
+    if hasattr(mod, "INFOS"):
+        return mod.find_weights_file(name, weights)
     if hasattr(mod, "find_weights_file"):
         return mod.find_weights_file(weights)
     bi = info(name)

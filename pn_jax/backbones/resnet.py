@@ -7,7 +7,9 @@ so the forward pass is convs, ReLUs, adds and one max-pool.
 from __future__ import annotations
 
 import functools
+import os
 import zlib
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -231,6 +233,14 @@ class ResNetBackbone:
         return self._fn(self.params, images)
 
 
+def find_weights_file(name: str, weights: str | os.PathLike | None = None) -> Path:
+    """An explicit path, or torchvision's file from the torch hub cache, downloaded there
+    first when absent (unless downloading is off: `pn_jax.download`)."""
+    info = INFOS[name]
+    return wio.find_weights(info.weight_file, explicit=weights, help=info.weight_help,
+                            url=wio.torchvision_url(info.weight_file))
+
+
 def build(
     name: str,
     weights: str | None = None,
@@ -240,17 +250,17 @@ def build(
 ) -> Callable:
     """ResNet feature extractor from a torchvision weights file or an in-memory state dict.
 
-    `weights`: a path, None (look for the torchvision file in the torch hub cache), or
-    "random" (seeded `random_state_dict`, for benchmarks and smoke tests only).
+    `weights`: a path, None (the torchvision file from the torch hub cache, downloaded
+    there when absent and allowed), or "random" (seeded `random_state_dict`, for benchmarks
+    and smoke tests only).
     """
     if name not in _ARCH:
         raise KeyError(f"unknown ResNet {name!r}; known: {sorted(_ARCH)}")
-    info = INFOS[name]
     if state_dict is not None:
         source = "in-memory state dict"
     elif weights == "random":
         state_dict, source = random_state_dict(name), "random weights"
     else:
-        path = wio.find_weights(info.weight_file, explicit=weights, help=info.weight_help)
+        path = find_weights_file(name, weights)
         state_dict, source = wio.load_state_dict(path), str(path)
     return ResNetBackbone(name, convert_state_dict(name, state_dict, source), layers, precision)
