@@ -6,8 +6,9 @@ so normal images differ but share one distribution. Two defect types with masks:
   * scratch: a thin dark line segment (darkened by 45-60%), 2-3% of the image long side wide;
   * blob: an irregular patch (thresholded smooth noise inside an ellipse) with a colour
     shift. Both are clearly visible but low contrast against the stripes at their edges.
-Each image is drawn from its own generator seeded by (seed, split, index): the same seed
-gives byte-identical files. `mixed_formats=True` writes images in every supported format
+Each image is drawn from its own generator seeded by (category name, seed, split, index):
+the same name and seed give byte-identical files, and categories of different names differ
+(a stable hash of the name, zlib.crc32, not Python's per-process `hash`). `mixed_formats=True` writes images in every supported format
 (grayscale/RGBA/16-bit PNG, upper-case .JPG, .bmp, .tiff) and varies sizes, to exercise
 the reader.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -76,6 +78,10 @@ def blob(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
 
 
 PARAMS_FILE = "synthetic.json"
+# Bumped whenever the same parameters would generate other images, so that a tree written by
+# an older generator is refused rather than silently reused (ensure_synthetic compares
+# synthetic.json). 2: the category name seeds the images.
+GENERATOR = 2
 _VARIANTS = ("png", "gray_png", "JPG", "bmp", "tiff", "rgba_png", "png16")
 
 
@@ -115,15 +121,16 @@ def generate_category(root: str, category: str = "synthetic", *, n_train: int = 
                       seed: int = 0, mixed_formats: bool = False) -> str:
     """Write <root>/<category> in MVTec layout (+ synthetic.json, its parameters)."""
     cat = os.path.join(root, category)
-    params = dict(n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
-                  size=size, seed=seed, mixed_formats=mixed_formats)
+    params = dict(generator=GENERATOR, n_train=n_train, n_test_good=n_test_good,
+                  n_test_defect=n_test_defect, size=size, seed=seed, mixed_formats=mixed_formats)
+    name_seed = zlib.crc32(category.encode("utf-8"))
     jobs = [("train", "good", i) for i in range(n_train)]
     jobs += [("test", "good", i) for i in range(n_test_good)]
     jobs += [("test", d, i) for d in DEFECTS for i in range(n_test_defect)]
     for k, (split, defect, i) in enumerate(jobs):
         split_id = {"train": 0, "test": 1}[split]
         defect_id = 0 if defect == "good" else 1 + DEFECTS.index(defect)
-        rng = np.random.default_rng([seed, split_id, defect_id, i])
+        rng = np.random.default_rng([name_seed, seed, split_id, defect_id, i])
         h = w = size
         variant = "png"
         if mixed_formats:
@@ -156,4 +163,4 @@ def full_params(**overrides) -> dict:
     unknown = set(overrides) - set(defaults)
     if unknown:
         raise TypeError(f"unknown synthetic parameters {sorted(unknown)}; known: {sorted(defaults)}")
-    return {**defaults, **overrides}
+    return {"generator": GENERATOR, **defaults, **overrides}
