@@ -101,11 +101,37 @@ def test_fit_is_seeded():
     assert not np.array_equal(np.asarray(s1.dims), np.asarray(s3.dims))
 
 
+def numpy_stats(cfg, bank, dims, w_infl, w_dist, feats):
+    """The fit-time statistics of SPEC 2.7 recomputed in float64 numpy from features [n,N,D]:
+    brute-force K-NN, fd_fixed influence on the dims S, the noise proposal, means and stds."""
+    n = cfg.noising
+    f = feats.reshape(-1, feats.shape[-1]).astype(np.float64)
+    d, i = reference.knn_bruteforce(f, bank, n.k)
+    r = (f[:, None, :] - bank.astype(np.float64)[i])[..., dims]  # [P,K,S]
+    x = (d * d)[..., None] + 2 * n.eps * r + n.eps ** 2
+    infl = np.abs(np.sqrt(x) - d[..., None]).mean(1) * w_infl[dims]  # [P,S] weighted influence
+    dsig = d.mean(-1)
+    im, isd, dm, dsd = infl.mean(), infl.std(), dsig.mean(), dsig.std()
+    z = (infl - im) / isd + w_dist * ((dsig - dm) / dsd)[:, None]
+    noise = n.noise_std_min + (n.noise_std_max - n.noise_std_min) / (1 + np.exp(-z))
+    parts = np.stack([infl.mean(-1), dsig, noise.mean(-1)])
+    return dict(infl_mean=im, infl_std=isd, dist_mean=dm, dist_std=dsd,
+                signal_mean=parts.mean(-1), signal_std=parts.std(-1))
+
+
 def test_stats_come_from_holdout_not_test():
     cfg, ext, state, _, test = make()
-    assert float(state.stats.infl_std) > 0 and float(state.stats.dist_std) > 0
-    # normalising with the held-out statistics: a normal held-out patch is ~N(0,1)
-    assert np.all(np.isfinite(np.asarray(state.stats.signal_mean)))
+    rng = np.random.default_rng(0)  # make()'s draws: train, then the held-out images
+    rng.normal(size=(6, 64, 64, 3))
+    hold = np.asarray(ext(rng.normal(size=(2, 64, 64, 3)).astype(np.float32)))
+    args = (cfg, np.asarray(state.bank), np.asarray(state.dims),
+            np.asarray(state.params["influence_weight"]), float(state.params["distance_weight"][0]))
+    want = numpy_stats(*args, hold)
+    for name, value in want.items():
+        np.testing.assert_allclose(np.asarray(getattr(state.stats, name)), value, rtol=2e-4, err_msg=name)
+    # statistics of the test images would be other numbers: these really come from the held-out ones
+    other = numpy_stats(*args, np.asarray(ext(test)))
+    assert abs(other["dist_mean"] - want["dist_mean"]) > 1e-3 * want["dist_mean"]
 
 
 @pytest.mark.parametrize("influence", ["fd", "grad", "jvp"])
