@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from scipy import ndimage
 
-IMAGE_KEYS = ("mAUROC_sp_max", "mAP_sp_max", "mF1_max_sp")
+IMAGE_KEYS = ("mAUROC_sp_max", "mAP_sp_max", "mF1_max_sp_max")
 PIXEL_KEYS = ("mAUROC_px", "mAP_px", "mF1_max_px", "mAUPRO_px")
 
 
@@ -267,7 +267,7 @@ def evaluate(image_scores, image_labels, anomaly_maps=None, masks=None, *,
     if _one_class_warning(c, "image-level metrics"):
         out.update(dict.fromkeys(IMAGE_KEYS, nan))
     else:
-        out.update(_ranking_metrics(c, ("mAUROC_sp_max", "mAP_sp_max", "mF1_max_sp")))
+        out.update(_ranking_metrics(c, ("mAUROC_sp_max", "mAP_sp_max", "mF1_max_sp_max")))
 
     if anomaly_maps is not None:
         if np.shape(anomaly_maps)[:1] != scores.shape:

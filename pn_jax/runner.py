@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import backbones, detector, metrics, viz
+from pn_jax import metrics, viz
 from pn_jax.config import Config
 
 # Score variants of the ablation, all computed from one pass on the same bank.
@@ -27,14 +27,6 @@ def load_sources(cfg: Config, category: str, *, max_train=None, max_test=None):
                               max_train=max_train, max_test=max_test)
 
 
-def batches(cfg: Config, source, mean, std):
-    from pn_jax.data import pipeline
-
-    return pipeline.make_batches(source, image_size=cfg.data.image_size, mean=mean, std=std,
-                                 batch_size=cfg.batch_size, resize_mode=cfg.data.resize_mode,
-                                 crop_size=cfg.data.crop_size)
-
-
 class Timer(dict):
     def __call__(self, name):
         timer = self
@@ -49,59 +41,33 @@ class Timer(dict):
         return _T()
 
 
-def fit_category(cfg: Config, sources: dict | list[dict], extractor, timer: Timer, mean, std):
-    """Fit one bank on the train split of one category, or of several (a unified bank)."""
-    many = sources if isinstance(sources, list) else [sources]
-    with timer("extract_train_s"):
-        train = np.concatenate([detector.extract_all(extractor, batches(cfg, s["train"], mean, std),
-                                                     cfg.batch_size, desc="features train") for s in many])
-    holdout = None
-    if any(len(s.get("holdout", [])) for s in many):
-        with timer("extract_holdout_s"):
-            holdout = np.concatenate([detector.extract_all(extractor, batches(cfg, s["holdout"], mean, std),
-                                                           cfg.batch_size, desc="features holdout")
-                                      for s in many if len(s.get("holdout", []))])
-    state, report = detector.fit(cfg, train, holdout, jax.random.key(cfg.seed))
-    timer["coreset_s"] = report.timings["coreset_s"]
-    timer["stats_s"] = report.timings["stats_s"]
-    del train
-    return state, report
-
-
-def score_source(cfg: Config, states: dict, extractor, source, mean, std, timer: Timer, *,
-                 variants=(None,), keep_maps=True, n_figures=0, desc="scoring"):
-    """Score every image of `source` with each state; features are extracted once per batch.
-
-    Returns labels, masks and {(state name, variant): image scores / maps}. Variant None is
-    the configured score.
-    """
-    scorer = None
+def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_maps=True,
+                 n_figures=0, desc="scoring"):
+    """Score every image of `source` with each model (same config and extractor); features
+    are extracted once per batch. Returns labels, masks and {(model name, variant): image
+    scores / maps}. Variant None is the configured score."""
     labels, masks, names, fig_items = [], [], [], []
-    keys = [(s, v) for s in states for v in variants]
+    keys = [(s, v) for s in models for v in variants]
     scores = {k: [] for k in keys}
     maps = {k: [] for k in keys}
-    first = next(iter(states))
-    for batch in tqdm(batches(cfg, source, mean, std), desc=desc, unit="batch", leave=False):
+    first = next(iter(models))
+    lead = models[first]
+    for batch in tqdm(lead.batches(source), desc=desc, unit="batch", leave=False):
         n = len(batch["image"])
         with timer("extract_test_s"):
-            feats = extractor(detector._pad_batch(np.asarray(batch["image"]), cfg.batch_size))
+            feats = lead.features(batch["image"])
             feats.block_until_ready()
         with timer("score_s"):
-            if scorer is None:
-                scorer = detector.Scorer(cfg, extractor.grid, variants=variants)
-            for sname, state in states.items():
-                out = scorer(state, feats)
+            for sname, model in models.items():
+                out = model.score_features(feats, variants)
                 for v in variants:
-                    amap = out["anomaly_maps"] if v is None else \
-                        scorer.maps(detector.patch_score(cfg, out["signals"], state.stats, v))
-                    amap = np.asarray(amap[:n])
-                    scores[(sname, v)].append(amap.reshape(n, -1).max(-1))
+                    sc, amap = out["variants"][v]
+                    scores[(sname, v)].append(sc)
                     if keep_maps:
                         maps[(sname, v)].append(amap.astype(np.float32))
                 if sname == first and len(fig_items) < n_figures:
                     # up to half the figures per label, so both normal and anomalous images are shown
-                    extra = {k: np.asarray(out[k][:n]) for k in ("anomaly_maps", "influence_maps", "noise_maps")
-                             if k in out}
+                    extra = {k: out[k] for k in MAP_TITLES if k in out}
                     for i in range(n):
                         label = int(batch["label"][i])
                         if sum(f[4] == label for f in fig_items) < -(-n_figures // 2) and len(fig_items) < n_figures:
@@ -111,6 +77,8 @@ def score_source(cfg: Config, states: dict, extractor, source, mean, std, timer:
         if keep_maps:
             masks.append(np.asarray(batch["mask"][:n]) > 0.5)
         names.extend(list(batch["name"][:n]))
+    if not labels:
+        raise ValueError(f"no images to score ({desc})")
     return {
         "labels": np.concatenate(labels),
         "masks": np.concatenate(masks) if keep_maps else None,
@@ -171,108 +139,135 @@ def validation_split(cfg: Config, sources: dict, category: str):
             for name, r in halves.items()}
 
 
-def tune_state(cfg: Config, state, extractor, val_source, mean, std, timer: Timer, log=print):
-    """Tune the note's weights (on the seed score) and the noise scale (on the calibrated score)."""
+def tune_state(model, val_source, timer: Timer, log=print):
+    """Tune the note's weights (on the seed score) and the noise scale (on the calibrated score)
+    on a validation source; returns (tuned state, loss curves)."""
     from pn_jax import tune as tune_lib
 
     feats, masks = [], []
-    for batch in batches(cfg, val_source, mean, std):
-        n = len(batch["image"])
-        feats.append(np.asarray(extractor(detector._pad_batch(np.asarray(batch["image"]), cfg.batch_size)))[:n])
-        masks.append(np.asarray(batch["mask"][:n]))
+    for batch in model.batches(val_source):
+        feats.append(np.asarray(model.features(batch["image"])))
+        masks.append(np.asarray(batch["mask"]))
     feats, masks = np.concatenate(feats), np.concatenate(masks)
     curves = {}
+    state, cfg = model.state, model.cfg
     with timer("tune_s"):
         score = cfg.noising.score
         for variant in ("seed", score if score.startswith("calibrated") else "calibrated"):
-            res = tune_lib.tune(cfg, state, feats, masks, extractor.grid, variant=variant, log=log)
+            res = tune_lib.tune(cfg, state, feats, masks, model.grid, variant=variant, log=log)
             state = res.state
             curves[variant] = res.losses
             log(f"  tune[{variant}]: validation loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
     return state, curves
 
 
+def threshold_metrics(scores, labels, threshold) -> dict:
+    """Precision, recall, F1, accuracy and FPR (percent) of the decision `score >= threshold`:
+    what a user gets in production, unlike the oracle F1-max."""
+    nan = float("nan")
+    if threshold is None or not np.isfinite(threshold):
+        return {k: nan for k in ("precision", "recall", "F1", "accuracy", "FPR")} | {"threshold": nan}
+    pred = np.asarray(scores) >= threshold
+    y = np.asarray(labels).astype(bool)
+    tp, fp = int(np.sum(pred & y)), int(np.sum(pred & ~y))
+    fn, tn = int(np.sum(~pred & y)), int(np.sum(~pred & ~y))
+    div = lambda a, b: 100.0 * a / b if b else nan  # noqa: E731
+    return {"threshold": float(threshold), "precision": div(tp, tp + fp), "recall": div(tp, tp + fn),
+            "F1": div(2 * tp, 2 * tp + fp + fn), "accuracy": div(tp + tn, len(y)), "FPR": div(fp, fp + tn)}
+
+
+def has_masks(cfg: Config, source) -> bool:
+    """Whether a test split has pixel masks: decided by its files, not the dataset's name."""
+    found = getattr(source, "has_masks", None)
+    return bool(found) if found is not None else cfg.data.dataset not in ("elpv",)
+
+
 def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train",
                  checkpoint_dir: str | None = None, tune: bool = False, max_train=None, max_test=None,
-                 ablation: bool = False, n_figures: int = 8, extractor=None, log=print) -> dict:
-    """Fit on train (or load a checkpoint), score test, compute metrics, write figures."""
-    from pn_jax import checkpoint as ckpt
+                 ablation: bool = False, n_figures: int = 8, sources: dict | None = None,
+                 log=print) -> dict:
+    """Fit on train (or load a checkpoint), score test, compute metrics, write figures.
+    `sources`: {"train", "holdout", "test"} data sources (default: `load_sources`)."""
+    from pn_jax import model as model_lib
 
     timer = Timer()
     t_start = time.perf_counter()
-    info = backbones.info(cfg.model.backbone)
-    mean, std = info.mean, info.std
-    sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
-    extractor = extractor or detector.FeatureExtractor(cfg)
-    counts = {"test": len(sources["test"])}
     extra = {}
     if mode == "test":
         if tune:
             raise ValueError("--tune needs --mode train (it reads held-out training images)")
-        state, saved_cfg, meta = ckpt.load(checkpoint_dir, expected=cfg)
-        counts.update(meta.get("counts", {}))
-        states = {"checkpoint": state}
+        model = model_lib.load(checkpoint_dir, category=category)
+        cfg = model.cfg
+        if sources is None:
+            sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
+        counts = {"test": len(sources["test"]), **(model.provenance.get("counts") or {})}
+        models = {"checkpoint": model}
         main_key = "checkpoint"
     else:
-        state, report = fit_category(cfg, sources, extractor, timer, mean, std)
-        counts.update({"train": len(sources["train"]), "holdout": len(sources.get("holdout", [])),
-                       "train_patches": report.n_train_patches, "bank": report.bank_size})
-        states = {"untuned": state}
+        if sources is None:
+            sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
+        model = model_lib.fit(cfg, sources["train"], holdout=sources.get("holdout"), category=category,
+                              timer=timer, log=log)
+        counts = {"test": len(sources["test"]) if sources.get("test") is not None else 0,
+                  "train": len(sources["train"]), "holdout": len(sources.get("holdout") or []),
+                  "train_patches": model.provenance["train_patches"], "bank": model.provenance["bank_size"]}
+        model.provenance["counts"] = dict(counts)
+        models = {"untuned": model}
         main_key = "untuned"
         if tune:
             vals = validation_split(cfg, sources, category)
-            tuned, curves = tune_state(cfg, state, extractor, vals["validation_tune"], mean, std, timer, log)
-            states["tuned"] = tuned
+            tuned, curves = tune_state(model, vals["validation_tune"], timer, log)
+            models["tuned"] = model.with_state(tuned)
             extra["tune_curves"] = curves
             extra["tune_plot"] = viz.plot_curves(
                 os.path.join(out_dir, "figures", category, "tune_loss.png"),
                 {k: (list(range(len(v))), v) for k, v in curves.items()}, "step", "validation ranking loss",
                 f"{category}: tuning")
             # metrics before / after on the validation half NOT tuned on, every score variant
-            vres = score_source(cfg, states, extractor, vals["validation_select"], mean, std, Timer(),
+            vres = score_source(models, vals["validation_select"], Timer(),
                                 variants=(None,) + ABLATION_VARIANTS, keep_maps=True, desc="validation")
             vm = evaluate_all(vres, True)
             extra["validation"] = {f"{s}/{v or 'default'}": m for (s, v), m in vm.items()}
             # Keep the tuned weights only if they help on the validation half not tuned on.
-            crit = {s: selection_criterion(vm[(s, None)]) for s in states}
+            crit = {s: selection_criterion(vm[(s, None)]) for s in models}
             main_key = "tuned" if crit["tuned"] > crit["untuned"] else "untuned"
             extra["tuning_kept"] = main_key == "tuned"
             log(f"  tuning {'kept' if main_key == 'tuned' else 'discarded'}: validation criterion "
                 f"(mean of image and pixel AUROC) untuned {crit['untuned']:.2f}, tuned {crit['tuned']:.2f}")
+            if main_key == "tuned":  # the threshold belongs to the scores it will be applied to
+                model_lib.set_threshold(models["tuned"], sources["holdout"], log=log)
         if checkpoint_dir:
             with timer("checkpoint_s"):
-                ckpt.save(checkpoint_dir, states[main_key], cfg,
-                          {"grid": list(extractor.grid), "category": category, "counts": counts,
-                           "weights_path": getattr(extractor, "weights_path", None),
-                           "tuned": main_key == "tuned"})
-    has_masks = cfg.data.dataset != "elpv"
-    variants = (None,) + (ABLATION_VARIANTS if ablation else ())
-    res = score_source(cfg, {main_key: states[main_key], **states}, extractor, sources["test"], mean, std, timer,
-                       variants=variants, keep_maps=has_masks, n_figures=n_figures)
-    with timer("metrics_s"):
-        allm = evaluate_all(res, has_masks)
-    fig_paths = write_figures(res["figures"], os.path.join(out_dir, "figures", category), mean, std, category)
+                models[main_key].save(checkpoint_dir)
+    entry = {"category": category, "mode": mode, "threshold": models[main_key].threshold,
+             "calibration": models[main_key].calibration, "provenance": models[main_key].provenance}
+    test_src = sources.get("test")
+    if test_src is not None and len(test_src):
+        masks = has_masks(cfg, test_src)
+        variants = (None,) + (ABLATION_VARIANTS if ablation else ())
+        res = score_source({main_key: models[main_key], **models}, test_src, timer,
+                           variants=variants, keep_maps=masks, n_figures=n_figures)
+        with timer("metrics_s"):
+            allm = evaluate_all(res, masks)
+        entry["metrics"] = allm[(main_key, None)]
+        entry["at_threshold"] = threshold_metrics(res["scores"][(main_key, None)], res["labels"],
+                                                  models[main_key].threshold)
+        entry["figures"] = write_figures(res["figures"], os.path.join(out_dir, "figures", category),
+                                         models[main_key].mean, models[main_key].std, category)
+        counts["test_anomalous"] = int(res["labels"].sum())
+        entry["pixel_metrics"] = masks
+        if tune:
+            entry["test_before_after_tuning"] = {s: allm[(s, None)] for s in models}
+        if ablation:
+            entry["ablation"] = {f"{v}" + ("" if s == main_key else f" ({s})"): allm[(s, v)]
+                                 for s in models for v in variants[1:]}
+        entry["_test"] = res
+        entry["throughput"] = {"test_images_per_s": len(res["labels"]) / max(
+            timer.get("extract_test_s", 0) + timer.get("score_s", 0), 1e-9)}
     timer["total_s"] = time.perf_counter() - t_start
-    n_test = len(res["labels"])
-    counts["test_anomalous"] = int(res["labels"].sum())
-    entry = {
-        "category": category,
-        "mode": mode,
-        "metrics": allm[(main_key, None)],
-        "timings": dict(timer),
-        "throughput": {"test_images_per_s": n_test / max(timer.get("extract_test_s", 0) + timer.get("score_s", 0), 1e-9)},
-        "counts": counts,
-        "figures": fig_paths,
-        "config": cfg.to_dict(),
-        **extra,
-    }
-    if tune:
-        entry["test_before_after_tuning"] = {s: allm[(s, None)] for s in states}
-    if ablation:
-        entry["ablation"] = {f"{v}" + ("" if s == main_key else f" ({s})"): allm[(s, v)]
-                             for s in states for v in variants[1:]}
-    entry["_states"] = states
-    entry["_test"] = res
+    entry.update({"timings": dict(timer), "counts": counts, "config": cfg.to_dict(), **extra})
+    entry["_models"] = models
+    entry["_states"] = {k: m.state for k, m in models.items()}
     return entry
 
 
@@ -281,52 +276,95 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
                 log=print) -> list[dict]:
     """ADer-style multi-class setting: ONE bank over every category's train images, then
     metrics per category on that shared bank."""
-    from pn_jax import checkpoint as ckpt
+    from pn_jax import data
+    from pn_jax import model as model_lib
 
     timer = Timer()
     t_start = time.perf_counter()
-    info = backbones.info(cfg.model.backbone)
-    mean, std = info.mean, info.std
     sources = {c: load_sources(cfg, c, max_train=max_train, max_test=max_test) for c in categories}
-    extractor = detector.FeatureExtractor(cfg)
-    state, report = fit_category(cfg, list(sources.values()), extractor, timer, mean, std)
+    cat = lambda split: _concat_sources([s[split] for s in sources.values()], split)  # noqa: E731
+    model = model_lib.fit(cfg, cat("train"), holdout=cat("holdout"), category="+".join(categories),
+                          timer=timer, log=log)
+    model.provenance["unified"] = True
     if checkpoint_dir:
-        ckpt.save(checkpoint_dir, state, cfg, {"grid": list(extractor.grid), "category": "+".join(categories),
-                                               "unified": True})
+        model.save(checkpoint_dir)
     fit_timings = dict(timer)
-    has_masks = cfg.data.dataset != "elpv"
     variants = (None,) + (ABLATION_VARIANTS if ablation else ())
     entries = []
     for c in categories:
         t = Timer()
-        res = score_source(cfg, {"unified": state}, extractor, sources[c]["test"], mean, std, t,
-                           variants=variants, keep_maps=has_masks, n_figures=n_figures)
-        allm = evaluate_all(res, has_masks)
+        masks = has_masks(cfg, sources[c]["test"])
+        res = score_source({"unified": model}, sources[c]["test"], t, variants=variants, keep_maps=masks,
+                           n_figures=n_figures)
+        allm = evaluate_all(res, masks)
         entry = {"category": c, "mode": "unified", "metrics": allm[("unified", None)],
+                 "threshold": model.threshold,
+                 "at_threshold": threshold_metrics(res["scores"][("unified", None)], res["labels"], model.threshold),
                  "timings": {**{f"shared_{k}": v for k, v in fit_timings.items()}, **t},
                  "counts": {"train": sum(len(s["train"]) for s in sources.values()), "test": len(res["labels"]),
-                            "test_anomalous": int(res["labels"].sum()), "bank": report.bank_size,
-                            "train_patches": report.n_train_patches, "categories_in_bank": len(categories)},
-                 "figures": write_figures(res["figures"], os.path.join(out_dir, "figures", c), mean, std, c),
+                            "test_anomalous": int(res["labels"].sum()), "bank": model.provenance["bank_size"],
+                            "train_patches": model.provenance["train_patches"],
+                            "categories_in_bank": len(categories)},
+                 "figures": write_figures(res["figures"], os.path.join(out_dir, "figures", c), model.mean,
+                                          model.std, c),
                  "config": cfg.to_dict()}
         if ablation:
             entry["ablation"] = {v: allm[("unified", v)] for v in variants[1:]}
         entries.append(entry)
-    log(f"unified bank over {len(categories)} categories: {report.bank_size} entries from "
-        f"{report.n_train_patches} patches; total {time.perf_counter() - t_start:.1f}s")
+    del data
+    log(f"unified bank over {len(categories)} categories: {model.provenance['bank_size']} entries from "
+        f"{model.provenance['train_patches']} patches; total {time.perf_counter() - t_start:.1f}s")
     return entries
 
 
+def _concat_sources(sources: list, split: str):
+    """One source reading several in turn (a unified bank's train or holdout split)."""
+    from pn_jax.data import records
+
+    offsets = np.cumsum([0] + [len(s) for s in sources])
+
+    def read(i):
+        j = int(np.searchsorted(offsets, i, side="right") - 1)
+        return sources[j][i - offsets[j]]
+
+    names = [f"{s.category}/{n}" for s in sources for n in s.names]
+    return records.Source(int(offsets[-1]), read, names, dataset=sources[0].dataset, category="unified",
+                          split=split)
+
+
 def write_results(path: str, entries: list[dict], extra: dict | None = None) -> None:
-    """results.json (atomic): per-category metrics, timings, counts, config; plus the means."""
+    """results.json (atomic, strict JSON): per-category metrics, timings, counts, config, the
+    means. An undefined metric is null, with the reason under "undefined"."""
     cats = {e["category"]: {k: v for k, v in e.items() if not k.startswith("_")} for e in entries}
-    doc = {"categories": cats, "mean": metrics.mean_over_categories([e["metrics"] for e in entries])}
+    with_metrics = [e["metrics"] for e in entries if "metrics" in e]
+    doc = {"categories": cats}
+    if with_metrics:
+        doc["mean"] = metrics.mean_over_categories(with_metrics)
     if extra:
         doc.update(extra)
+    undefined = []
+    doc = _strict(doc, "", undefined)
+    if undefined:
+        doc["undefined"] = {p: "not defined for this data (e.g. a split with a single class, or no "
+                               "pixel masks)" for p in undefined}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, default=json_default)
+        json.dump(doc, f, indent=2, default=json_default, allow_nan=False)
     os.replace(tmp, path)
+
+
+def _strict(o, where: str, undefined: list):
+    """NaN / inf -> None (recording where), through dicts, lists and numpy values."""
+    if isinstance(o, dict):
+        return {k: _strict(v, f"{where}.{k}" if where else str(k), undefined) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v, f"{where}[{i}]", undefined) for i, v in enumerate(o)]
+    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
+        undefined.append(where)
+        return None
+    if isinstance(o, np.ndarray) and o.dtype.kind == "f":
+        return _strict(o.tolist(), where, undefined)
+    return o
 
 
 def json_default(o):
@@ -335,11 +373,13 @@ def json_default(o):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
+    if isinstance(o, np.bool_):
+        return bool(o)
     return str(o)
 
 
 def format_table(rows: list[tuple[str, dict]], keys=None) -> str:
-    keys = keys or ["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max", "mF1_max_sp", "mAP_px", "mF1_max_px"]
+    keys = keys or ["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max", "mF1_max_sp_max", "mAP_px", "mF1_max_px"]
     header = "| Name | " + " | ".join(keys) + " |"
     sep = "|" + "---|" * (len(keys) + 1)
     lines = [header, sep]

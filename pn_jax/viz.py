@@ -57,3 +57,26 @@ def plot_curves(path: str, series: dict[str, tuple[list, list]], xlabel: str, yl
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_overlay(path: str, image: np.ndarray, amap: np.ndarray, threshold: float | None, title: str) -> str:
+    """A prediction for a person: the image, and the anomaly map over it with the region above
+    the decision threshold outlined; the score and the decision in the title."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.8))
+    for ax in axes:
+        ax.imshow(image)
+        ax.axis("off")
+    axes[1].imshow(amap, cmap="jet", alpha=0.5)
+    if threshold is not None and np.isfinite(threshold) and amap.max() >= threshold:
+        for ax in axes:
+            ax.contour(amap, levels=[threshold], colors="white", linewidths=1.2)
+    axes[0].set_title("image", fontsize=9)
+    axes[1].set_title("anomaly map (outline: above threshold)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -149,7 +149,7 @@ def test_pixel_metrics_match_sklearn_and_reference():
             100 * roc_auc_score(image_labels, image_scores), abs=1e-9)
         assert r["mAP_sp_max"] == pytest.approx(
             100 * average_precision_score(image_labels, image_scores), abs=1e-9)
-        assert r["mF1_max_sp"] == pytest.approx(
+        assert r["mF1_max_sp_max"] == pytest.approx(
             100 * _sk_f1_max(image_scores, image_labels), abs=1e-9)
         assert list(r) == list(metrics.IMAGE_KEYS + metrics.PIXEL_KEYS)
         assert all(type(v) is float for v in r.values())

@@ -47,7 +47,7 @@ def test_train_run_writes_results_figures_and_checkpoint(trained):
 
 def test_fit_and_tuning_read_no_test_image(trained):
     _, _, seen = trained
-    assert seen["after_tuning"] == {"train", "holdout", "validation_tune"}
+    assert seen["after_tuning"] == {"train", "holdout", "validation", "validation_tune"}  # validation: the threshold
     assert "test" in seen["end"]  # read only by the final scoring pass
 
 

@@ -1,0 +1,599 @@
+"""`pn-jax fit | test | predict | export`, and `python -m experiments.run` (the benchmark-style
+alias with `--mode train|test`). Every command is a thin layer over `pn_jax.model`.
+
+    pn-jax fit --train-dir good/ --test-dir test/ --out runs/parts       # a folder of good images
+    pn-jax fit --dataset mvtec_ad --data-root data/mvtec_ad --category bottle --out runs/bottle
+    pn-jax test --checkpoint runs/bottle/checkpoint                       # config from the checkpoint
+    pn-jax predict --checkpoint runs/parts/checkpoint new_photos/ --out runs/parts/pred
+    pn-jax export --checkpoint runs/parts/checkpoint --out parts.jaxexport
+
+Bad input is refused before any long work starts, with a message that names the flag or file
+(exit 2). `predict` never stops at one bad image: its CSV names it in an error column and the
+exit status is the number of images that could not be scored (at most 100).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+import warnings
+
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+                    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+DATASETS = ("mvtec_ad", "visa", "elpv", "synthetic")
+DEFAULT_ROOTS = {"mvtec_ad": os.environ.get("MVTEC_ROOT", "data/mvtec_ad"), "visa": "data/visa", "elpv": "",
+                 "synthetic": "data/synthetic"}
+DEFAULT_BACKBONE = {"mvtec_ad": "wide_resnet50_2", "visa": "wide_resnet50_2", "elpv": "efficientnet_lite0",
+                    "synthetic": "efficientnet_lite0", "folder": "wide_resnet50_2"}
+# Config flags default to None so a checkpoint's config can tell which ones a user typed.
+DEFAULTS = dict(image_size=256, resize_mode="resize", embed_dim=1024, coreset_ratio=0.01, k=9,
+                method="propose_noising", influence="fd_fixed", influence_ratio=0.1, dim_selection="random",
+                eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.1, seed=0, batch_size=8, devices="1")
+
+
+class UsageError(ValueError):
+    """A flag value or combination that cannot work; the message names the flag."""
+
+
+# ----------------------------------------------------------------------------- flag types
+def _int(name: str, lo: int, hi: int | None = None):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: {name} takes {lo}"
+                                             + (f"..{hi}" if hi is not None else " or more"))
+        return v
+    return parse
+
+
+def _float(name: str, lo: float, hi: float, lo_open=True, hi_open=False):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"{s} is out of range: {name} takes a value in {'(' if lo_open else '['}{lo}, {hi}"
+                f"{')' if hi_open else ']'}")
+        return v
+    return parse
+
+
+def _devices(s: str) -> str:
+    if s == "all" or (s.isdigit() and int(s) >= 1):
+        return s
+    raise argparse.ArgumentTypeError(f"{s!r}: give a number of devices >= 1, or 'all'")
+
+
+# ----------------------------------------------------------------------------- parsers
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    from pn_jax import config as C
+
+    g = p.add_argument_group("model and scoring (stored in the checkpoint)")
+    g.add_argument("--backbone", default=None, help="wide_resnet50_2 | resnet18 | efficientnet_lite0")
+    g.add_argument("--weights", default=None, help="backbone weights (.pth/.safetensors); default: standard places")
+    g.add_argument("--layers", default=None, help="comma-separated stage names; default: the backbone's")
+    g.add_argument("--image-size", type=_int("--image-size", 32, 4096), default=None, help="default 256")
+    g.add_argument("--resize-mode", choices=C.RESIZE_MODES, default=None)
+    g.add_argument("--embed-dim", type=_int("--embed-dim", 1, 65536), default=None,
+                   help="pretrain and target embedding dimension (default 1024)")
+    g.add_argument("--coreset-ratio", type=_float("--coreset-ratio", 0, 1), default=None, help="default 0.01")
+    g.add_argument("--k", type=_int("--k", 1, 1024), default=None, help="K nearest neighbours (default 9)")
+    g.add_argument("--method", choices=C.METHODS, default=None)
+    g.add_argument("--influence", choices=C.INFLUENCE_METHODS, default=None)
+    g.add_argument("--influence-ratio", type=_float("--influence-ratio", 0, 1), default=None)
+    g.add_argument("--dim-selection", choices=C.DIM_SELECTION, default=None)
+    g.add_argument("--eps", type=_float("--eps", 0, 1e3), default=None)
+    g.add_argument("--znorm", action="store_true", default=None, help="z-normalise the three signals")
+    g.add_argument("--score-weights", default=None, help="influence,distance,noise (default 0.4,0.4,0.2)")
+    g.add_argument("--score", choices=C.SCORES, default=None, help="patch score of propose_noising")
+    if hasattr(C, "IMAGE_SCORES"):
+        g.add_argument("--image-score", choices=C.IMAGE_SCORES, default=None,
+                       help="blurred_max: max of the blurred map (ADer's sp_max); patch_max: max patch score")
+    g.add_argument("--holdout-fraction", type=_float("--holdout-fraction", 0, 1, lo_open=False, hi_open=True),
+                   default=None, help="normal train images held out of the bank for calibration (default 0.1)")
+    g.add_argument("--threshold-fpr", type=_float("--threshold-fpr", 0, 1, hi_open=True), default=None,
+                   help="decision threshold = the (1-q) quantile of validation normal scores "
+                        "(default: F1-max on validation normals + synthetic anomalies)")
+    g.add_argument("--seed", type=_int("--seed", 0, 2**31 - 1), default=None)
+    g.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None)
+    g.add_argument("--devices", type=_devices, default=None,
+                   help="shard the bank and coreset over this many devices ('all' = every device JAX sees)")
+
+
+def add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
+    g = p.add_argument_group("data")
+    if train:
+        g.add_argument("--train-dir", default=None, help="a folder (recursive) of good images only")
+    g.add_argument("--test-dir", default=None,
+                   help="test images: good/ and one sub-folder per defect type (masks optional)")
+    g.add_argument("--dataset", choices=DATASETS, default=None)
+    g.add_argument("--data-root", default=None, help="dataset root (MVTec or VisA layout); default per dataset")
+    g.add_argument("--category", nargs="+", default=None, help="one or more; 'all' = MVTec AD's 15")
+    if train:
+        g.add_argument("--max-train", type=_int("--max-train", 1), default=None,
+                       help="seeded cap on train images (quick runs)")
+    g.add_argument("--max-test", type=_int("--max-test", 1), default=None,
+                   help="seeded, label-stratified cap on test images")
+    g.add_argument("--no-masks", action="store_true", help="image metrics only, even where masks exist")
+    from pn_jax import download
+
+    download.add_cli_flags(p)
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output folder (results.json, figures, checkpoint)")
+    g.add_argument("--figures", type=_int("--figures", 0), default=8, help="figures per category")
+    g.add_argument("--ablation", action="store_true", help="also score each signal alone and PatchCore")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pn-jax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="fit on good images (and test, when a test split is given)")
+    add_config_flags(f)
+    add_data_flags(f, train=True)
+    add_output_flags(f)
+    f.add_argument("--checkpoint", default=None, help="checkpoint directory (default <out>/checkpoint[/<category>])")
+    f.add_argument("--tune", action="store_true", help="tune the learnable weights on validation data")
+    f.add_argument("--unified", action="store_true", help="one bank over all --category (multi-class)")
+    t = sub.add_parser("test", help="score a labelled test split with a checkpoint (its config)")
+    t.add_argument("--checkpoint", required=True)
+    add_data_flags(t, train=False)
+    add_output_flags(t)
+    pr = sub.add_parser("predict", help="score new images with a checkpoint: CSV + overlays")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
+    pr.add_argument("--out", required=True, help="folder for predictions.csv and overlays/")
+    pr.add_argument("--category", default=None, help="which category, when --checkpoint holds several")
+    pr.add_argument("--no-overlays", action="store_true", help="CSV only")
+    pr.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None)
+    e = sub.add_parser("export", help="write a self-contained jax.export artifact of a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True, help="artifact file")
+    e.add_argument("--category", default=None)
+    e.add_argument("--platforms", default="cpu", help="comma-separated: cpu,cuda,tpu")
+    e.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None,
+                   help="fixed batch size (default: symbolic where jax.export allows it)")
+    return p
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """`python -m experiments.run`: fit + test in one (`--mode train`) or test a checkpoint."""
+    p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p)
+    add_data_flags(p, train=True)
+    add_output_flags(p)
+    p.add_argument("--mode", choices=("train", "test"), default="train",
+                   help="train: fit, test and save a checkpoint; test: score with --checkpoint (its config)")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--unified", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------- config
+def _given(a, name):
+    return getattr(a, name, None) is not None
+
+
+def dataset_of(a) -> str:
+    if getattr(a, "train_dir", None):
+        return "folder"
+    return a.dataset or "mvtec_ad"
+
+
+def build_config(a):
+    """The run's Config from the flags (defaults where a flag was not given)."""
+    from pn_jax import backbones
+    from pn_jax.config import Config
+
+    v = {k: (getattr(a, k) if _given(a, k) else d) for k, d in DEFAULTS.items()}
+    ds = dataset_of(a)
+    backbone = a.backbone or DEFAULT_BACKBONE[ds]
+    try:
+        layers = tuple(a.layers.split(",")) if a.layers else backbones.info(backbone).default_layers
+    except KeyError as e:
+        raise UsageError(f"--backbone: {e}") from None
+    root = a.data_root if a.data_root is not None else (a.train_dir if ds == "folder" else DEFAULT_ROOTS[ds])
+    weights = parse_score_weights(v["score_weights"])
+    noising = {"method": v["method"], "k": v["k"], "influence": v["influence"],
+               "influence_ratio": v["influence_ratio"], "dim_selection": v["dim_selection"], "eps": v["eps"],
+               "znorm_signals": bool(a.znorm), "score_weights": weights}
+    if a.score:
+        noising["score"] = a.score
+    if getattr(a, "image_score", None):
+        noising["image_score"] = a.image_score
+    try:
+        return Config().replace(
+            data={"dataset": "mvtec_ad" if ds == "folder" else ds, "root": root, "image_size": v["image_size"],
+                  "resize_mode": v["resize_mode"], "holdout_fraction": v["holdout_fraction"]},
+            model={"backbone": backbone, "weights": a.weights, "layers": layers,
+                   "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"]},
+            bank={"coreset_ratio": v["coreset_ratio"]}, noising=noising, seed=v["seed"],
+            batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def parse_score_weights(s: str) -> tuple[float, float, float]:
+    try:
+        w = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        raise UsageError(f"--score-weights {s!r}: give three comma-separated numbers, e.g. 0.4,0.4,0.2") from None
+    if len(w) != 3 or not all(math.isfinite(x) for x in w):
+        raise UsageError(f"--score-weights {s!r}: give three finite numbers (influence,distance,noise), "
+                         f"got {len(w)} value(s)")
+    return w
+
+
+def n_devices(flag: str) -> int:
+    import jax
+
+    avail = len(jax.devices())
+    n = avail if flag == "all" else int(flag)
+    if not 1 <= n <= avail:
+        raise UsageError(f"--devices {flag}: JAX sees {avail} device(s) ({jax.devices()[0].platform}); "
+                         f"give 1..{avail} or 'all'")
+    return n
+
+
+CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "embed_dim", "coreset_ratio", "k",
+                "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm", "score_weights",
+                "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
+
+
+def refuse_config_flags(a, command: str) -> None:
+    """test/predict take the configuration from the checkpoint: a typed config flag is refused."""
+    typed = [f"--{f.replace('_', '-')}" for f in CONFIG_FLAGS if _given(a, f)]
+    if typed:
+        raise UsageError(f"{command} takes its configuration from --checkpoint; drop {', '.join(typed)} "
+                         "(re-fit to change them)")
+
+
+# ----------------------------------------------------------------------------- checks before work
+def check_writable(path: str, flag: str) -> str:
+    """Create `path` if needed and prove it writable with a probe file, before any long work."""
+    path = os.path.abspath(path)
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".pn_jax-write-probe-{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written ({e.strerror or e}); choose a writable folder") from None
+    return path
+
+
+def resolve_categories(a, ds: str) -> list[str]:
+    if ds == "folder":
+        return [os.path.basename(os.path.normpath(a.train_dir)) or "folder"]
+    cats = a.category or (["mono"] if ds == "elpv" else ["synthetic"] if ds == "synthetic" else ["bottle"])
+    if cats == ["all"]:
+        if ds != "mvtec_ad":
+            raise UsageError(f"--category all means MVTec AD's 15 categories; for --dataset {ds} name them")
+        root = a.data_root or DEFAULT_ROOTS["mvtec_ad"]
+        if os.path.isdir(os.path.join(root, "all")):
+            raise UsageError(f"--category all means MVTec AD's 15 categories, but {root} also has a folder "
+                             "named 'all'; rename that folder to use it")
+        return list(MVTEC_CATEGORIES)
+    if "all" in cats:
+        raise UsageError("--category all means MVTec AD's 15 categories and cannot be mixed with other names")
+    seen = []
+    for c in cats:
+        if c in seen:
+            print(f"note: --category {c} given twice; scoring it once", file=sys.stderr)
+        else:
+            seen.append(c)
+    return seen
+
+
+def check_data(cfg, a, categories: list[str]) -> None:
+    """Fail fast, before any backbone loads, when the data is not there."""
+    from pn_jax.data import mvtec
+
+    if getattr(a, "train_dir", None):
+        if not os.path.isdir(a.train_dir):
+            raise UsageError(f"--train-dir {a.train_dir} is not a folder")
+        return
+    from pn_jax import download
+
+    flag = getattr(a, "download", None)
+    download.set_policy(flag)  # weights: downloaded unless --no-download or PN_JAX_OFFLINE=1
+    if cfg.data.dataset == "mvtec_ad":  # the dataset only with --download (or a yes at a terminal)
+        download.ensure_mvtec(cfg.data.root, categories, allow=flag)
+    if cfg.data.dataset == "mvtec_ad":
+        mvtec.check_root(cfg.data.root)
+        for c in categories:
+            mvtec.index_category(cfg.data.root, c)
+
+
+def folder_sources(cfg, a):
+    from pn_jax import data
+
+    return data.load_folders(a.train_dir, a.test_dir, holdout_fraction=cfg.data.holdout_fraction,
+                             holdout_min=cfg.data.holdout_min, seed=cfg.seed,
+                             max_train=a.max_train, max_test=a.max_test)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_fit(a, *, experiments_mode: bool = False) -> int:
+    from pn_jax import runner
+
+    if getattr(a, "train_dir", None) and (a.dataset or a.category):
+        raise UsageError("--train-dir fits on a folder; drop --dataset/--category (or drop --train-dir)")
+    if a.test_dir and not getattr(a, "train_dir", None):
+        raise UsageError("--test-dir goes with --train-dir")
+    cfg = build_config(a)
+    ds = dataset_of(a)
+    categories = resolve_categories(a, ds)
+    out = check_writable(a.out or "results/run", "--out")
+    ckpt_root = None
+    if a.checkpoint:
+        ckpt_root = check_writable(os.path.dirname(os.path.abspath(a.checkpoint)) or ".", "--checkpoint")
+    if a.unified and (a.tune or ds == "folder"):
+        raise UsageError("--unified fits one bank over several --category; it does not take --tune or --train-dir")
+    check_data(cfg, a, categories)
+    print(banner(cfg))
+    t0 = time.perf_counter()
+    if a.unified:
+        entries = runner.run_unified(cfg, categories, out, checkpoint_dir=_ckpt_dir(a, out, "unified", 1),
+                                     max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
+                                     n_figures=a.figures)
+    else:
+        entries = []
+        for cat in categories:
+            sources = folder_sources(cfg, a) if ds == "folder" else None
+            ck = _ckpt_dir(a, out, cat, len(categories))
+            e = runner.run_category(cfg, cat, out, mode="train", checkpoint_dir=ck, tune=a.tune,
+                                    max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
+                                    n_figures=a.figures, sources=_no_masks(sources, a))
+            print(summary_line(e, ck))
+            entries.append(e)
+    del ckpt_root
+    return report(a, entries, out, t0)
+
+
+def _ckpt_dir(a, out: str, category: str, n: int) -> str:
+    if a.checkpoint is None:
+        return os.path.join(out, "checkpoint", category)
+    return os.path.abspath(a.checkpoint if n == 1 else os.path.join(a.checkpoint, category))
+
+
+def _no_masks(sources, a):
+    if sources is not None and getattr(a, "no_masks", False) and sources.get("test") is not None:
+        sources["test"].has_masks = False
+    return sources
+
+
+def cmd_test(a) -> int:
+    from pn_jax import model as model_lib
+    from pn_jax import runner
+
+    refuse_config_flags(a, "test")
+    out = check_writable(a.out or "results/test", "--out")
+    probe = model_lib.load(a.checkpoint, category=(a.category or [None])[0])
+    cfg = probe.cfg
+    if a.data_root:
+        cfg = cfg.replace(data={"root": a.data_root})
+    saved_cat = probe.provenance.get("category") or "category"
+    categories = a.category or str(saved_cat).split("+")
+    print(banner(cfg))
+    t0 = time.perf_counter()
+    entries = []
+    for cat in categories:
+        if a.test_dir:
+            from pn_jax import data
+
+            sources = {"test": data.load_folders(None, a.test_dir, max_test=a.max_test)["test"]}
+        else:
+            if cfg.data.dataset == "mvtec_ad":
+                check_data(cfg, a, [cat])
+            sources = runner.load_sources(cfg, cat, max_test=a.max_test)
+            sources = {"test": sources["test"]}
+        if a.no_masks:
+            sources["test"].has_masks = False
+        e = runner.run_category(cfg, cat, out, mode="test", checkpoint_dir=a.checkpoint, ablation=a.ablation,
+                                n_figures=a.figures, sources=sources)
+        print(summary_line(e, a.checkpoint))
+        entries.append(e)
+    return report(a, entries, out, t0)
+
+
+def cmd_predict(a) -> int:
+    from pn_jax import model as model_lib
+    from pn_jax import viz
+
+    out = check_writable(a.out, "--out")
+    model = model_lib.load(a.checkpoint, category=a.category)
+    if a.batch_size:
+        model = model_lib.Model(model.cfg.replace(batch_size=a.batch_size), model.grid, model.state,
+                                threshold=model.threshold, provenance=model.provenance,
+                                calibration=model.calibration)
+    items = model_lib.as_items(a.paths if len(a.paths) > 1 else a.paths[0])
+    if not items:
+        raise UsageError(f"no files found in {' '.join(a.paths)}")
+    if model.threshold is None:
+        print("warning: the checkpoint has no decision threshold; labels are empty", file=sys.stderr)
+    csv_path = os.path.join(out, "predictions.csv")
+    tmp = csv_path + ".tmp"
+    n_bad = n_anom = 0
+    t0 = time.perf_counter()
+    overlay_dir = os.path.join(out, "overlays")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "score", "normalized_score", "label", "error"])
+        w.writeheader()
+        for i, rec in enumerate(model.predict_iter(items, maps=not a.no_overlays)):
+            row = {"path": rec["name"], "score": _num(rec["score"]), "normalized_score": _num(rec["normalized"]),
+                   "label": "" if rec["error"] else ("anomalous" if rec["label"] else "normal"),
+                   "error": rec["error"] or ""}
+            w.writerow(row)
+            if rec["error"]:
+                n_bad += 1
+                print(f"error: {rec['name']}: {rec['error']}", file=sys.stderr)
+                continue
+            n_anom += bool(rec["label"])
+            if not a.no_overlays:
+                stem = f"{i:05d}_" + os.path.splitext(os.path.basename(rec["name"]))[0]
+                viz.save_overlay(os.path.join(overlay_dir, stem + ".png"), rec["image"], rec["anomaly_map"],
+                                 model.threshold, f"{rec['name']}: score {rec['score']:.4g} "
+                                 f"({rec['normalized']:.2f} x threshold) -> {row['label']}")
+    os.replace(tmp, csv_path)
+    dt = time.perf_counter() - t0
+    n = len(items)
+    print(f"{n - n_bad} of {n} images scored ({n_anom} anomalous, {n_bad} failed) in {dt:.1f}s, "
+          f"{(n - n_bad) / max(dt, 1e-9):.2f} images/s; threshold {model.threshold}")
+    print(f"predictions: {csv_path}" + ("" if a.no_overlays else f"; overlays: {overlay_dir}"))
+    return min(n_bad, 100)
+
+
+def _num(x) -> str:
+    return "" if x is None or not math.isfinite(x) else f"{x:.6g}"
+
+
+def cmd_export(a) -> int:
+    from pn_jax import model as model_lib
+
+    parent = os.path.dirname(os.path.abspath(a.out))
+    check_writable(parent, "--out")
+    model = model_lib.load(a.checkpoint, category=a.category)
+    platforms = tuple(p.strip() for p in a.platforms.split(",") if p.strip())
+    meta = model.export(a.out, platforms=platforms, batch_size=a.batch_size)
+    print(f"exported {a.out} ({', '.join(platforms)}); metadata: {meta.get('metadata_path', '')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- output
+def banner(cfg) -> str:
+    return (f"pn_jax | dataset={cfg.data.dataset} backbone={cfg.model.backbone} layers={','.join(cfg.model.layers)} "
+            f"method={cfg.noising.method} score={cfg.noising.score} influence={cfg.noising.influence} "
+            f"k={cfg.noising.k} coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed}")
+
+
+def summary_line(e: dict, ck) -> str:
+    c, t = e["counts"], e["timings"]
+    thr = e.get("threshold")
+    return (f"[{e['category']}] mode={e['mode']} train={c.get('train')} holdout={c.get('holdout')} "
+            f"test={c.get('test')} ({c.get('test_anomalous')} anomalous) bank={c.get('bank')}/"
+            f"{c.get('train_patches')} threshold={thr if thr is None else f'{thr:.5g}'} checkpoint={ck} | "
+            + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
+
+
+def report(a, entries: list[dict], out: str, t0: float) -> int:
+    from pn_jax import metrics, runner
+
+    rows = [(e["category"], e["metrics"]) for e in entries if "metrics" in e]
+    if len(rows) > 1:
+        rows.append(("mean", metrics.mean_over_categories([m for _, m in rows])))
+    if rows:
+        print()
+        print(runner.format_table(rows))
+        thr_rows = [(e["category"], e["at_threshold"]) for e in entries if "at_threshold" in e]
+        print("\nAt the stored threshold (what to expect in production; F1-max above is an oracle):")
+        print(runner.format_table(thr_rows, keys=["threshold", "precision", "recall", "F1", "accuracy", "FPR"]))
+    if getattr(a, "tune", False):
+        for e in entries:
+            if "test_before_after_tuning" in e:
+                print(f"\nTuning ({e['category']}): test metrics before -> after")
+                print(runner.format_table(list(e["test_before_after_tuning"].items())))
+    if getattr(a, "ablation", False):
+        for e in entries:
+            if "ablation" in e:
+                print(f"\nAblation ({e['category']}, same bank):")
+                print(runner.format_table(list(e["ablation"].items()),
+                                          keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max"]))
+    path = os.path.join(out, "results.json")
+    runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:]})
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry points
+def _known_errors():
+    errs = [ValueError, FileNotFoundError, PermissionError, NotADirectoryError, KeyError]
+    return tuple(errs)
+
+
+def _guard(fn, a) -> int:
+    """Known failures (bad data, weights, checkpoints, flags, downloads) -> one message, exit 2."""
+    try:
+        return fn(a)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _known_errors() as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions: name the file
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> int:
+    """`pn-jax` console script."""
+    a = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
+    return _guard(fn, a)
+
+
+def run_main(argv=None) -> int:
+    """`python -m experiments.run`: --mode train fits and tests; --mode test scores a checkpoint."""
+    a = build_run_parser().parse_args(argv)
+    if a.mode == "test":
+        if not a.checkpoint:
+            print("error: --mode test needs --checkpoint DIR (a checkpoint written by --mode train)", file=sys.stderr)
+            return 2
+        if a.tune:
+            print("error: --tune needs --mode train (it reads held-out training images)", file=sys.stderr)
+            return 2
+        return _guard(cmd_test_from_run, a)
+    return _guard(cmd_fit, a)
+
+
+def cmd_test_from_run(a) -> int:
+    """experiments.run --mode test: the flags that describe the data select it; config flags that
+    the checkpoint fixes must agree with it (or be left out)."""
+    from pn_jax import checkpoint
+    from pn_jax import model as model_lib
+
+    ds = dataset_of(a)
+    categories = resolve_categories(a, ds)
+    typed = [f for f in CONFIG_FLAGS if _given(a, f)]
+    if typed:  # compare what was typed against the checkpoint
+        cfg = build_config(a)
+        for cat in categories:
+            d = model_lib.resolve_checkpoint(a.checkpoint if len(categories) == 1
+                                             else os.path.join(a.checkpoint, cat), cat)
+            saved = model_lib.load(d, category=cat).cfg
+            conflicts = checkpoint.check_compatible(saved, cfg)
+            if conflicts:
+                raise UsageError(f"checkpoint {d} does not match the flags given:\n  " + "\n  ".join(conflicts)
+                                 + "\nDrop those flags (test takes its configuration from the checkpoint) "
+                                   "or re-train.")
+    for f in CONFIG_FLAGS:
+        setattr(a, f, None)
+    a.category = categories
+    return cmd_test(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
