@@ -297,9 +297,32 @@ def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None, neigh
     return jnp.sort(jax.lax.top_k(imp, s)[1]).astype(jnp.int32)
 
 
-@jax.jit
-def _importance(f, bank, dist, idx, eps):
-    return influence_lib.fd_fixed(f, bank, dist, idx, jnp.arange(f.shape[-1]), eps).mean(0)
+IMPORTANCE_CHUNK = 512  # held-out patches per step: [chunk, K, D] floats (~19 MB at K=9, D=1024)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _importance(f, bank, dist, idx, eps, chunk: int = IMPORTANCE_CHUNK):
+    """Mean fd_fixed influence of every dim over the patches f [P, D]: [D]. Streamed over
+    chunks of patches, since the residuals of all patches at once are [P, K, D] (~0.8 GB at
+    bottle size); the sum runs over the chunks, then one division by P."""
+    p, d = f.shape
+    chunk = min(chunk, p)
+    n = -(-p // chunk)
+    pad = n * chunk - p
+    valid = (jnp.arange(n * chunk) < p).reshape(n, chunk)
+    # pad rows get distance 1 (no 0/0) and are masked out of the sum
+    f_c = jnp.pad(f, ((0, pad), (0, 0))).reshape(n, chunk, d)
+    dist_c = jnp.pad(dist, ((0, pad), (0, 0)), constant_values=1.0).reshape(n, chunk, -1)
+    idx_c = jnp.pad(idx, ((0, pad), (0, 0))).reshape(n, chunk, -1)
+    all_dims = jnp.arange(d)
+
+    def step(acc, xs):
+        fc, dc, ic, vc = xs
+        infl = influence_lib.fd_fixed(fc, bank, dc, ic, all_dims, eps, bank_s=bank)  # [chunk, D]
+        return acc + jnp.sum(jnp.where(vc[:, None], infl, 0.0), axis=0), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((d,), jnp.float32), (f_c, dist_c, idx_c, valid))
+    return total / p
 
 
 def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighbours=None) -> noising.Stats:

@@ -175,3 +175,22 @@ def test_importance_dim_selection_picks_the_most_influential_dims():
     want = np.sort(np.argsort(-imp)[:len(dims)])
     np.testing.assert_array_equal(dims, want)
     assert len(dims) == detector.n_influence_dims(cfg, hold.shape[-1])
+
+
+def test_importance_is_streamed_and_equals_the_unchunked_mean():
+    from pn_jax import influence, knn
+
+    rng = np.random.default_rng(4)
+    f = jnp.asarray(rng.normal(size=(37, 16)), jnp.float32)
+    bank = jnp.asarray(rng.normal(size=(20, 16)), jnp.float32)
+    dist, idx = knn.knn(f, bank, k=3, block=8)
+    want = np.asarray(influence.fd_fixed(f, bank, dist, idx, jnp.arange(16), 1e-3)).mean(0)
+    for chunk in (5, 37, 64):  # a ragged last chunk, one chunk, a chunk larger than P
+        got = np.asarray(detector._importance(f, bank, dist, idx, 1e-3, chunk=chunk))
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(chunk))
+    # Held-out patches P=4000, K=9, D=256: the unstreamed residuals alone are [P,K,D] (37 MB).
+    p, k, d = 4000, 9, 256
+    shapes = (jax.ShapeDtypeStruct((p, d), jnp.float32), jax.ShapeDtypeStruct((300, d), jnp.float32),
+              jax.ShapeDtypeStruct((p, k), jnp.float32), jax.ShapeDtypeStruct((p, k), jnp.int32))
+    temp = detector._importance.lower(*shapes, 1e-3).compile().memory_analysis().temp_size_in_bytes
+    assert temp < p * k * d * 4 / 2, temp
