@@ -153,6 +153,15 @@ def test_zero_byte_truncated_and_renamed_text_are_named(tmp_path):
         assert path in str(e.value) and phrase in str(e.value)
     with pytest.raises(D.DataError, match="mask"):
         D.load_mask(zero)
+    stack = str(tmp_path / "stack.tif")
+    Image.fromarray(_img(0)).save(stack, save_all=True,
+                                  append_images=[Image.fromarray(_img(1))])
+    with pytest.raises(D.DataError, match="multi-page TIFF \\(2 pages\\)") as e:
+        D.load_rgb(stack)
+    assert str(e.value).startswith(f"image {stack} is")
+    os.remove(good)
+    with pytest.raises(D.DataError, match="multi-page"):  # found at indexing, before any work
+        D.folder_source(str(tmp_path), notify=lambda m: None)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

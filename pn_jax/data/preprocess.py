@@ -53,7 +53,7 @@ def _open(path: str, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()  # decode now, so a truncated file fails here, naming the file
-        return img
+        n_frames = getattr(img, "n_frames", 1)
     except FileNotFoundError:
         raise MissingDataError(f"{what} not found: {path}") from None
     except _READ_ERRORS as e:
@@ -63,6 +63,13 @@ def _open(path: str, what: str) -> Image.Image:
             e = "the file is empty (0 bytes)"
         raise DataError(
             f"cannot read {what} {path}: {e}. Replace or remove the file.") from None
+    if img.format == "TIFF" and n_frames > 1:
+        # Only the first page would be read, the rest of the stack silently dropped. (Phone
+        # JPEGs that carry a preview frame, MPO, are read as their main image.)
+        img.close()
+        raise DataError(f"{what} {path} is a multi-page TIFF ({n_frames} pages); save each "
+                        f"page as its own image file.")
+    return img
 
 
 def _to_uint8(img: Image.Image) -> np.ndarray:
@@ -238,7 +245,8 @@ def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
     """(width, height) from the header only: cheap enough to check a whole dataset."""
     try:
         with Image.open(path) as img:
-            return img.size
+            size = img.size
+            n_frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1
     except FileNotFoundError:
         raise MissingDataError(f"{what} not found: {path}") from None
     except _READ_ERRORS as e:
@@ -246,6 +254,10 @@ def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
             e = "the file is empty (0 bytes)"
         raise DataError(
             f"cannot read {what} {path}: {e}. Replace or remove the file.") from None
+    if n_frames > 1:
+        raise DataError(f"{what} {path} is a multi-page TIFF ({n_frames} pages); save each "
+                        f"page as its own image file.")
+    return size
 
 
 def _geometry(h: int, w: int, image_size: int, resize_mode: str, crop_size: int):
