@@ -17,6 +17,10 @@ no fitted value to stay near, so their default `reg` is 0.
 
 Every patch score is a function of that patch alone, so each step scores only the patches
 the loss uses (all anomalous ones and a seeded sample of normal ones), not whole images.
+
+The fit-time statistics normalise the WEIGHTED influence (and the noise built from it), so
+after the note's weights are tuned they are recomputed with the tuned weights, from normal
+held-out features (`stats_feats`, default: the validation images without an anomalous pixel).
 """
 from __future__ import annotations
 
@@ -71,12 +75,20 @@ class TuneResult:
 
 def tune(cfg: Config, state: detector.DetectorState, val_feats: np.ndarray, val_masks: np.ndarray,
          grid: tuple[int, int], *, variant: str | None = None, steps: int = 60, lr: float = 0.05,
-         reg: float | None = None, max_normal: int = 2048, seed: int | None = None, log=None) -> TuneResult:
-    """Fit the parameters of `variant` (default: the configured score) to the validation split."""
+         reg: float | None = None, max_normal: int = 2048, seed: int | None = None, log=None,
+         stats_feats: np.ndarray | None = None) -> TuneResult:
+    """Fit the parameters of `variant` (default: the configured score) to the validation split.
+    `stats_feats` [h, N, D]: normal held-out features to recompute the statistics from after
+    tuning the note's weights (default: the validation images whose mask is empty)."""
     variant = variant or detector.default_variant(cfg)
     names = tuned_params(variant)
     if reg is None:
         reg = 1.0 if names == CALIBRATED_PARAMS else 0.0
+    if names == SEED_PARAMS and stats_feats is None:
+        stats_feats = np.asarray(val_feats)[~np.asarray(val_masks).reshape(len(val_masks), -1).any(-1)]
+        if not len(stats_feats):
+            raise ValueError("tuning the note's weights needs normal images to recompute the fit-time "
+                             "statistics with: the validation split has none (pass stats_feats)")
     labels = patch_labels(np.asarray(val_masks) > 0.5, grid).reshape(-1)
     anom = np.flatnonzero(labels == 1)
     norm = np.flatnonzero(labels == 0)
@@ -129,4 +141,7 @@ def tune(cfg: Config, state: detector.DetectorState, val_feats: np.ndarray, val_
     final = float(jax.jit(loss_fn)(theta, feats, state.bank))
     losses.append(final)
     params = {**state.params, **{k: v for k, v in to_params(theta).items() if k in names}}
-    return TuneResult(state._replace(params=params), losses, variant, names)
+    state = state._replace(params=params)
+    if names == SEED_PARAMS:  # the statistics of the weighted influence, with the tuned weights
+        state = state._replace(stats=detector.fit_stats(cfg, params, state.bank, state.dims, stats_feats))
+    return TuneResult(state, losses, variant, names)
