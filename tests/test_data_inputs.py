@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pn_jax import data as D
-from pn_jax.data import folder, records, visa
+from pn_jax.data import records, visa
 
 MEAN, STD = D.IMAGENET_MEAN, D.IMAGENET_STD
 
@@ -494,8 +494,9 @@ def test_array_to_rgb_matches_the_file_reader(tmp_path):
     rgb = _img(3)
     gray = rgb[..., 0]
     rgba = np.concatenate([rgb, np.full((24, 32, 1), 90, np.uint8)], -1)
-    g16 = (gray.astype(np.uint16) * 257 + np.uint16(100))
-    cases = [(rgb, rgb), (gray, _via_png(tmp_path, gray)), (gray[..., None], _via_png(tmp_path, gray)),
+    g16 = gray.astype(np.uint16) * 250 + np.uint16(100)  # not a multiple of 257: rounding
+    ref_gray = _via_png(tmp_path, gray)
+    cases = [(rgb, rgb), (gray, ref_gray), (gray[..., None], ref_gray),
              (rgba, _via_png(tmp_path, rgba)), (g16, _via_png(tmp_path, g16))]
     for arr, ref in cases:
         out = D.array_to_rgb(arr)

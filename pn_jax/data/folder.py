@@ -118,11 +118,11 @@ def index_folder(train_dir: str, *, notify: Callable[[str], None] | None = None,
             f"training folder {train_dir} holds no images (looked recursively for {_EXTS}, "
             f"any case); it holds {held}. Point it at the folder of good images.")
     _note_skipped(train_dir, skipped, notify)
-    top = {n.split("/", 1)[0] for n in images if "/" in n}
-    if top & {GROUND_TRUTH, "test"}:
-        notify(f"training folder {train_dir} has a {' and a '.join(sorted(top & {GROUND_TRUTH, 'test'}))} "
-               f"sub-folder: every image under it is used as a normal training image. Pass the "
-               f"folder of good images only (e.g. train/good) if that is not what you meant.")
+    suspicious = sorted({n.split("/", 1)[0] for n in images if "/" in n} & {GROUND_TRUTH, "test"})
+    if suspicious:
+        notify(f"training folder {train_dir} has a {' and a '.join(suspicious)} sub-folder: "
+               f"every image under it is used as a normal training image. Pass the folder of "
+               f"good images only (e.g. train/good) if that is not what you meant.")
     samples = [Sample(name=n, path=os.path.join(train_dir, *n.split("/")), split="train",
                       label=0, defect=NORMAL) for n in images]
     if check_files:

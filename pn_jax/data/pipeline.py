@@ -219,7 +219,7 @@ def load_category(dataset: str, root: str | None = None, category: str | None = 
     if backend == "tfds" and dataset not in TFDS_DATASETS:
         raise ValueError(f"backend 'tfds' reads {', '.join(TFDS_DATASETS)}; use backend "
                          f"'direct' for {dataset}")
-    category = category or ("all" if dataset == "elpv" else "synthetic" if dataset == "synthetic" else None)
+    category = category or {"elpv": "all", "synthetic": "synthetic"}.get(dataset)
     if category is None:
         raise ValueError(f"category is required for {dataset}")
     root = root or default_root(dataset)

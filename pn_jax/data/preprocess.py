@@ -48,6 +48,12 @@ def is_image_file(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _reason(path: str, err: Exception) -> str:
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "the file is empty (0 bytes)"
+    return str(err)
+
+
 def _open(path: str, what: str) -> Image.Image:
     img = None
     try:
@@ -59,10 +65,8 @@ def _open(path: str, what: str) -> Image.Image:
     except _READ_ERRORS as e:
         if img is not None:
             img.close()
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            e = "the file is empty (0 bytes)"
-        raise DataError(
-            f"cannot read {what} {path}: {e}. Replace or remove the file.") from None
+        raise DataError(f"cannot read {what} {path}: {_reason(path, e)}. Replace or remove "
+                        f"the file.") from None
     if img.format == "TIFF" and n_frames > 1:
         # Only the first page would be read, the rest of the stack silently dropped. (Phone
         # JPEGs that carry a preview frame, MPO, are read as their main image.)
@@ -250,10 +254,8 @@ def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
     except FileNotFoundError:
         raise MissingDataError(f"{what} not found: {path}") from None
     except _READ_ERRORS as e:
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            e = "the file is empty (0 bytes)"
-        raise DataError(
-            f"cannot read {what} {path}: {e}. Replace or remove the file.") from None
+        raise DataError(f"cannot read {what} {path}: {_reason(path, e)}. Replace or remove "
+                        f"the file.") from None
     if n_frames > 1:
         raise DataError(f"{what} {path} is a multi-page TIFF ({n_frames} pages); save each "
                         f"page as its own image file.")
