@@ -1,0 +1,254 @@
+"""The jax.export artifact reproduces the in-process pipeline (pipeline batches -> FeatureExtractor
+-> Scorer), in this process and in a fresh one without flax/orbax/pn_jax model code; corrupted
+or mismatched artifacts are refused naming the file; the loader's host preprocessing equals
+pn_jax.data.preprocess."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from pn_jax import backbones, detector, export
+from pn_jax.config import tiny_config
+from pn_jax.data import pipeline, preprocess
+
+SYNTH = dict(n_train=12, n_test_good=3, n_test_defect=4, size=96)
+
+
+def fit_tiny(root, cfg):
+    """Fit on the synthetic category under `root` as the runner does; -> what the tests need."""
+    src = pipeline.load_category("synthetic", root, "synthetic", holdout_fraction=cfg.data.holdout_fraction,
+                                 holdout_min=2, seed=0, synthetic_kwargs=SYNTH)
+    info = backbones.info(cfg.model.backbone)
+    ext = detector.FeatureExtractor(cfg)
+    d = cfg.data
+    feats = {split: detector.extract_all(ext, pipeline.make_batches(
+        src[split], image_size=d.image_size, mean=info.mean, std=info.std, batch_size=cfg.batch_size,
+        resize_mode=d.resize_mode, crop_size=d.crop_size), cfg.batch_size) for split in ("train", "holdout", "test")}
+    state, _ = detector.fit(cfg, feats["train"], feats["holdout"], jax.random.key(0))
+    ref = detector.Scorer(cfg, ext.grid)(state, feats["test"])
+    scores = np.asarray(ref["image_scores"])
+    s = np.sort(scores)
+    threshold = float(0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2]))  # half the images above it
+    paths = [os.path.join(root, "synthetic", name) for name in src["test"].names]
+    return dict(cfg=cfg, state=state, grid=ext.grid, threshold=threshold, paths=paths,
+                scores=scores, maps=np.asarray(ref["anomaly_maps"]))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    m = fit_tiny(str(tmp / "data"), tiny_config())
+    path = str(tmp / "model.jaxexport")
+    meta = {"dataset": "synthetic", "category": "synthetic", "weights_sha256": "abc"}
+    m["metadata"] = export.export_model(m["cfg"], m["state"], m["grid"], m["threshold"], meta, path)
+    m["path"] = path
+    return m
+
+
+def check_against_reference(out, m):
+    np.testing.assert_allclose(out["scores"], m["scores"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["anomaly_maps"], m["maps"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["normalized"], m["scores"] / m["threshold"], rtol=1e-5)
+    np.testing.assert_array_equal(out["labels"], m["scores"] >= m["threshold"])
+
+
+def test_exported_model_reproduces_the_in_process_scorer(fitted):
+    m = fitted
+    predict = export.load_exported(m["path"])
+    out = predict(m["paths"])
+    check_against_reference(out, m)
+    assert 0 < out["labels"].sum() < len(m["paths"])
+    assert out["names"] == m["paths"] and out["errors"] == {}
+    # the same images as arrays of their original size, one at a time and as one list
+    images = [preprocess.load_rgb(p) for p in m["paths"]]
+    np.testing.assert_allclose(predict(images[2])["scores"], m["scores"][2:3], rtol=1e-5, atol=1e-5)
+    check_against_reference(predict(images), m)
+    # a folder: every file in it, sorted by name
+    folder = os.path.dirname(m["paths"][-1])
+    files = sorted(p for p in m["paths"] if os.path.dirname(p) == folder)
+    np.testing.assert_allclose(predict(folder)["scores"], [m["scores"][m["paths"].index(p)] for p in files],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_describes_the_artifact(fitted):
+    md = json.load(open(export.metadata_path(fitted["path"])))
+    assert md == fitted["metadata"]
+    assert md["input"] == {**md["input"], "size": 64, "layout": "NHWC", "dtype": "uint8",
+                           "resize": "PIL bilinear (antialiased) on the host"}
+    info = backbones.info("efficientnet_lite0")
+    assert md["input"]["normalization"]["mean"] == list(info.mean)
+    assert md["batch"] == {"symbolic": True, "size": None}
+    assert md["threshold"] == fitted["threshold"] and md["label_rule"] == "normalized >= 1.0"
+    assert md["score"]["variant"] == fitted["cfg"].noising.score
+    assert md["versions"]["jax"] == jax.__version__
+    assert md["provenance"]["weights_sha256"] == "abc"
+    import hashlib
+    assert md["sha256"] == hashlib.sha256(open(fitted["path"], "rb").read()).hexdigest()
+
+
+MINIMAL = r"""
+import importlib.abc, json, sys
+BLOCKED = ("flax", "orbax", "grain", "tensorflow", "tensorflow_datasets", "optax", "pn_jax.detector",
+           "pn_jax.data", "pn_jax.backbones", "pn_jax.checkpoint", "pn_jax.noising")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED or any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"the minimal loader imported {name}")
+sys.meta_path.insert(0, Block())
+import jax, numpy
+from pn_jax.export import load_exported
+out = load_exported(sys.argv[1])(sys.argv[2:])
+bad = [m for m in sys.modules if m.split(".")[0] in ("flax", "orbax") or m == "pn_jax.detector"]
+assert not bad, bad
+print(json.dumps({"scores": out["scores"].tolist(), "labels": out["labels"].tolist(),
+                  "modules": sorted(m for m in sys.modules if m.startswith("pn_jax"))}))
+"""
+
+
+def test_fresh_process_with_only_jax_numpy_and_the_loader(fitted):
+    m = fitted
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-c", MINIMAL, m["path"], *m["paths"]], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["scores"], m["scores"], rtol=1e-5, atol=1e-5)
+    assert got["labels"] == (m["scores"] >= m["threshold"]).tolist()
+    assert set(got["modules"]) == {"pn_jax", "pn_jax.export"}
+
+
+@pytest.fixture()
+def copy(fitted, tmp_path):
+    """A private copy of the artifact and its metadata, to damage."""
+    path = str(tmp_path / "copy.jaxexport")
+    shutil.copyfile(fitted["path"], path)
+    md = json.load(open(export.metadata_path(fitted["path"])))
+    md["artifact"] = os.path.basename(path)
+    json.dump(md, open(export.metadata_path(path), "w"))
+    return path, md
+
+
+def test_corrupted_artifact_is_refused_naming_the_file(copy):
+    path, _ = copy
+    export.load_exported(path)  # the undamaged copy loads
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(export.ExportError, match=f"{path} is corrupted.*sha256"):
+        export.load_exported(path)
+    open(path, "wb").write(bytes(data[:1000]))  # truncated
+    with pytest.raises(export.ExportError, match="corrupted"):
+        export.load_exported(path)
+
+
+def test_missing_files_are_refused_naming_the_file(copy, tmp_path):
+    path, _ = copy
+    with pytest.raises(export.ExportError, match="not found: .*nothing.jaxexport"):
+        export.load_exported(str(tmp_path / "nothing.jaxexport"))
+    os.unlink(export.metadata_path(path))
+    with pytest.raises(export.ExportError, match=f"{path} has no metadata file {path}.json"):
+        export.load_exported(path)
+
+
+def _rewrite(path, md):
+    json.dump(md, open(export.metadata_path(path), "w"))
+
+
+def test_metadata_mismatch_is_refused(copy):
+    path, md = copy
+    _rewrite(path, {**md, "input": {**md["input"], "size": 128}})
+    with pytest.raises(export.ExportError, match=r"does not match the artifact .*input shape"):
+        export.load_exported(path)
+    _rewrite(path, {**md, "batch": {"symbolic": False, "size": 4}})
+    with pytest.raises(export.ExportError, match=r"does not match the artifact .*batch"):
+        export.load_exported(path)
+    _rewrite(path, {**md, "format_version": export.FORMAT_VERSION + 1})
+    with pytest.raises(export.ExportError, match="format version"):
+        export.load_exported(path)
+    _rewrite(path, {**md, "calling_convention_version": 10 ** 6})
+    with pytest.raises(export.ExportError, match=r"calling convention 1000000 .*this jax"):
+        export.load_exported(path)
+    _rewrite(path, {**md, "threshold": md["threshold"] * 2})  # only the artifact's run can tell
+    predict = export.load_exported(path)
+    with pytest.raises(export.ExportError, match="records threshold .* exported with"):
+        predict(np.zeros((64, 64, 3), np.uint8))
+    open(export.metadata_path(path), "w").write("{not json")
+    with pytest.raises(export.ExportError, match="cannot read the metadata"):
+        export.load_exported(path)
+
+
+def test_bad_export_requests_are_refused(fitted, tmp_path):
+    m = fitted
+    args = (m["cfg"], m["state"], m["grid"])
+    with pytest.raises(export.ExportError, match="threshold must be"):
+        export.export_model(*args, 0.0, None, str(tmp_path / "a"))
+    with pytest.raises(export.ExportError, match="unknown platform"):
+        export.export_model(*args, 1.0, None, str(tmp_path / "a"), platforms=("gpu",))
+    with pytest.raises(export.ExportError, match="is a directory"):
+        export.export_model(*args, 1.0, None, str(tmp_path))
+    with pytest.raises(export.ExportError, match="not JSON-serialisable"):
+        export.export_model(*args, 1.0, {"x": object()}, str(tmp_path / "a"))
+    assert not os.listdir(tmp_path)  # nothing half-written
+
+
+
+def test_unreadable_inputs_are_reported_by_name(fitted, tmp_path):
+    m = fitted
+    predict = export.load_exported(m["path"])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    missing = str(tmp_path / "missing.png")
+    out = predict([m["paths"][0], str(tmp_path / "broken.png"), missing, np.full((5, 7), 2.0), m["paths"][1]])
+    np.testing.assert_allclose(out["scores"][[0, 4]], m["scores"][:2], rtol=1e-5, atol=1e-5)
+    assert np.isnan(out["scores"][1:4]).all() and not out["labels"][1:4].any()
+    assert np.isnan(out["anomaly_maps"][1:4]).all()
+    assert set(out["errors"]) == {str(tmp_path / "broken.png"), missing, "array[3]"}
+    assert "cannot read image" in out["errors"][str(tmp_path / "broken.png")]
+    assert "not found" in out["errors"][missing] and "[0, 1]" in out["errors"]["array[3]"]
+    with pytest.raises(export.ExportError, match="ambiguous"):
+        predict(np.zeros((3, 64, 64), np.uint8))
+
+
+def test_fixed_batch_multi_platform_and_patchcore_geometry(tmp_path):
+    """A fixed batch of 3 (11 images: chunked, the last chunk padded), lowered for cpu and cuda together
+    (no GPU needed to lower), on a model with the resize + centre-crop geometry."""
+    cfg = tiny_config(data={"resize_mode": "patchcore", "image_size": 80, "crop_size": 64})
+    m = fit_tiny(str(tmp_path / "data"), cfg)
+    path = str(tmp_path / "fixed.jaxexport")
+    md = export.export_model(cfg, m["state"], m["grid"], m["threshold"], None, path,
+                             platforms=("cpu", "cuda"), batch_size=3)
+    assert md["batch"] == {"symbolic": False, "size": 3} and md["platforms"] == ["cpu", "cuda"]
+    predict = export.load_exported(path)
+    out = predict(m["paths"])
+    assert len(m["paths"]) % 3 and out["anomaly_maps"].shape == (len(m["paths"]), 64, 64)
+    check_against_reference(out, m)
+
+
+def test_host_preprocessing_matches_the_data_pipeline(tmp_path):
+    """Every file format the reader supports, both geometries."""
+    from pn_jax.data import synthetic
+
+    synthetic.generate_category(str(tmp_path), "mixed", n_train=7, n_test_good=1, n_test_defect=1,
+                                size=72, mixed_formats=True)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "mixed")
+                   for f in fs if preprocess.is_image_file(f) and "ground_truth" not in d)
+    assert len({os.path.splitext(f)[1] for f in files}) >= 4
+    for f in files:
+        want = preprocess.load_rgb(f)
+        got = export.load_image(f)
+        np.testing.assert_array_equal(got, want, err_msg=f)
+        for mode, size, crop in (("resize", 64, None), ("patchcore", 80, 64)):
+            geo = {"resize_mode": mode, "image_size": size, "crop_size": crop}
+            np.testing.assert_array_equal(export.resize_for_model(got, geo),
+                                          preprocess.resize_image(want, size, mode, crop or 224), err_msg=f)
+    rng = np.random.default_rng(0)
+    gray16 = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
+    np.testing.assert_array_equal(export.image_array_to_rgb(gray16)[..., 1], np.rint(gray16 / 257.0).astype(np.uint8))
+    rgba = rng.random((20, 30, 4))
+    np.testing.assert_array_equal(export.image_array_to_rgb(rgba), np.rint(rgba[..., :3] * 255).astype(np.uint8))
+    with pytest.raises(export.ExportError, match="must be in 0..255"):
+        export.image_array_to_rgb(np.full((4, 4), 300))
