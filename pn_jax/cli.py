@@ -217,7 +217,7 @@ def build_config(a):
         noising["image_score"] = a.image_score
     try:
         return Config().replace(
-            data={"dataset": "mvtec_ad" if ds == "folder" else ds, "root": root, "image_size": v["image_size"],
+            data={"dataset": ds, "root": root, "image_size": v["image_size"],
                   "resize_mode": v["resize_mode"], "holdout_fraction": v["holdout_fraction"]},
             model={"backbone": backbone, "weights": a.weights, "layers": layers,
                    "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"]},
@@ -284,7 +284,7 @@ def check_writable(path: str, flag: str) -> str:
 
 def resolve_categories(a, ds: str) -> list[str]:
     if ds == "folder":
-        return [os.path.basename(os.path.normpath(a.train_dir)) or "folder"]
+        return [folder_name(a.train_dir)]
     cats = a.category or (["mono"] if ds == "elpv" else ["synthetic"] if ds == "synthetic" else ["bottle"])
     if cats == ["all"]:
         if ds != "mvtec_ad":
@@ -325,12 +325,20 @@ def check_data(cfg, a, categories: list[str]) -> None:
             mvtec.index_category(cfg.data.root, c)
 
 
+def folder_name(train_dir: str) -> str:
+    """A name for a --train-dir fit: its folder, or the one above an MVTec-style train/good."""
+    parts = os.path.normpath(os.path.abspath(train_dir)).split(os.sep)
+    while len(parts) > 1 and parts[-1] in ("good", "train"):
+        parts.pop()
+    return parts[-1] or "folder"
+
+
 def folder_sources(cfg, a):
     from pn_jax import data
 
     return data.load_folders(a.train_dir, a.test_dir, holdout_fraction=cfg.data.holdout_fraction,
-                             holdout_min=cfg.data.holdout_min, seed=cfg.seed,
-                             max_train=a.max_train, max_test=a.max_test)
+                             holdout_min=cfg.data.holdout_min, seed=cfg.seed, max_train=a.max_train,
+                             max_test=a.max_test, masks=not a.no_masks, category=folder_name(a.train_dir))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -383,6 +391,18 @@ def _no_masks(sources, a):
     return sources
 
 
+def test_dir_source(test_dir: str, max_test: int | None, *, masks: bool = True):
+    """A `--test-dir` (good/ + defect sub-folders, optional masks) as a test source."""
+    from pn_jax import data
+    from pn_jax.data import records
+
+    if not os.path.isdir(test_dir):
+        raise UsageError(f"--test-dir {test_dir} is not a folder")
+    samples = records.cap_samples(data.index_test_dir(test_dir, masks=masks), max_test, 1)
+    return records.samples_source(samples, dataset="folder", category=os.path.basename(os.path.normpath(test_dir)),
+                                  split="test")
+
+
 def cmd_test(a) -> int:
     from pn_jax import model as model_lib
     from pn_jax import runner
@@ -402,7 +422,7 @@ def cmd_test(a) -> int:
         if a.test_dir:
             from pn_jax import data
 
-            sources = {"test": data.load_folders(None, a.test_dir, max_test=a.max_test)["test"]}
+            sources = {"test": test_dir_source(a.test_dir, a.max_test, masks=not a.no_masks)}
         else:
             if cfg.data.dataset == "mvtec_ad":
                 check_data(cfg, a, [cat])

@@ -49,26 +49,15 @@ class Item:
 
 def as_items(inputs) -> list[Item]:
     """A path, a list of paths, a folder (recursive) or an array ([H,W], [H,W,C] or [B,H,W,C];
-    uint8, uint16, bool or float in [0, 1]) -> items, in a deterministic order."""
+    uint8, uint16, bool or float in [0, 1]; or a list of such arrays) -> items, in a
+    deterministic order."""
     from pn_jax import data
 
-    if isinstance(inputs, np.ndarray) or isinstance(inputs, jax.Array):
-        arr = np.asarray(inputs)
-        batch = arr[None] if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4)
-                                               and arr.ndim != 4) else arr
-        if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):  # [B, H, W] grayscale batch
-            batch = arr
-        return [Item(f"array[{i}]", (lambda a=a: data.array_to_rgb(a))) for i, a in enumerate(batch)]
-    if isinstance(inputs, (list, tuple)) and inputs and not isinstance(inputs[0], (str, os.PathLike)):
-        return [it for i, x in enumerate(inputs) for it in _renamed(as_items(np.asarray(x)), i)]
-    paths = data.resolve_inputs(inputs)
-    return [Item(p, (lambda p=p: data.load_rgb(p))) for p in paths]
-
-
-def _renamed(items, i):
-    for it in items:
-        it.name = f"array[{i}]"
-        yield it
+    if isinstance(inputs, (np.ndarray, jax.Array)) or (
+            isinstance(inputs, (list, tuple)) and inputs and not isinstance(inputs[0], (str, os.PathLike))):
+        arrays = list(inputs) if isinstance(inputs, (list, tuple)) else np.asarray(inputs)
+        return [Item(f"array[{i}]", (lambda a=a: a)) for i, a in enumerate(data.array_to_images(arrays))]
+    return [Item(p, (lambda p=p: data.load_rgb(p))) for p in data.resolve_inputs(inputs)]
 
 
 # ----------------------------------------------------------------------------- results
