@@ -16,6 +16,9 @@ INFLUENCE_METHODS = ("fd", "fd_fixed", "grad", "jvp")
 DIM_SELECTION = ("random", "importance")
 # Patch scores of method propose_noising: the note's literal mix, or the calibrated noise model.
 SCORES = ("seed", "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
+# Image score from the patch scores: the max of the upsampled, blurred map (PatchCore's and
+# ADer's sp_max) or the raw max over patches (the note's literal "max over patches").
+IMAGE_SCORES = ("blurred_max", "patch_max")
 RESIZE_MODES = ("resize", "patchcore")  # resize: WxW no crop; patchcore: shorter side, centre crop
 
 
@@ -65,6 +68,7 @@ class NoisingConfig:
     noise_shrinkage: float = 0.1  # calibrated noise model: shrink s_j^2 towards its mean
     noise_floor: float = 0.1  # ... and keep s_j >= floor * median(s)
     blur_sigma: float = 4.0
+    image_score: str = "blurred_max"  # one of IMAGE_SCORES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +140,7 @@ def validate(cfg: Config) -> None:
         (n.influence in INFLUENCE_METHODS, f"noising.influence must be one of {INFLUENCE_METHODS}, got {n.influence!r}"),
         (n.dim_selection in DIM_SELECTION, f"noising.dim_selection must be one of {DIM_SELECTION}"),
         (n.score in SCORES, f"noising.score must be one of {SCORES}, got {n.score!r}"),
+        (n.image_score in IMAGE_SCORES, f"noising.image_score must be one of {IMAGE_SCORES}, got {n.image_score!r}"),
         (0 <= n.noise_shrinkage <= 1 and n.noise_floor >= 0, "noising.noise_shrinkage in [0,1], noise_floor >= 0"),
         (n.k >= 1, f"noising.k must be >= 1, got {n.k}"),
         (0 < n.influence_ratio <= 1, f"noising.influence_ratio must be in (0, 1], got {n.influence_ratio}"),

@@ -259,11 +259,18 @@ class Scorer:
     def maps(self, patch) -> jax.Array:
         return self._maps(patch)
 
+    def image_scores(self, patch, amap) -> jax.Array:
+        """Image scores [B] of patch scores [B, N] and their maps [B, H, W], as
+        cfg.noising.image_score says: max of the blurred map, or the raw max over patches."""
+        if self.cfg.noising.image_score == "patch_max":
+            return jnp.max(patch, axis=-1)
+        return maps_lib.image_scores(amap)
+
     def __call__(self, state: DetectorState, feats) -> dict:
         sig = self.signals(state, feats)
         patch = patch_score(self.cfg, sig, state.stats)
         amap = self.maps(patch)
-        out = {"image_scores": maps_lib.image_scores(amap), "anomaly_maps": amap,
+        out = {"image_scores": self.image_scores(patch, amap), "anomaly_maps": amap,
                "patch_scores": patch, "image_scores_patch_max": jnp.max(patch, axis=-1)}
         if self.need_influence:
             out["influence_maps"] = self.maps(sig["influence"])

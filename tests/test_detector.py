@@ -71,6 +71,21 @@ def test_patchcore_equals_bruteforce_nearest_neighbour():
     assert np.argmax(got_scores) == 3
 
 
+def test_image_score_patch_max_is_the_raw_max_over_patches():
+    cfg, ext, state, _, test = make("patchcore")
+    feats = np.asarray(ext(test))
+    d, _ = reference.knn_bruteforce(feats.reshape(-1, feats.shape[-1]), np.asarray(state.bank), 1)
+    patch = d[:, 0].reshape(len(test), -1)
+    out = detector.Scorer(cfg.replace(noising={"image_score": "patch_max"}), ext.grid)(state, feats)
+    np.testing.assert_allclose(np.asarray(out["image_scores"]), patch.max(-1), rtol=1e-5)
+    blurred = detector.Scorer(cfg, ext.grid)(state, feats)  # the default: max of the blurred map
+    np.testing.assert_allclose(np.asarray(blurred["image_scores"]),
+                               np.asarray(blurred["anomaly_maps"]).reshape(len(test), -1).max(-1), rtol=1e-6)
+    assert np.all(np.asarray(blurred["image_scores"]) < patch.max(-1))  # the blur lowers the peak
+    with pytest.raises(ValueError, match="image_score"):
+        cfg.replace(noising={"image_score": "mean"})
+
+
 def test_scorer_compiles_once_per_configuration():
     cfg, ext, state, _, test = make()
     # a configuration no other test uses, so its shared compiled functions start untraced
