@@ -181,6 +181,32 @@ def log_loss(pred, target, delta):
     return jnp.mean((jnp.log(pred + delta) - jnp.log(target + delta)) ** 2)
 
 
+TRAINED = ("inp", "mid", "out", "skip")
+
+
+@jax.jit
+def _loss(trainable, fixed, batch_data, delta):
+    x_s, dist, r1, y = batch_data
+    return log_loss(apply({**trainable, **fixed}, x_s, dist, r1), y, delta)
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "batch", "lr"))
+def _train(trainable, fixed, key, train, delta, *, steps, batch, lr):
+    """All steps in one compiled scan; mini-batch i is drawn with fold_in(key, i)."""
+    opt = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.05))
+    n = train[0].shape[0]
+
+    def step(carry, i):
+        p, s = carry
+        sel = jax.random.randint(jax.random.fold_in(key, i), (min(batch, n),), 0, n)
+        loss, g = jax.value_and_grad(_loss)(p, fixed, tuple(a[sel] for a in train), delta)
+        upd, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, upd), s), loss
+
+    (p, _), losses = jax.lax.scan(step, (trainable, opt.init(trainable)), jnp.arange(steps))
+    return p, losses
+
+
 @dataclasses.dataclass
 class PredictorFit:
     params: dict  # plain nested dict of arrays
@@ -234,37 +260,15 @@ def fit_predictor(feats, bank, dims, *, k: int, key, steps: int = 1000, anomalou
 
     train = tuple(jnp.asarray(a[tr]) for a in data)
     held = tuple(jnp.asarray(a[val]) for a in data)
-    opt = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.05))
-    frozen = {n for n in params if n not in ("inp", "mid", "out", "skip")}  # input normalisation
-
-    def loss_fn(trainable, fixed, batch_data):
-        x_s, dist, r1, y = batch_data
-        return log_loss(apply({**trainable, **fixed}, x_s, dist, r1), y, delta)
-
-    @jax.jit
-    def run(trainable, fixed, key, train):
-        opt_state = opt.init(trainable)
-        n = train[0].shape[0]
-
-        def step(carry, i):
-            p, s = carry
-            sel = jax.random.randint(jax.random.fold_in(key, i), (min(batch, n),), 0, n)
-            loss, g = jax.value_and_grad(loss_fn)(p, fixed, tuple(a[sel] for a in train))
-            upd, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, upd), s), loss
-
-        (p, _), losses = jax.lax.scan(step, (trainable, opt_state), jnp.arange(steps))
-        return p, losses
-
+    frozen = {n for n in params if n not in TRAINED}  # input normalisation
     trainable = {n: v for n, v in params.items() if n not in frozen}
     fixed = {n: v for n, v in params.items() if n in frozen}
-    val_loss = jax.jit(loss_fn)
-    v0 = float(val_loss(trainable, fixed, held))
+    v0 = float(_loss(trainable, fixed, held, delta))
     t1 = time.perf_counter()
-    trained, losses = run(trainable, fixed, k_steps, train)
+    trained, losses = _train(trainable, fixed, k_steps, train, delta, steps=steps, batch=batch, lr=lr)
     losses = np.asarray(losses)
     t_train = time.perf_counter() - t1
-    v1 = float(val_loss(trained, fixed, held))
+    v1 = float(_loss(trained, fixed, held, delta))
     out = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), {**trained, **fixed})
     info = {"n_normal": int(len(normal)), "n_anomalous": int(len(anom)), "anomalous_source": anom_kind,
             "n_val": int(n_val), "steps": int(steps), "batch": int(batch), "hidden": int(hidden), "lr": lr,
