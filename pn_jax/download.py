@@ -213,6 +213,10 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str) -> Path:
     full hex digest or a prefix of one), then rename it into place. Returns `dest`."""
     dest = Path(dest)
     sha256 = sha256.lower()
+    if dest.is_file():  # put there by hand, or by a run that stopped after the download
+        if _sha256(dest).startswith(sha256):
+            return dest
+        dest.unlink()
     if offline():
         raise DownloadError(f"not downloading {url}: {OFFLINE_ENV}=1 is set; put the file at {dest} "
                             f"by hand or unset {OFFLINE_ENV}")
@@ -357,8 +361,11 @@ def ensure_mvtec(root: str | os.PathLike, categories: Iterable[str], *, allow: b
         return
     plan = _plan(missing)
     first = plan[0][0]
-    what = (f"MVTec AD {', '.join(missing)} ({', '.join(a.file_name for a, _ in plan)}, "
-            f"{_gb(sum(a.size or 0 for a, _ in plan))}) from {_host(source_url(first.file_name, first.url))}")
+    files = ", ".join(a.file_name for a, _ in plan)
+    if first is MVTEC_ARCHIVE:  # say why one category costs the whole dataset
+        files = f"the whole dataset, {files}, as no per-category archive has a published checksum"
+    what = (f"MVTec AD {', '.join(missing)} ({files}; {_gb(sum(a.size or 0 for a, _ in plan))}) "
+            f"from {_host(source_url(first.file_name, first.url))}")
     if offline():
         allow = False
     told = False
@@ -376,25 +383,28 @@ def ensure_mvtec(root: str | os.PathLike, categories: Iterable[str], *, allow: b
             for c in missing:
                 mvtec.index_category(str(root), c, check_files=False)
         except MissingDataError as e:
-            raise MissingDataError(f"{e} {hint}") from None
+            msg = str(e).rstrip()
+            raise MissingDataError(msg + (" " if msg.endswith((".", ")")) else ". ") + hint) from None
         return
     if not told:
         log(MVTEC_LICENSE)
     log(f"downloading {what} into {root}")
-    staging = root / ".downloads"
-    for archive, wanted in plan:
-        src = source_url(archive.file_name, archive.url)
-        path = staging / archive.file_name
-        if not path.is_file():  # else: verified by a run whose extraction was interrupted
-            fetch(src, path, archive.sha256)
-        # The whole dataset installs every category still absent: it is not fetched twice.
-        installs = list(mvtec.MVTEC_CATEGORIES) if archive is MVTEC_ARCHIVE else wanted
-        _install(path, root, installs, required=wanted, source=src)
-        path.unlink(missing_ok=True)
+    staging = root / ".downloads"  # hidden: never mistaken for a category
     try:
-        staging.rmdir()
-    except OSError:
-        pass
+        for archive, wanted in plan:
+            src = source_url(archive.file_name, archive.url)
+            # An archive already in staging (a run stopped during extraction) is re-verified,
+            # not fetched again.
+            path = fetch(src, staging / archive.file_name, archive.sha256)
+            # The whole dataset installs every category still absent: it is not fetched twice.
+            installs = list(mvtec.MVTEC_CATEGORIES) if archive is MVTEC_ARCHIVE else wanted
+            _install(path, root, installs, required=wanted, source=src)
+            path.unlink(missing_ok=True)
+    finally:
+        try:
+            staging.rmdir()  # only if empty: a .part stays for the next run to resume
+        except OSError:
+            pass
     log(f"MVTec AD {', '.join(missing)} ready under {root}")
 
 

@@ -83,8 +83,8 @@ def weights_file(name: str, weights: str | os.PathLike | None = None):
     from pn_jax import weights as wio
 
     mod = _module(name)
-    if hasattr(mod, "INFOS"):
-        return mod.find_weights_file(name, weights)
+    if hasattr(mod, "INFOS"):  # a lookup only: building the backbone is what downloads
+        return mod.find_weights_file(name, weights, download=False)
     if hasattr(mod, "find_weights_file"):
         return mod.find_weights_file(weights)
     bi = info(name)

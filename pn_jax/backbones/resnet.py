@@ -233,12 +233,12 @@ class ResNetBackbone:
         return self._fn(self.params, images)
 
 
-def find_weights_file(name: str, weights: str | os.PathLike | None = None) -> Path:
+def find_weights_file(name: str, weights: str | os.PathLike | None = None, download: bool = True) -> Path:
     """An explicit path, or torchvision's file from the torch hub cache, downloaded there
-    first when absent (unless downloading is off: `pn_jax.download`)."""
+    first when absent if `download` (and `pn_jax.download` allows it)."""
     info = INFOS[name]
     return wio.find_weights(info.weight_file, explicit=weights, help=info.weight_help,
-                            url=wio.torchvision_url(info.weight_file))
+                            url=wio.torchvision_url(info.weight_file) if download else None)
 
 
 def build(
