@@ -212,7 +212,9 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str) -> Path:
     """Download `url` to `dest` (resuming `dest.part`), check its SHA-256 against `sha256` (a
     full hex digest or a prefix of one), then rename it into place. Returns `dest`."""
     dest = Path(dest)
-    sha256 = sha256.lower()
+    sha256 = (sha256 or "").lower()
+    if not re.fullmatch(r"[0-9a-f]{6,64}", sha256):  # "" would accept any file
+        raise ValueError(f"fetch({url}): pinned SHA-256 must be 6 to 64 hex digits, got {sha256!r}")
     if dest.is_file():  # put there by hand, or by a run that stopped after the download
         if _sha256(dest).startswith(sha256):
             return dest

@@ -268,7 +268,7 @@ def test_offline_makes_no_request(mirror, tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     (mirror.root / "tiny-00000000.pth").write_bytes(b"x")
     with pytest.raises(D.DownloadError, match="PN_JAX_OFFLINE=1"):
-        D.fetch(f"{mirror.url}/tiny-00000000.pth", tmp_path / "t.pth", "00")
+        D.fetch(f"{mirror.url}/tiny-00000000.pth", tmp_path / "t.pth", "00000000")
     with pytest.raises(W.WeightsNotFoundError) as e:
         W.find_weights("tiny-00000000.pth", url="https://example.invalid/tiny-00000000.pth")
     assert "PN_JAX_OFFLINE=1" in _one_line(e)
