@@ -160,6 +160,9 @@ def export_model(cfg, state, grid, threshold: float, meta: dict | None, path, *,
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
         raise ExportError(f"export {path}: unknown platform(s) {bad or '(none given)'}; choose from {', '.join(PLATFORMS)}")
+    if threshold is None:
+        raise ExportError(f"export {path}: the model has no decision threshold (it was fitted without "
+                          f"held-out normal images); fit with holdout_fraction > 0 or pass a threshold")
     threshold = float(threshold)
     if not (math.isfinite(threshold) and threshold > 0):
         raise ExportError(f"export {path}: the threshold must be a finite number > 0 (normalised score = "

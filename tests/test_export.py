@@ -19,33 +19,39 @@ from pn_jax.data import pipeline, preprocess
 SYNTH = dict(n_train=12, n_test_good=3, n_test_defect=4, size=96)
 
 
-def fit_tiny(root, cfg):
-    """Fit on the synthetic category under `root` as the runner does; -> what the tests need."""
-    src = pipeline.load_category("synthetic", root, "synthetic", holdout_fraction=cfg.data.holdout_fraction,
-                                 holdout_min=2, seed=0, synthetic_kwargs=SYNTH)
+def features(cfg, ext, source):
     info = backbones.info(cfg.model.backbone)
-    ext = detector.FeatureExtractor(cfg)
     d = cfg.data
-    feats = {split: detector.extract_all(ext, pipeline.make_batches(
-        src[split], image_size=d.image_size, mean=info.mean, std=info.std, batch_size=cfg.batch_size,
-        resize_mode=d.resize_mode, crop_size=d.crop_size), cfg.batch_size) for split in ("train", "holdout", "test")}
-    state, _ = detector.fit(cfg, feats["train"], feats["holdout"], jax.random.key(0))
-    ref = detector.Scorer(cfg, ext.grid)(state, feats["test"])
+    return detector.extract_all(ext, pipeline.make_batches(
+        source, image_size=d.image_size, mean=info.mean, std=info.std, batch_size=cfg.batch_size,
+        resize_mode=d.resize_mode, crop_size=d.crop_size), cfg.batch_size)
+
+
+def reference(cfg, ext, state, source, root):
+    """The in-process pipeline's scores and maps of `source`, and a threshold with about half
+    of them above it."""
+    ref = detector.Scorer(cfg, ext.grid)(state, features(cfg, ext, source))
     scores = np.asarray(ref["image_scores"])
     s = np.sort(scores)
-    threshold = float(0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2]))  # half the images above it
-    paths = [os.path.join(root, "synthetic", name) for name in src["test"].names]
-    return dict(cfg=cfg, state=state, grid=ext.grid, threshold=threshold, paths=paths,
-                scores=scores, maps=np.asarray(ref["anomaly_maps"]))
+    return dict(scores=scores, maps=np.asarray(ref["anomaly_maps"]),
+                threshold=float(0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])),
+                paths=[os.path.join(root, "synthetic", name) for name in source.names])
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    m = fit_tiny(str(tmp / "data"), tiny_config())
+    cfg, root = tiny_config(), str(tmp / "data")
+    src = pipeline.load_category("synthetic", root, "synthetic", holdout_fraction=cfg.data.holdout_fraction,
+                                 holdout_min=2, seed=0, synthetic_kwargs=SYNTH)
+    ext = detector.FeatureExtractor(cfg)
+    state, _ = detector.fit(cfg, features(cfg, ext, src["train"]), features(cfg, ext, src["holdout"]),
+                            jax.random.key(0))
+    m = dict(cfg=cfg, ext=ext, state=state, grid=ext.grid, src=src, root=root,
+             **reference(cfg, ext, state, src["test"], root))
     path = str(tmp / "model.jaxexport")
     meta = {"dataset": "synthetic", "category": "synthetic", "weights_sha256": "abc"}
-    m["metadata"] = export.export_model(m["cfg"], m["state"], m["grid"], m["threshold"], meta, path)
+    m["metadata"] = export.export_model(cfg, state, m["grid"], m["threshold"], meta, path)
     m["path"] = path
     return m
 
@@ -59,7 +65,7 @@ def check_against_reference(out, m):
 
 def test_exported_model_reproduces_the_in_process_scorer(fitted):
     m = fitted
-    predict = export.load_exported(m["path"])
+    predict = export.load_exported(m["path"], max_batch=4)  # 11 images: 4 + 4 + (3 -> 4)
     out = predict(m["paths"])
     check_against_reference(out, m)
     assert 0 < out["labels"].sum() < len(m["paths"])
@@ -113,12 +119,12 @@ print(json.dumps({"scores": out["scores"].tolist(), "labels": out["labels"].toli
 def test_fresh_process_with_only_jax_numpy_and_the_loader(fitted):
     m = fitted
     env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
-    proc = subprocess.run([sys.executable, "-c", MINIMAL, m["path"], *m["paths"]], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", MINIMAL, m["path"], *m["paths"][:4]], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(got["scores"], m["scores"], rtol=1e-5, atol=1e-5)
-    assert got["labels"] == (m["scores"] >= m["threshold"]).tolist()
+    np.testing.assert_allclose(got["scores"], m["scores"][:4], rtol=1e-5, atol=1e-5)
+    assert got["labels"] == (m["scores"][:4] >= m["threshold"]).tolist()
     assert set(got["modules"]) == {"pn_jax", "pn_jax.export"}
 
 
@@ -187,6 +193,8 @@ def test_bad_export_requests_are_refused(fitted, tmp_path):
     args = (m["cfg"], m["state"], m["grid"])
     with pytest.raises(export.ExportError, match="threshold must be"):
         export.export_model(*args, 0.0, None, str(tmp_path / "a"))
+    with pytest.raises(export.ExportError, match="no decision threshold"):
+        export.export_model(*args, None, None, str(tmp_path / "a"))
     with pytest.raises(export.ExportError, match="unknown platform"):
         export.export_model(*args, 1.0, None, str(tmp_path / "a"), platforms=("gpu",))
     with pytest.raises(export.ExportError, match="is a directory"):
@@ -213,19 +221,41 @@ def test_unreadable_inputs_are_reported_by_name(fitted, tmp_path):
         predict(np.zeros((3, 64, 64), np.uint8))
 
 
-def test_fixed_batch_multi_platform_and_patchcore_geometry(tmp_path):
-    """A fixed batch of 3 (11 images: chunked, the last chunk padded), lowered for cpu and cuda together
-    (no GPU needed to lower), on a model with the resize + centre-crop geometry."""
-    cfg = tiny_config(data={"resize_mode": "patchcore", "image_size": 80, "crop_size": 64})
-    m = fit_tiny(str(tmp_path / "data"), cfg)
+def test_fixed_batch_multi_platform_and_patchcore_geometry(fitted, tmp_path):
+    """A fixed batch of 3 (11 images: chunked, the last chunk padded), lowered for cpu and cuda
+    together (no GPU needed to lower), with the resize + centre-crop geometry (the fitted state
+    scores 64 px crops of 80 px images as well as 64 px resizes)."""
+    cfg = fitted["cfg"].replace(data={"resize_mode": "patchcore", "image_size": 80, "crop_size": 64})
+    m = reference(cfg, fitted["ext"], fitted["state"], fitted["src"]["test"], fitted["root"])
     path = str(tmp_path / "fixed.jaxexport")
-    md = export.export_model(cfg, m["state"], m["grid"], m["threshold"], None, path,
+    md = export.export_model(cfg, fitted["state"], fitted["grid"], m["threshold"], None, path,
                              platforms=("cpu", "cuda"), batch_size=3)
     assert md["batch"] == {"symbolic": False, "size": 3} and md["platforms"] == ["cpu", "cuda"]
-    predict = export.load_exported(path)
-    out = predict(m["paths"])
+    assert md["input"]["crop_size"] == 64 and md["input"]["resize_mode"] == "patchcore"
+    out = export.load_exported(path)(m["paths"])
     assert len(m["paths"]) % 3 and out["anomaly_maps"].shape == (len(m["paths"]), 64, 64)
     check_against_reference(out, m)
+
+
+def test_model_export_reproduces_model_predict(fitted, tmp_path):
+    import pn_jax
+
+    src = fitted["src"]
+    model = pn_jax.fit(fitted["cfg"], src["train"], holdout=src["holdout"], log=lambda *a: None)
+    path = str(tmp_path / "model.jaxexport")
+    md = model.export(path)
+    assert md["threshold"] == model.threshold and md["provenance"]["provenance"] == model.provenance
+    predict = pn_jax.load_exported(path, max_batch=4)
+    paths = fitted["paths"]
+    want, got = model.predict(paths, progress=False), predict(paths)
+    np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["normalized"], want.normalized, rtol=1e-5)
+    np.testing.assert_array_equal(got["labels"], want.labels)
+    # at the model's input size predict's maps are not resized, so they must match too
+    small = np.stack([np.asarray(preprocess.resize_image(preprocess.load_rgb(p), 64)) for p in paths[:4]])
+    want, got = model.predict(small, progress=False), predict(small)
+    np.testing.assert_allclose(got["anomaly_maps"], np.stack(want.anomaly_maps), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)
 
 
 def test_host_preprocessing_matches_the_data_pipeline(tmp_path):
