@@ -326,11 +326,9 @@ def check_data(cfg, a, categories: list[str]) -> None:
 
 
 def folder_name(train_dir: str) -> str:
-    """A name for a --train-dir fit: its folder, or the one above an MVTec-style train/good."""
-    parts = os.path.normpath(os.path.abspath(train_dir)).split(os.sep)
-    while len(parts) > 1 and parts[-1] in ("good", "train"):
-        parts.pop()
-    return parts[-1] or "folder"
+    from pn_jax import model as model_lib
+
+    return model_lib.folder_category(train_dir)
 
 
 def folder_sources(cfg, a):

@@ -399,8 +399,14 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     from pn_jax.data import records
 
     timer = {} if timer is None else timer
+    category = category or (getattr(train, "category", None) if _is_source(train) else None)
     key = jax.random.key(cfg.seed) if key is None else key
-    if not _is_source(train):
+    if isinstance(train, (str, os.PathLike)) and os.path.isdir(train):
+        from pn_jax import data
+
+        category = category or folder_category(os.fspath(train))
+        train = data.folder_source(os.fspath(train), category=category)  # skips non-images with a note
+    elif not _is_source(train):
         train = _items_source(as_items(train))
     if holdout is None and cfg.data.holdout_fraction > 0:
         tr_idx, ho_idx = records.split_train_holdout(list(range(len(train))), cfg.data.holdout_fraction,
@@ -434,6 +440,14 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         set_threshold(model, holdout, log=log)
         timer["threshold_s"] = time.perf_counter() - t0
     return model
+
+
+def folder_category(train_dir: str) -> str:
+    """A name for a fit on a folder: the folder's, or the one above an MVTec-style train/good."""
+    parts = os.path.normpath(os.path.abspath(train_dir)).split(os.sep)
+    while len(parts) > 1 and parts[-1] in ("good", "train"):
+        parts.pop()
+    return parts[-1] or "folder"
 
 
 def set_threshold(model: Model, holdout, *, log: Callable = print) -> None:
