@@ -95,6 +95,9 @@ def test_metadata_describes_the_artifact(fitted):
     assert md["provenance"]["weights_sha256"] == "abc"
     import hashlib
     assert md["sha256"] == hashlib.sha256(open(fitted["path"], "rb").read()).hexdigest()
+    # only the backbone stages the model uses are constants of the artifact, not the whole tree
+    full = sum(x.nbytes for x in jax.tree.leaves(fitted["ext"].backbone.params))
+    assert md["size_bytes"] == os.path.getsize(fitted["path"]) < full / 2
 
 
 MINIMAL = r"""
