@@ -254,14 +254,6 @@ CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "e
                 "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
 
 
-def refuse_config_flags(a, command: str) -> None:
-    """test/predict take the configuration from the checkpoint: a typed config flag is refused."""
-    typed = [f"--{f.replace('_', '-')}" for f in CONFIG_FLAGS if _given(a, f)]
-    if typed:
-        raise UsageError(f"{command} takes its configuration from --checkpoint; drop {', '.join(typed)} "
-                         "(re-fit to change them)")
-
-
 # ----------------------------------------------------------------------------- checks before work
 def check_writable(path: str, flag: str) -> str:
     """Create `path` if needed and prove it writable with a probe file, before any long work."""
@@ -405,7 +397,6 @@ def cmd_test(a) -> int:
     from pn_jax import model as model_lib
     from pn_jax import runner
 
-    refuse_config_flags(a, "test")
     out = check_writable(a.out or "results/test", "--out")
     probe = model_lib.load(a.checkpoint, category=(a.category or [None])[0])
     cfg = probe.cfg

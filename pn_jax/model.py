@@ -114,6 +114,14 @@ class Model:
     @property
     def extractor(self) -> detector.FeatureExtractor:
         if self._extractor is None:
+            saved = self.provenance.get("weights_sha256")
+            if saved:  # a loaded model: its bank was built with these exact backbone weights
+                now = weights_sha256(self.cfg)
+                if now != saved:
+                    raise ModelError(
+                        f"the backbone weights file ({self.cfg.model.weights or self.cfg.model.backbone}) "
+                        f"has sha256 {str(now)[:12]}..., but this model's memory bank was built with "
+                        f"{saved[:12]}...: features would not match the bank. Restore those weights or re-fit.")
             self._extractor = detector.FeatureExtractor(self.cfg)
         return self._extractor
 

@@ -178,3 +178,12 @@ def test_unified_checkpoint_loads_in_test_and_predict(tmp_path, data_root):
     assert cli.main(["test", "--checkpoint", str(ck), "--category", "widget", "--out", str(tmp_path / "t")]) == 0
     assert cli.main(["predict", "--checkpoint", str(ck), str(root / "widget" / "test" / "good"), "--out",
                      str(tmp_path / "p"), "--no-overlays"]) == 0
+
+
+def test_loaded_model_refuses_other_backbone_weights(model, tmp_path):
+    """Issue 12.5: a checkpoint records its weights' sha256; other weights are refused by name."""
+    model.save(tmp_path / "ck")
+    again = pn_jax.load(tmp_path / "ck")
+    again.provenance["weights_sha256"] = "0" * 64  # as if fitted with another weights file
+    with pytest.raises(pn_jax.model.ModelError, match="sha256"):
+        again.predict(np.zeros((64, 64, 3), np.uint8), progress=False)
