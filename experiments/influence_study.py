@@ -1,23 +1,35 @@
-"""Influence-approximation study (SPEC 3): fd / fd_fixed / grad / jvp across eps.
+"""Influence-approximation study (SPEC 3): fd / fd_fixed / grad / jvp, a learned predictor and
+its fixed part alone, across eps.
 
     python -m experiments.influence_study --dataset elpv --category mono --max-train 120 --max-test 200
     python -m experiments.influence_study --dataset synthetic --category synthetic --image-size 128
 
-For one category it fits once (memory bank, influence dims S, fit-time statistics) and reports
+For one category it fits once through the public pipeline (`pn_jax.model.fit`: memory bank,
+influence dims S, fit-time statistics, threshold), fits the InfluencePredictor on the held-out
+normals and synthetic anomalies made from them (`--predictor-anomalies`), and reports
 
-  1. agreement: on --n-images test images, every method's influence [Q,S] at every eps
+  1. agreement: on --n-images test images, every estimator's influence [Q,S] at every eps
      against the reference `grad` (the exact derivative times eps): relative error (median,
      p99, max over entries; relative Frobenius), Spearman rank correlation over entries and
-     over patches (mean over S), and the fraction of (patch, dim) entries where the literal
-     `fd` saw a neighbour switch (where fd and fd_fixed differ beyond a tolerance: they agree
-     to rounding everywhere else);
-  2. cost: time per image of each method (jit-compiled, compile excluded), against the
-     k-NN search alone (K neighbours, and PatchCore's k=1) on the same bank, and the batched
-     scoring path (signals) of each method against PatchCore's;
-  3. effect on metrics: the whole test set scored with each method at --eps (default 1e-3),
-     for the seed's propose_noising score and the influence-only score (ADer metrics);
+     over patches (mean over S), overall and split into normal patches (of normal images) and
+     anomalous patches (overlapping the mask of anomalous images; every patch of an anomalous
+     image where there are no masks); and the fraction of entries where the literal `fd` saw
+     a neighbour switch (where fd and fd_fixed differ beyond a tolerance);
+  2. cost: time per image of each estimator (jit-compiled, compile excluded), alone and with
+     the k-NN search, against the k-NN search alone (K, and PatchCore's k=1); the
+     predictor's training time separately;
+  3. effect on metrics: the whole test set scored with each estimator at --eps (statistics
+     refitted per estimator on the held-out normals) for every score that uses the influence:
+     the seed's mix `seed`, `influence` alone and `proposed` (ADer metrics), beside PatchCore,
+     the mean-of-K distance and the default `calibrated_rerank`;
   4. correlations over test patches between patch influence (mean over S) and the k-NN
      distance signal (mean_k dist).
+
+Estimators: the library's four (`pn_jax.influence`), `predictor` (`pn_jax.predictor`, learned)
+and `nearest` = eps |r_1S| / d_1, the predictor's fixed part without the learned term (what
+the learning adds is the difference between those two rows). The library's scoring path
+(`detector.make_signal_fn`) takes the four library estimators; the two others are scored by
+the same public pieces (k-NN, `noising.signals_from`, `calibration`) assembled here.
 
 Every flag of `experiments.run` is accepted (dataset, backbone, image size, caps, coreset,
 k, eps, embed dim, ...); the flags below are this study's own. Writes <out>/influence_study.json,
@@ -26,6 +38,7 @@ k, eps, embed dim, ...); the flags below are this study's own. Writes <out>/infl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -33,9 +46,12 @@ import time
 
 import numpy as np
 
-from experiments import run as run_exp
 
 REFERENCE = "grad"
+PREDICTOR, NEAREST = "predictor", "nearest"
+EXTRA_METHODS = (PREDICTOR, NEAREST)
+SCORES = ("seed", "influence", "proposed")  # every score that uses the influence
+BASELINES = ("patchcore", "distance", "calibrated_rerank")
 
 
 def parse_args(argv=None):
@@ -43,24 +59,35 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--eps-list", default="1e-1,1e-2,1e-3,1e-4", help="eps values of the agreement part")
-    p.add_argument("--methods", default="fd,fd_fixed,grad,jvp", help="influence methods to compare")
+    p.add_argument("--methods", default="fd,fd_fixed,grad,jvp,predictor,nearest",
+                   help="estimators to compare (library methods, predictor, nearest)")
+    p.add_argument("--metrics-methods", default=None,
+                   help="estimators scored on the whole test set (default: --methods; the literal fd "
+                        "costs one full k-NN search per dim of S)")
     p.add_argument("--n-images", type=int, default=8, help="test images of the agreement and cost parts")
     p.add_argument("--switch-rtol", type=float, default=1e-4,
                    help="fd vs fd_fixed relative difference above which an entry counts as a switch")
     p.add_argument("--timing-repeats", type=int, default=5, help="timing passes (the fastest is kept)")
     p.add_argument("--timing-budget-s", type=float, default=20.0,
                    help="stop repeating a timing once this many seconds are spent (slow methods: fd)")
+    p.add_argument("--predictor-steps", type=int, default=1500, help="optax steps of the predictor fit")
+    p.add_argument("--predictor-hidden", type=int, default=32, help="hidden width of the predictor")
+    p.add_argument("--predictor-anomalies", choices=("synthetic", "perturbed"), default="synthetic",
+                   help="anomalous training patches: features of synthetic-anomaly images made from the "
+                        "held-out normals (data.make_validation_records), or perturbed normals in feature space")
     p.add_argument("--out", default="results/influence_study")
     mine, rest = p.parse_known_args(argv)
-    a = run_exp.parse_args(rest)  # every experiments.run flag
+    from pn_jax import cli
+
+    a = cli.build_run_parser().parse_args(rest)  # every experiments.run flag
     mine.eps_list = [float(e) for e in mine.eps_list.split(",") if e.strip()]
     mine.methods = [m.strip() for m in mine.methods.split(",") if m.strip()]
+    mine.metrics_methods = ([m.strip() for m in mine.metrics_methods.split(",") if m.strip()]
+                            if mine.metrics_methods else list(mine.methods))
     return mine, a
 
 
 # ============================================================================ helpers
-# (Study-local helpers; candidates for the library if they prove useful elsewhere.)
-
 def _corr(x, y):
     from scipy import stats
 
@@ -76,15 +103,17 @@ def agreement_stats(x, ref) -> dict:
 
     x = np.asarray(x, np.float64)
     ref = np.asarray(ref, np.float64)
+    if ref.size == 0:
+        return {}
     ok = np.abs(ref) > 0
     rel = np.abs(x - ref)[ok] / np.abs(ref)[ok]
     fro = float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
     same = np.array_equal(x, ref)
     sp_e = 1.0 if same else float(stats.spearmanr(x.ravel(), ref.ravel())[0])
-    sp_p = 1.0 if same else float(stats.spearmanr(x.mean(-1), ref.mean(-1))[0])
+    sp_p = 1.0 if same else (float(stats.spearmanr(x.mean(-1), ref.mean(-1))[0]) if len(x) > 2 else float("nan"))
     return {"rel_err_median": float(np.median(rel)), "rel_err_p99": float(np.quantile(rel, 0.99)),
             "rel_err_max": float(rel.max()), "rel_fro": fro, "spearman_entries": sp_e,
-            "spearman_patches": sp_p, "n_ref_zero": int((~ok).sum())}
+            "spearman_patches": sp_p, "n_ref_zero": int((~ok).sum()), "n_patches": int(len(x))}
 
 
 def switch_mask(fd, fd_fixed, rtol: float):
@@ -127,24 +156,86 @@ def pick_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(chosen.astype(int))
 
 
-def extract_test(cfg, extractor, source, mean, std, keep_masks: bool):
+def patch_classes(labels, masks, grid) -> np.ndarray:
+    """[n, N]: 0 = patch of a normal image, 1 = anomalous patch (its cell overlaps the defect
+    mask of an anomalous image: the backbone's receptive field is larger than a cell; every
+    patch of an anomalous image when there are no masks), -1 = neither (the rest of an
+    anomalous image)."""
+    from pn_jax import tune
+
+    labels = np.asarray(labels)
+    n_patches = grid[0] * grid[1]
+    out = np.where(labels[:, None] == 0, 0, 1 if masks is None else -1) * np.ones((1, n_patches), int)
+    if masks is not None:
+        inside = tune.patch_labels(np.asarray(masks) > 0.5, grid) != 0
+        out[(labels[:, None] == 1) & inside] = 1
+    return out
+
+
+def extract_test(model, source, keep_masks: bool):
     """Test features [n,N,D] (host), labels [n], masks [n,H,W] or None, extraction seconds."""
     from tqdm.auto import tqdm
 
-    from pn_jax import detector, runner
-
     feats, labels, masks = [], [], []
     t0 = time.perf_counter()
-    for batch in tqdm(runner.batches(cfg, source, mean, std), desc="features test", unit="batch", leave=False):
-        n = len(batch["image"])
-        f = extractor(detector._pad_batch(np.asarray(batch["image"]), cfg.batch_size))
-        feats.append(np.asarray(f[:n]))
-        labels.append(np.asarray(batch["label"][:n]))
+    for batch in tqdm(model.batches(source), desc="features test", unit="batch", leave=False):
+        feats.append(np.asarray(model.features(batch["image"])))
+        labels.append(np.asarray(batch["label"]))
         if keep_masks:
-            masks.append(np.asarray(batch["mask"][:n]) > 0.5)
+            masks.append(np.asarray(batch["mask"]) > 0.5)
     t = time.perf_counter() - t0
     return (np.concatenate(feats), np.concatenate(labels).astype(int),
             np.concatenate(masks) if keep_masks else None, t)
+
+
+# ---------------------------------------------------------------------------- estimators
+def nearest_only(f, bank, dist, idx, dims, eps, bank_s=None):
+    """eps |r_1S| / d_1: the k=1 term of `grad`, i.e. the predictor's fixed part with every
+    neighbour assumed to look like the nearest one (no learning)."""
+    import jax.numpy as jnp
+
+    from pn_jax import predictor
+
+    _, d, r1 = predictor.inputs(f, bank, dist, idx, dims, bank_s)
+    return eps * jnp.abs(r1) / jnp.maximum(d[:, :1], 1e-12)
+
+
+def estimators(methods, predictor_params=None) -> dict:
+    """name -> fn(f, bank, dist, idx, dims, eps, bank_s=None) -> [Q,S]."""
+    from pn_jax import influence as infl, predictor
+
+    out = {}
+    for m in methods:
+        if m == PREDICTOR:
+            out[m] = functools.partial(predictor.influence, predictor_params)
+        elif m == NEAREST:
+            out[m] = nearest_only
+        else:
+            out[m] = functools.partial(infl.influence, m)
+    return out
+
+
+def fit_predictor(model, sources, holdout, mode: str, steps: int, hidden: int, log=print):
+    """The InfluencePredictor on the held-out normals (+ anomalies) -> (PredictorFit, seconds incl. extraction)."""
+    import jax
+
+    from pn_jax import data, model as model_lib, predictor
+
+    t0 = time.perf_counter()
+    anomalous = None
+    if mode == "synthetic":
+        _, recs = model_lib.validation_records(sources["holdout"], model.cfg.seed)
+        anomalous = model.extract(data.records_source(recs, dataset="validation", category="validation",
+                                                      split="validation"), desc="features synthetic anomalies")
+    cfg = model.cfg
+    fit = predictor.fit_predictor(holdout, model.state.bank, model.state.dims, k=cfg.noising.k,
+                                  key=jax.random.fold_in(jax.random.key(cfg.seed), 17), steps=steps,
+                                  hidden=hidden, anomalous=anomalous, block=cfg.bank.knn_block)
+    total = time.perf_counter() - t0
+    log(f"predictor: {fit.info['n_params']} params, {fit.info['n_normal']} normal + {fit.info['n_anomalous']} "
+        f"anomalous patches ({fit.info['anomalous_source']}), validation loss {fit.val_loss_init:.3f} -> "
+        f"{fit.val_loss:.3f}, {total:.1f} s")
+    return fit, total
 
 
 # ---------------------------------------------------------------------------- HOOK (lead)
@@ -167,19 +258,22 @@ def noise_scale_hook(state, ctx: dict) -> dict | None:
 
 
 # ============================================================================ the parts
-def part_agreement(state, cfg, feats, methods, eps_list, switch_rtol):
-    """feats [n,N,D] -> rows (method, eps, stats), switch stats per eps, per-dim influence."""
+def part_agreement(state, cfg, feats, classes, est, eps_list, switch_rtol):
+    """feats [n,N,D], classes [n,N] -> rows (method, eps, stats + per class), switch stats per
+    eps, per-dim influence, neighbours."""
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from pn_jax import influence as infl, knn
+    from pn_jax import knn
 
     bank, dims, k, block = state.bank, state.dims, cfg.noising.k, cfg.bank.knn_block
     knn_fn = jax.jit(lambda f, b: knn.knn(f, b, k=k, block=block))
     nbrs = [knn_fn(jnp.asarray(f), bank) for f in feats]
-    fns = {m: jax.jit(lambda f, b, d, i, s, e, m=m: infl.influence(m, f, b, d, i, s, e))
-           for m in set(methods) | {REFERENCE, "fd", "fd_fixed"}}
+    need = dict(est)
+    need.update({m: fn for m, fn in estimators((REFERENCE, "fd", "fd_fixed")).items() if m not in need})
+    fns = {m: jax.jit(fn) for m, fn in need.items()}
+    cls = np.asarray(classes).reshape(-1)
 
     def compute(method, eps):
         return np.concatenate([np.asarray(fns[method](jnp.asarray(f), bank, d, i, dims, jnp.float32(eps)))
@@ -188,10 +282,7 @@ def part_agreement(state, cfg, feats, methods, eps_list, switch_rtol):
     rows, switches, per_dim = [], {}, None
     for eps in tqdm(eps_list, desc="agreement (eps)", leave=False):
         ref = compute(REFERENCE, eps)
-        vals = {m: (ref if m == REFERENCE else compute(m, eps)) for m in methods}
-        for m in ("fd", "fd_fixed"):
-            if m not in vals:
-                vals[m] = compute(m, eps)
+        vals = {m: (ref if m == REFERENCE else compute(m, eps)) for m in set(est) | {"fd", "fd_fixed"}}
         sw = switch_mask(vals["fd"], vals["fd_fixed"], switch_rtol)
         sw_loose = switch_mask(vals["fd"], vals["fd_fixed"], 1e-2)
         fd_clean = agreement_stats(vals["fd"][~sw], ref[~sw]) if (~sw).any() else {}
@@ -202,20 +293,23 @@ def part_agreement(state, cfg, feats, methods, eps_list, switch_rtol):
                          "fd_rel_err_median_switch": (float(np.median(np.abs(vals["fd"][sw] - ref[sw])
                                                                       / np.abs(ref[sw])))
                                                       if sw.any() else float("nan"))}
-        for m in methods:
-            rows.append({"method": m, "eps": eps, **agreement_stats(vals[m], ref)})
+        for m in est:
+            row = {"method": m, "eps": eps, **agreement_stats(vals[m], ref)}
+            for name, c in (("normal", 0), ("anomalous", 1)):
+                row[name] = agreement_stats(vals[m][cls == c], ref[cls == c])
+            rows.append(row)
         if np.isclose(eps, cfg.noising.eps) or per_dim is None:
             per_dim = ref.mean(0) / eps * cfg.noising.eps
     return rows, switches, per_dim, nbrs
 
 
-def part_cost(state, cfg, feats, nbrs, methods, repeats, budget_s):
-    """Per-image milliseconds: k-NN (K and 1), each method alone and fused with the k-NN."""
+def part_cost(state, cfg, feats, nbrs, est, repeats, budget_s):
+    """Per-image milliseconds: k-NN (K and 1), each estimator alone and fused with the k-NN."""
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from pn_jax import influence as infl, knn
+    from pn_jax import knn
 
     bank, dims, k, block, eps = state.bank, state.dims, cfg.noising.k, cfg.bank.knn_block, cfg.noising.eps
     fs = [jnp.asarray(f) for f in feats]
@@ -223,12 +317,12 @@ def part_cost(state, cfg, feats, nbrs, methods, repeats, budget_s):
     knn_1 = jax.jit(lambda f, b: knn.knn(f, b, k=1, block=block))
     out = {"knn_k_ms": 1e3 * time_per_call(knn_k, [(f, bank) for f in fs], repeats, budget_s),
            "knn_1_ms": 1e3 * time_per_call(knn_1, [(f, bank) for f in fs], repeats, budget_s), "methods": {}}
-    for m in tqdm(methods, desc="cost", leave=False):
-        alone = jax.jit(lambda f, b, d, i, s, m=m: infl.influence(m, f, b, d, i, s, eps))
+    for m, fn in tqdm(est.items(), desc="cost", leave=False):
+        alone = jax.jit(lambda f, b, d, i, s, fn=fn: fn(f, b, d, i, s, eps))
 
-        def fused_fn(f, b, s, m=m):
+        def fused_fn(f, b, s, fn=fn):
             d, i = knn.knn(f, b, k=k, block=block)
-            return infl.influence(m, f, b, d, i, s, eps)
+            return fn(f, b, d, i, s, eps)
 
         fused = jax.jit(fused_fn)
         args = [(f, bank, d, i, dims) for f, (d, i) in zip(fs, nbrs)]
@@ -240,67 +334,122 @@ def part_cost(state, cfg, feats, nbrs, methods, repeats, budget_s):
     return out
 
 
-def part_metrics(state, cfg, holdout, test, methods, grid, switch_rtol):
-    """Whole test set scored with each method (stats refit per method on the held-out normals)."""
+def local_signal_fn(cfg, fn):
+    """The scoring path of the library (k-NN -> influence -> noise -> signals, plus the
+    whitened search and `proposed`) with estimator `fn`, for the estimators the library's
+    dispatch does not take (predictor, nearest). Same signature as detector.make_signal_fn's."""
     import jax
+
+    from pn_jax import calibration, influence as infl, knn, noising
+
+    n = cfg.noising
+    std_range = (n.noise_std_min, n.noise_std_max)
+
+    def per_image(params, bank, dims, stats, f, bank_s):
+        dist, idx = knn.knn(f, bank, k=n.k, block=cfg.bank.knn_block)
+        sig, noise = noising.signals_from(params, dims, stats, dist, fn(f, bank, dist, idx, dims, n.eps, bank_s),
+                                          std_range)
+        cal, cal_idx = calibration.calibrated_signals(f, bank, params["noise_scale"], n.k, cfg.bank.knn_block)
+        sig.update(cal)
+        sig["proposed"] = calibration.proposed_nll(f, bank, cal_idx[:, 0], dims, noise)
+        return sig
+
+    @jax.jit
+    def signals(params, bank, dims, stats, feats):
+        bank_s = infl.bank_columns(bank, dims)
+        return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s), feats)
+
+    return signals
+
+
+def local_stats(cfg, params, bank, dims, holdout, neighbours, fn):
+    """Fit-time statistics with estimator `fn` on the held-out normals: the same two passes as
+    detector.fit_stats (influence/distance moments, then the three signals' moments)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pn_jax import influence as infl, noising
+
+    n = cfg.noising
+    dist, idx = neighbours
+    bank_s = infl.bank_columns(bank, dims)
+    raw = jax.jit(lambda f, d, i: jax.lax.map(lambda a: fn(a[0], bank, a[1], a[2], dims, n.eps, bank_s),
+                                              (f, d, i)))(jnp.asarray(holdout), dist, idx)
+    infl_w = raw * params["influence_weight"][dims]
+    dsig = jnp.mean(dist, axis=-1)
+    sd = lambda x: jnp.maximum(jnp.std(x), 1e-12)  # noqa: E731
+    stats = noising.identity_stats()._replace(infl_mean=jnp.mean(infl_w), infl_std=sd(infl_w),
+                                              dist_mean=jnp.mean(dsig), dist_std=sd(dsig))
+    sig, _ = noising.signals_from(params, dims, stats, dist, raw, (n.noise_std_min, n.noise_std_max))
+    parts = jnp.stack([sig[name].reshape(-1) for name in noising.SIGNALS])
+    return stats._replace(signal_mean=parts.mean(-1), signal_std=jnp.maximum(parts.std(-1), 1e-12))
+
+
+def part_metrics(model, holdout, test, est, switch_rtol):
+    """Whole test set scored with each estimator (statistics refit per estimator on the
+    held-out normals); every influence-using score plus the baselines."""
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from pn_jax import detector, maps as maps_lib, metrics, noising
+    from pn_jax import config as config_lib, detector, metrics
 
+    cfg, state = model.cfg, model.state
     feats, labels, masks = test
-    bs = cfg.batch_size
-    size = detector.map_size(cfg)
-    to_maps = jax.jit(lambda p: maps_lib.to_pixel_maps(p, grid, size, cfg.noising.blur_sigma))
-    n = len(feats)
+    bs, n = cfg.batch_size, len(feats)
+    maps_fn = model.scorer().maps
+    neighbours = detector.holdout_neighbours(cfg, state.bank, holdout)
 
     def run_signals(signal_fn, stats, name):
         """-> per-patch signals {name: [n, N]} and scoring seconds per image (compile excluded)."""
-        chunks = [detector._pad_batch(feats[s:s + bs], bs) for s in range(0, n, bs)]
-        args = lambda c: (state.params, state.bank, state.dims, stats, jnp.asarray(c))
+        chunks = [detector.pad_batch(feats[s:s + bs], bs) for s in range(0, n, bs)]
         out, t, n_timed = [], 0.0, 0
         # The first batch compiles and is not timed (timed again when it is the only one).
         for j, c in enumerate(tqdm(chunks + chunks[:1] * (len(chunks) == 1), desc=f"scoring ({name})",
                                    unit="batch", leave=False)):
             t0 = time.perf_counter()
-            sig = jax.block_until_ready(signal_fn(*args(c)))
+            sig = signal_fn(state.params, state.bank, state.dims, stats, jnp.asarray(c))
+            sig = {kk: np.asarray(v) for kk, v in sig.items()}
             if j > 0:
                 t, n_timed = t + time.perf_counter() - t0, n_timed + bs
             if j < len(chunks):
-                out.append({kk: np.asarray(v) for kk, v in sig.items()})
-        sig = {kk: np.concatenate([o[kk] for o in out])[:n] for kk in ("influence", "distance", "noise", "nearest")}
-        return sig, t / n_timed
+                out.append(sig)
+        return {kk: np.concatenate([o[kk] for o in out])[:n] for kk in out[0]}, t / n_timed
 
     def pixel_maps(patch):
-        return np.concatenate([np.asarray(to_maps(jnp.asarray(detector._pad_batch(patch[s:s + bs], bs))))
+        return np.concatenate([np.asarray(maps_fn(jnp.asarray(detector.pad_batch(patch[s:s + bs], bs))))
                                for s in range(0, n, bs)])[:n]
 
-    def image_score(patch):  # sp_max: max of the blurred anomaly map
-        return pixel_maps(patch).reshape(n, -1).max(-1)
-
     def evaluate(patch):
-        amaps = pixel_maps(patch)
+        amaps = pixel_maps(np.asarray(patch, np.float32))
         img = amaps.reshape(n, -1).max(-1)
-        return metrics.evaluate(img, labels, amaps if masks is not None else None, masks)
+        return metrics.evaluate(img, labels, amaps if masks is not None else None, masks), img
 
     res = {"per_method": {}, "baseline": {}, "scoring_ms_per_image": {}, "image_scores": {},
-           "labels": np.asarray(labels).tolist()}
-    base_fn = detector.make_signal_fn(cfg, need_influence=False)
-    base_sig, t_base = run_signals(base_fn, state.stats, "patchcore")
-    res["scoring_ms_per_image"]["patchcore(knn only)"] = 1e3 * t_base
-    res["baseline"]["patchcore"] = evaluate(base_sig["nearest"])
-    res["baseline"]["distance"] = evaluate(base_sig["distance"])
+           "labels": np.asarray(labels).tolist(), "scoring_path": {}}
+    base_fn = detector.make_signal_fn(cfg, need_influence=False, rerank=True)
+    base_sig, t_base = run_signals(base_fn, state.stats, "baselines")
+    res["scoring_ms_per_image"]["patchcore+rerank (no influence)"] = 1e3 * t_base
+    for name, key in (("patchcore", "nearest"), ("distance", "distance"), ("calibrated_rerank", "calibrated_rerank")):
+        res["baseline"][name] = evaluate(base_sig[key])[0]
     signals = {}
-    for m in tqdm(methods, desc="metrics (method)", leave=False):
-        cfg_m = cfg.replace(noising={"influence": m})
-        stats = detector.fit_stats(cfg_m, state.params, state.bank, state.dims, holdout)
-        sig, t = run_signals(detector.make_signal_fn(cfg_m, need_influence=True), stats, m)
+    for m, fn in tqdm(est.items(), desc="metrics (method)", leave=False):
+        if m in config_lib.INFLUENCE_METHODS:
+            cfg_m = cfg.replace(noising={"influence": m})
+            stats = detector.fit_stats(cfg_m, state.params, state.bank, state.dims, holdout, neighbours)
+            sig_fn = detector.make_signal_fn(cfg_m, need_influence=True, calibrated=True)
+            res["scoring_path"][m] = "library (detector.make_signal_fn)"
+        else:
+            cfg_m = cfg
+            stats = local_stats(cfg, state.params, state.bank, state.dims, holdout, neighbours, fn)
+            sig_fn = local_signal_fn(cfg, fn)
+            res["scoring_path"][m] = "study (public pieces)"
+        sig, t = run_signals(sig_fn, stats, m)
         res["scoring_ms_per_image"][m] = 1e3 * t
-        seed_score = np.asarray(noising.combine({kk: jnp.asarray(v) for kk, v in sig.items()},
-                                                cfg.noising.score_weights, stats, cfg.noising.znorm_signals))
-        res["per_method"][m] = {"propose_noising": evaluate(seed_score), "influence": evaluate(sig["influence"])}
-        res["image_scores"][m] = {"propose_noising": image_score(seed_score).tolist(),
-                                  "influence": image_score(sig["influence"]).tolist()}
+        res["per_method"][m], res["image_scores"][m] = {}, {}
+        for v in SCORES:
+            patch = np.asarray(detector.patch_score(cfg_m, {kk: jnp.asarray(x) for kk, x in sig.items()}, stats, v))
+            res["per_method"][m][v], img = evaluate(patch)
+            res["image_scores"][m][v] = img.tolist()
         signals[m] = sig
     if "fd" in signals and "fd_fixed" in signals:
         res["fd_vs_fd_fixed"] = compare_fd(signals["fd"]["influence"], signals["fd_fixed"]["influence"],
@@ -345,6 +494,7 @@ def _f(x, fmt="%.3g"):
 
 def tables(doc) -> str:
     ag = doc["agreement"]
+    eps0 = doc["config"]["noising"]["eps"]
     lines = [f"# Influence study: {doc['dataset']} / {doc['category']}", "",
              f"backbone {doc['config']['model']['backbone']}, image {doc['config']['data']['image_size']}, "
              f"D={doc['counts']['dim']}, |S|={doc['counts']['n_dims']}, K={doc['config']['noising']['k']}, "
@@ -358,6 +508,27 @@ def tables(doc) -> str:
         lines.append(f"| {r['method']} | {r['eps']:g} | {_f(r['rel_err_median'])} | {_f(r['rel_err_p99'])} | "
                      f"{_f(r['rel_err_max'])} | {_f(r['rel_fro'])} | {_f(r['spearman_entries'], '%.6f')} | "
                      f"{_f(r['spearman_patches'], '%.6f')} |")
+    lines += ["", f"## Agreement by patch class at eps {eps0:g} (normal: patches of normal images; anomalous: "
+                  f"{'patches overlapping the defect mask' if doc['has_masks'] else 'patches of anomalous images'})", "",
+              "| method | normal: rel err median | normal: rel err p99 | normal: Spearman entries | "
+              "anomalous: rel err median | anomalous: rel err p99 | anomalous: Spearman entries | "
+              "patches (normal / anomalous) |", "|---|---|---|---|---|---|---|---|"]
+    for r in ag["rows"]:
+        if not np.isclose(r["eps"], eps0):
+            continue
+        nn, aa = r.get("normal", {}), r.get("anomalous", {})
+        lines.append(f"| {r['method']} | {_f(nn.get('rel_err_median'))} | {_f(nn.get('rel_err_p99'))} | "
+                     f"{_f(nn.get('spearman_entries'), '%.4f')} | {_f(aa.get('rel_err_median'))} | "
+                     f"{_f(aa.get('rel_err_p99'))} | {_f(aa.get('spearman_entries'), '%.4f')} | "
+                     f"{nn.get('n_patches', 0)} / {aa.get('n_patches', 0)} |")
+    pr = doc.get("predictor")
+    if pr:
+        i = pr["info"]
+        lines += ["", f"Predictor: {i['n_params']} trained params (hidden {i['hidden']}), {i['steps']} adam steps "
+                      f"on {i['n_normal']} held-out normal + {i['n_anomalous']} anomalous patches "
+                      f"({i['anomalous_source']}); validation loss {pr['val_loss_init']:.4f} -> {pr['val_loss']:.4f}; "
+                      f"training {pr['fit_s']:.1f} s in all (targets {i['data_s']:.1f} s, optimisation "
+                      f"{i['train_s']:.1f} s), not included in the per-image costs below."]
     lines += ["", f"## Neighbour switches seen by `fd` (|fd - fd_fixed| > {ag['switch_rtol']:g} x |fd_fixed|)", "",
               "`fd` re-ranks the whole bank by float32 expanded-form squared distances, so near-ties closer "
               "than float32 rounding can reorder under the shift: some of these switches are rounding, not eps.", "",
@@ -368,29 +539,31 @@ def tables(doc) -> str:
                      f"{100 * s['fraction_entries_rtol_1e-2']:.3f}% | {_f(s['fd_rel_err_median_no_switch'])} | "
                      f"{_f(s['fd_rel_err_max_no_switch'])} | {_f(s['fd_rel_err_median_switch'])} |")
     c = doc["cost"]
-    lines += ["", f"## Cost per image (ms; jit, compile excluded; eps {doc['config']['noising']['eps']:g})", "",
+    lines += ["", f"## Cost per image (ms; jit, compile excluded; eps {eps0:g})", "",
               f"k-NN search alone: K={doc['config']['noising']['k']}: {c['knn_k_ms']:.2f} ms, "
               f"k=1 (PatchCore): {c['knn_1_ms']:.2f} ms; backbone + aggregation: "
               f"{c['extract_ms_per_image']:.1f} ms", "",
               "| method | influence alone | k-NN + influence | overhead vs k-NN (K) | overhead vs PatchCore (k=1) "
-              "| batched scoring (signals) |", "|---|---|---|---|---|---|"]
+              "| batched scoring (signals + whitened search) |", "|---|---|---|---|---|---|"]
     sc = doc["metrics"]["scoring_ms_per_image"]
     for m, r in c["methods"].items():
-        lines.append(f"| {m} | {r['influence_ms']:.2f} | {r['knn_plus_influence_ms']:.2f} | "
+        lines.append(f"| {m} | {r['influence_ms']:.3f} | {r['knn_plus_influence_ms']:.2f} | "
                      f"{100 * r['overhead_vs_knn_k']:+.1f}% | {100 * r['overhead_vs_patchcore']:+.1f}% | "
                      f"{_f(sc.get(m), '%.2f')} |")
-    lines.append(f"| patchcore (k-NN only) | - | - | - | - | {_f(sc.get('patchcore(knn only)'), '%.2f')} |")
-    keys = ["mAUROC_sp_max", "mAP_sp_max", "mF1_max_sp"]
+    lines.append(f"| no influence (k-NN + rerank) | - | - | - | - | "
+                 f"{_f(sc.get('patchcore+rerank (no influence)'), '%.2f')} |")
+    keys = ["mAUROC_sp_max", "mAP_sp_max"]
     if doc["has_masks"]:
-        keys += ["mAUROC_px", "mAUPRO_px", "mAP_px"]
-    lines += ["", f"## Test metrics per method (eps {doc['config']['noising']['eps']:g}, "
-                  f"{doc['counts']['test']} test images, {doc['counts']['test_anomalous']} anomalous)", "",
-              "| method | score | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        keys += ["mAUROC_px", "mAUPRO_px"]
+    lines += ["", f"## Test metrics per estimator (eps {eps0:g}, {doc['counts']['test']} test images, "
+                  f"{doc['counts']['test_anomalous']} anomalous)", "",
+              "| method | " + " | ".join(f"{s}: {k}" for s in SCORES for k in keys) + " |",
+              "|---" * (len(keys) * len(SCORES) + 1) + "|"]
     for m, d in doc["metrics"]["per_method"].items():
-        for score, mm in d.items():
-            lines.append(f"| {m} | {score} | " + " | ".join(_f(mm.get(k), "%.2f") for k in keys) + " |")
-    for name, mm in doc["metrics"]["baseline"].items():
-        lines.append(f"| - | {name} | " + " | ".join(_f(mm.get(k), "%.2f") for k in keys) + " |")
+        lines.append(f"| {m} | " + " | ".join(_f(d[s].get(k), "%.2f") for s in SCORES for k in keys) + " |")
+    lines += ["", "Baselines (no influence): " + "; ".join(
+        f"{name} " + ", ".join(f"{k} {_f(mm.get(k), '%.2f')}" for k in keys)
+        for name, mm in doc["metrics"]["baseline"].items())]
     fv = doc["metrics"].get("fd_vs_fd_fixed")
     if fv:
         lines += ["", f"Whole test set, fd vs fd_fixed patch influence (mean over S, rtol {ag['switch_rtol']:g}): "
@@ -422,7 +595,9 @@ def plot(path, doc):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    pr = doc.get("predictor")
+    fig, axes = plt.subplots(1, 3 if pr else 2, figsize=(16 if pr else 11, 4))
+    a1, a2 = axes[0], axes[1]
     methods = list(dict.fromkeys(r["method"] for r in doc["agreement"]["rows"]))
     color = {m: f"C{i}" for i, m in enumerate(methods)}
     for m in methods:
@@ -439,15 +614,25 @@ def plot(path, doc):
     a1.set_ylabel(f"relative error vs {REFERENCE}")
     a1.set_title("agreement with the exact derivative", fontsize=9)
     a1.grid(alpha=0.3, which="both")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=6)
     c = doc["cost"]
-    names = ["k-NN k=1", f"k-NN K"] + [f"k-NN+{m}" for m in c["methods"]]
+    names = ["k-NN k=1", "k-NN K"] + [f"k-NN+{m}" for m in c["methods"]]
     vals = [c["knn_1_ms"], c["knn_k_ms"]] + [r["knn_plus_influence_ms"] for r in c["methods"].values()]
     a2.bar(names, vals, color=["gray", "gray"] + [color.get(m, "k") for m in c["methods"]])
     a2.set_yscale("log")
     a2.set_ylabel("ms per image")
     a2.set_title(f"time per image ({doc['device']})", fontsize=9)
-    a2.tick_params(axis="x", labelsize=8, rotation=20)
+    a2.tick_params(axis="x", labelsize=7, rotation=25)
+    if pr:
+        a3 = axes[2]
+        a3.plot(pr["loss_steps"], pr["losses"], color=color.get(PREDICTOR, "k"))
+        a3.axhline(pr["val_loss"], ls="--", color="k", lw=0.8, label=f"validation {pr['val_loss']:.3g}")
+        a3.set_yscale("log")
+        a3.set_xlabel("step")
+        a3.set_ylabel("log-space squared error")
+        a3.set_title("predictor training loss", fontsize=9)
+        a3.grid(alpha=0.3, which="both")
+        a3.legend(fontsize=7)
     fig.suptitle(f"influence study: {doc['dataset']}/{doc['category']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -458,27 +643,32 @@ def plot(path, doc):
 # ============================================================================ main
 def main(argv=None) -> int:
     mine, a = parse_args(argv)
-    if len(a.category) != 1:
-        print("error: the influence study takes one --category", file=sys.stderr)
-        return 2
-    from pn_jax import influence as infl
+    from pn_jax import cli, influence as infl
 
-    bad = [m for m in mine.methods if m not in infl.METHODS]
-    if bad or not mine.eps_list or any(e <= 0 for e in mine.eps_list):
-        print(f"error: methods must be among {sorted(infl.METHODS)} and eps > 0 (got {mine.methods}, "
-              f"{mine.eps_list})", file=sys.stderr)
+    known = sorted(infl.METHODS) + list(EXTRA_METHODS)
+    bad = [m for m in mine.methods + mine.metrics_methods if m not in known]
+    bad += [m for m in mine.metrics_methods if m not in mine.methods]
+    if bad or not mine.eps_list or any(e <= 0 for e in mine.eps_list) or mine.predictor_steps < 1:
+        print(f"error: --methods must be among {known}, --metrics-methods among --methods, eps > 0 and "
+              f"--predictor-steps >= 1 (got {mine.methods}, {mine.metrics_methods}, {mine.eps_list}, "
+              f"{mine.predictor_steps})", file=sys.stderr)
         return 2
-    category = a.category[0]
     try:
-        cfg = run_exp.build_config(a)
-        run_exp.check_dataset(cfg, [category])
+        if getattr(a, "train_dir", None):
+            raise cli.UsageError("the influence study runs on --dataset/--category, not --train-dir")
+        cfg = cli.build_config(a)
+        categories = cli.resolve_categories(a, cfg.data.dataset)
+        if len(categories) != 1:
+            raise cli.UsageError(f"the influence study takes one --category, got {categories}")
+        category = categories[0]
+        cli.check_data(cfg, a, categories)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import jax
 
-    from pn_jax import backbones, detector, runner
+    from pn_jax import model as model_lib, runner
 
     t_start = time.perf_counter()
     os.makedirs(mine.out, exist_ok=True)
@@ -487,36 +677,51 @@ def main(argv=None) -> int:
           f"coreset={cfg.bank.coreset_ratio} methods={','.join(mine.methods)} eps={mine.eps_list} "
           f"device={jax.devices()[0].platform}")
     timer = runner.Timer()
-    info = backbones.info(cfg.model.backbone)
     sources = runner.load_sources(cfg, category, max_train=a.max_train, max_test=a.max_test)
-    extractor = detector.FeatureExtractor(cfg)
+    if not len(sources.get("holdout", [])):
+        print("error: the study needs held-out normal images (statistics, predictor): raise --holdout-fraction",
+              file=sys.stderr)
+        return 2
 
-    # 1. fit once
+    # 1. fit once, through the public pipeline
     with timer("fit_s"):
-        state, report = runner.fit_category(cfg, sources, extractor, timer, info.mean, info.std)
-    with timer("extract_holdout_again_s"):  # for per-method statistics in part 4
-        holdout = (detector.extract_all(extractor, runner.batches(cfg, sources["holdout"], info.mean, info.std),
-                                        cfg.batch_size, desc="features holdout")
-                   if len(sources.get("holdout", [])) else None)
-    has_masks = cfg.data.dataset != "elpv"
+        model = model_lib.fit(cfg, sources["train"], holdout=sources["holdout"], key=jax.random.key(cfg.seed),
+                              category=category, dataset=cfg.data.dataset, timer=timer)
+    state = model.state
+    with timer("extract_holdout_again_s"):  # per-estimator statistics, predictor training
+        holdout = model.extract(sources["holdout"], desc="features holdout")
+    has_masks = bool(getattr(sources["test"], "has_masks", cfg.data.dataset != "elpv"))
     with timer("extract_test_s"):
-        feats, labels, masks, t_ext = extract_test(cfg, extractor, sources["test"], info.mean, info.std, has_masks)
-    grid = extractor.grid
+        feats, labels, masks, t_ext = extract_test(model, sources["test"], has_masks)
+    grid = model.grid
     chosen = pick_images(labels, mine.n_images, cfg.seed)
-    sub = feats[chosen]
+    classes = patch_classes(labels[chosen], masks[chosen] if masks is not None else None, grid)
+
+    pred_doc, pred_params = None, None
+    if PREDICTOR in mine.methods:
+        with timer("predictor_fit_s"):
+            fit, fit_s = fit_predictor(model, sources, holdout, mine.predictor_anomalies, mine.predictor_steps,
+                                       mine.predictor_hidden)
+        pred_params = fit.params
+        stride = max(1, len(fit.losses) // 200)
+        pred_doc = {"info": fit.info, "val_loss": fit.val_loss, "val_loss_init": fit.val_loss_init, "fit_s": fit_s,
+                    "loss_steps": list(range(0, len(fit.losses), stride)),
+                    "losses": fit.losses[::stride].tolist(), "loss_first": float(fit.losses[0]),
+                    "loss_last": float(fit.losses[-1])}
+    est = estimators(mine.methods, pred_params)
 
     # 2. agreement
     with timer("agreement_s"):
-        rows, switches, per_dim, nbrs = part_agreement(state, cfg, sub, mine.methods, mine.eps_list,
+        rows, switches, per_dim, nbrs = part_agreement(state, cfg, feats[chosen], classes, est, mine.eps_list,
                                                        mine.switch_rtol)
     # 3. cost
     with timer("cost_s"):
-        cost = part_cost(state, cfg, sub, nbrs, mine.methods, mine.timing_repeats, mine.timing_budget_s)
+        cost = part_cost(state, cfg, feats[chosen], nbrs, est, mine.timing_repeats, mine.timing_budget_s)
     cost["extract_ms_per_image"] = 1e3 * t_ext / len(feats)
     # 4. metrics
     with timer("metrics_s"):
-        met, signals = part_metrics(state, cfg, holdout, (feats, labels, masks), mine.methods, grid,
-                                   mine.switch_rtol)
+        met, signals = part_metrics(model, holdout, (feats, labels, masks),
+                                    {m: est[m] for m in mine.metrics_methods}, mine.switch_rtol)
     # 5. correlations
     with timer("correlation_s"):
         corr = part_correlation(signals, labels, feats.shape[1])
@@ -534,13 +739,14 @@ def main(argv=None) -> int:
         "config": cfg.to_dict(), "has_masks": has_masks,
         "counts": {"train": len(sources["train"]), "holdout": len(sources.get("holdout", [])),
                    "test": int(len(labels)), "test_anomalous": int(labels.sum()),
-                   "bank": report.bank_size, "train_patches": report.n_train_patches,
-                   "dim": int(feats.shape[-1]), "n_dims": int(state.dims.shape[0]),
+                   "bank": int(state.bank.shape[0]), "dim": int(feats.shape[-1]), "n_dims": int(state.dims.shape[0]),
                    "patches_per_image": int(feats.shape[1]), "grid": list(grid)},
+        "threshold": model.threshold,
         "agreement": {"reference": REFERENCE, "n_images": int(len(chosen)), "images": chosen.tolist(),
                       "n_entries": int(len(chosen) * feats.shape[1] * state.dims.shape[0]),
                       "switch_rtol": mine.switch_rtol, "rows": rows,
                       "switches": {str(k): v for k, v in switches.items()}},
+        "predictor": pred_doc,
         "cost": cost,
         "metrics": met,
         "correlation": corr,
