@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Callable, Iterable, NamedTuple
 
 import jax
@@ -132,13 +133,31 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
             return sig
         return noising.patch_signals(params, bank, dims, f, stats, bank_s=bank_s, **kw)
 
-    def signals(params, bank, dims, stats, feats):
+    def signals(params, bank, dims, stats, feats, exclude=None):
         if on_trace:
             on_trace()
+        if exclude is not None:  # leave-one-image-out: image i never meets its own bank entries
+            bank_owner, owners = exclude
+
+            def one(a):
+                b = _masked(bank, bank_owner, a[1])
+                b_s = influence_lib.bank_columns(b, dims) if need_influence else None
+                return per_image(params, b, dims, stats, a[0], b_s)
+
+            return jax.lax.map(one, (feats, owners))
         bank_s = influence_lib.bank_columns(bank, dims) if need_influence else None  # once, not per image
         return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s), feats)
 
     return jax.jit(signals) if jit else signals
+
+
+# A bank row moved this far away is never among any patch's K nearest (features are O(1..100)).
+_FAR = 1e6
+
+
+def _masked(bank, bank_owner, owner):
+    """The bank with the rows that came from image `owner` moved out of every patch's reach."""
+    return jnp.where((bank_owner == owner)[:, None], jnp.asarray(_FAR, bank.dtype), bank)
 
 
 def default_variant(cfg: Config) -> str:
@@ -245,9 +264,13 @@ class Scorer:
         """Traces so far of this configuration's compiled signal and map functions."""
         return {"signals": self._sig_counter["traces"], "maps": self._maps_counter["traces"]}
 
-    def signals(self, state: DetectorState, feats) -> dict:
+    def signals(self, state: DetectorState, feats, exclude=None) -> dict:
+        """`exclude`: (bank_owner [M], owners [B]) scores image b without the bank entries
+        that came from training image owners[b] (leave-one-image-out; -1 excludes nothing)."""
+        if exclude is not None and self._sharded:
+            raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
         if not self._sharded:
-            return self._signals(state.params, state.bank, state.dims, state.stats, feats)
+            return self._signals(state.params, state.bank, state.dims, state.stats, feats, exclude)
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
             sb = sharding.shard_bank(state.bank, mesh)
@@ -266,8 +289,8 @@ class Scorer:
             return jnp.max(patch, axis=-1)
         return maps_lib.image_scores(amap)
 
-    def __call__(self, state: DetectorState, feats) -> dict:
-        sig = self.signals(state, feats)
+    def __call__(self, state: DetectorState, feats, exclude=None) -> dict:
+        sig = self.signals(state, feats, exclude)
         patch = patch_score(self.cfg, sig, state.stats)
         amap = self.maps(patch)
         out = {"image_scores": self.image_scores(patch, amap), "anomaly_maps": amap,
@@ -340,7 +363,9 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     n = cfg.noising
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
     infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, method=n.influence, eps=n.eps)
-    return _stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max))
+    # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
+    # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
+    return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
 
 
 @functools.partial(jax.jit, static_argnames=("method", "eps"))
@@ -369,14 +394,41 @@ class FitReport:
     n_train_patches: int
     bank_size: int
     timings: dict
+    bank_owner: np.ndarray | None = None  # [M] the training image each bank entry came from
+    calibration: dict = dataclasses.field(default_factory=dict)  # what the statistics were fitted on
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _loo_knn(feats, owners, bank, bank_owner, *, k, block):
+    return jax.lax.map(lambda a: knn_lib.knn(a[0], _masked(bank, bank_owner, a[1]), k=k, block=block),
+                       (feats, owners))
+
+
+def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
+    """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
+    against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
+    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), bank, jnp.asarray(bank_owner, jnp.int32),
+                    k=cfg.noising.k, block=cfg.bank.knn_block)
+
+
+def calibration_split(n_images: int, seed: int, max_images: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint seeded samples of training images: (calibration, validation), each at most
+    `max_images` (32 images = 32k patches at 32x32: the per-dim RMS residual s_j is then an
+    average over thousands of roughly independent patches, a few percent of standard error)."""
+    perm = np.random.default_rng([seed, 1729]).permutation(n_images)
+    n_cal = min(max_images, max(1, -(-n_images // 2)))
+    n_val = min(max_images, n_images - n_cal)
+    return np.sort(perm[:n_cal]), np.sort(perm[n_cal:n_cal + n_val])
 
 
 def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
-        key: jax.Array | None = None) -> tuple[DetectorState, FitReport]:
-    """train_feats [n, N, D] (host), holdout_feats [h, N, D] or None -> state."""
+        key: jax.Array | None = None, *, calibrate_on: np.ndarray | None = None) -> tuple[DetectorState, FitReport]:
+    """train_feats [n, N, D] (host) -> state. The noise scale, the importance dims and the
+    statistics come from `holdout_feats` [h, N, D] (normal images not in the bank) or, with
+    `calibrate_on` (training image indices), from those images scored leave-one-image-out."""
     key = jax.random.key(cfg.seed) if key is None else key
     k_core, k_dims = jax.random.split(key)
-    dim = train_feats.shape[-1]
+    n_img, n_patch, dim = train_feats.shape
     flat = train_feats.reshape(-1, dim)
     t0 = time.perf_counter()
     if cfg.devices > 1:
@@ -388,21 +440,45 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
     else:
         idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
                                           cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True)
-    bank = jnp.asarray(flat[np.asarray(idx)])
+    idx = np.asarray(idx)
+    bank = jnp.asarray(flat[idx])
+    bank_owner = (idx // n_patch).astype(np.int32)
     t_core = time.perf_counter() - t0
     if bank.shape[0] < cfg.noising.k:
         raise ValueError(f"memory bank has {bank.shape[0]} entries but k={cfg.noising.k}; "
                          f"raise --coreset-ratio or lower --k")
     params = init_params(dim)
     t0 = time.perf_counter()
-    neighbours = None
+    neighbours, calib_feats = None, None
     if holdout_feats is not None and len(holdout_feats):
+        calib_feats = holdout_feats
         neighbours = holdout_neighbours(cfg, bank, holdout_feats)  # one search serves all below
+        info = {"source": "held-out images", "images": int(len(holdout_feats))}
+    elif calibrate_on is not None and len(calibrate_on):
+        calib = np.asarray(calibrate_on)
+        if n_img < 2:
+            raise ValueError("leave-one-image-out calibration needs at least 2 training images "
+                             "(one image's patches are searched against the others')")
+        calib_feats = train_feats[calib]
+        neighbours = loo_neighbours(cfg, bank, bank_owner, calib_feats, calib)
+        info = {"source": "leave-one-image-out", "images": int(len(calib))}
+    else:
+        info = {"source": "none: identity statistics and noise scale 1", "images": 0}
+        warnings.warn("fit: no calibration images (no held-out images and no leave-one-image-out sample): "
+                      "identity statistics and noise scale s = 1 are used, so calibrated scores equal "
+                      "unwhitened distances", stacklevel=2)
+    if calib_feats is not None:
         params["noise_scale"] = calibration.fit_noise_scale(
-            bank, jnp.asarray(holdout_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
+            bank, jnp.asarray(calib_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
             floor=cfg.noising.noise_floor, nearest=neighbours[1][..., 0].reshape(-1))
-    dims = select_dims(cfg, k_dims, dim, holdout_feats, bank, neighbours)
-    stats = fit_stats(cfg, params, bank, dims, holdout_feats, neighbours)
+    dims = select_dims(cfg, k_dims, dim, calib_feats, bank, neighbours)
+    info["dim_selection"] = cfg.noising.dim_selection if calib_feats is not None else "random"
+    if cfg.noising.dim_selection != info["dim_selection"]:
+        warnings.warn("fit: dim_selection=importance needs calibration images; the dims S were drawn at "
+                      "random instead (recorded in the checkpoint's calibration info)", stacklevel=2)
+    info["patches"] = 0 if calib_feats is None else int(calib_feats.shape[0] * calib_feats.shape[1])
+    stats = fit_stats(cfg, params, bank, dims, calib_feats, neighbours)
     t_stats = time.perf_counter() - t0
     state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)
-    return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats})
+    return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},
+                            bank_owner=bank_owner, calibration=info)
