@@ -38,7 +38,7 @@ import numpy as np
 FORMAT = "pn_jax.export"
 FORMAT_VERSION = 1
 OUTPUTS = ("scores", "normalized", "labels", "anomaly_maps")
-LABEL_RULE = "normalized >= 1.0"  # i.e. score >= threshold; the threshold is > 0
+LABEL_RULE = "scores >= threshold (normalized >= 1.0)"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 RESIZE = "PIL bilinear (antialiased) on the host"
@@ -93,6 +93,9 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
     mean = np.asarray(info.mean, np.float32)
     std = np.asarray(info.std, np.float32)
     t = np.float32(threshold)
+    # The smallest float32 >= the (float64) threshold: float32 scores compare against it
+    # exactly as pn_jax.Model.predict compares them against the threshold itself.
+    t_label = t if float(t) >= threshold else np.nextafter(t, np.float32(np.inf))
 
     def fn(images):
         # The same float32 arithmetic as pn_jax.data.preprocess.normalize.
@@ -112,7 +115,7 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
         amap = maps.to_pixel_maps(patch, grid, size, sigma)
         scores = maps.image_scores(amap)
         normalized = scores / t
-        return {"scores": scores, "normalized": normalized, "labels": normalized >= 1.0,
+        return {"scores": scores, "normalized": normalized, "labels": scores >= t_label,
                 "anomaly_maps": amap, "threshold": jnp.asarray(t)}
 
     return fn

@@ -89,7 +89,7 @@ def test_metadata_describes_the_artifact(fitted):
     info = backbones.info("efficientnet_lite0")
     assert md["input"]["normalization"]["mean"] == list(info.mean)
     assert md["batch"] == {"symbolic": True, "size": None}
-    assert md["threshold"] == fitted["threshold"] and md["label_rule"] == "normalized >= 1.0"
+    assert md["threshold"] == fitted["threshold"] and md["label_rule"] == "scores >= threshold (normalized >= 1.0)"
     assert md["score"]["variant"] == fitted["cfg"].noising.score
     assert md["versions"]["jax"] == jax.__version__
     assert md["provenance"]["weights_sha256"] == "abc"
