@@ -29,7 +29,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,18 +166,21 @@ def export_model(cfg, state, grid, threshold: float, meta: dict | None, path, *,
     platforms = tuple(platforms)
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
-        raise ExportError(f"export {path}: unknown platform(s) {bad or '(none given)'}; choose from {', '.join(PLATFORMS)}")
+        raise ExportError(f"export {path}: unknown platform(s) {bad or '(none given)'}; "
+                          f"choose from {', '.join(PLATFORMS)}")
     if threshold is None:
         raise ExportError(f"export {path}: the model has no decision threshold (it was fitted without "
                           f"held-out normal images); fit with holdout_fraction > 0 or pass a threshold")
     threshold = float(threshold)
     if not (math.isfinite(threshold) and threshold > 0):
         raise ExportError(f"export {path}: the threshold must be a finite number > 0 (normalised score = "
-                          f"score / threshold, label = normalised >= 1), got {threshold}")
+                          f"score / threshold, label = score >= threshold), got {threshold}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ExportError(f"export {path}: batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
+        raise ExportError(f"export {path}: batch_size must be a positive integer or None (symbolic), "
+                          f"got {batch_size!r}")
     if os.path.isdir(path):
-        raise ExportError(f"export: {path} is a directory; give a file name such as {os.path.join(path, 'model.jaxexport')}")
+        raise ExportError(f"export: {path} is a directory; give a file name such as "
+                          f"{os.path.join(path, 'model.jaxexport')}")
     variant = variant or detector.default_variant(cfg)
     provenance = _json_provenance(meta)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -245,7 +248,8 @@ def _read_metadata(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read the metadata {mpath} of {path}: {e}; export the model again") from None
     if not isinstance(md, dict) or md.get("format") != FORMAT:
-        raise ExportError(f"{mpath} is not pn_jax export metadata (format {md.get('format') if isinstance(md, dict) else None!r})")
+        found = md.get("format") if isinstance(md, dict) else None
+        raise ExportError(f"{mpath} is not pn_jax export metadata (format {found!r})")
     if md.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{mpath}: export format version {md.get('format_version')!r}, but this loader reads "
                           f"version {FORMAT_VERSION}; use the pn_jax version that exported it "
