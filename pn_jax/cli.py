@@ -31,7 +31,7 @@ DEFAULT_BACKBONE = {"mvtec_ad": "wide_resnet50_2", "visa": "wide_resnet50_2", "e
 # Config flags default to None so a checkpoint's config can tell which ones a user typed.
 DEFAULTS = dict(image_size=256, resize_mode="resize", embed_dim=1024, coreset_ratio=0.01, k=9,
                 method="propose_noising", influence="fd_fixed", influence_ratio=0.1, dim_selection="random",
-                eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.1, seed=0, batch_size=8, devices="1")
+                eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.0, seed=0, batch_size=8, devices="1")
 
 
 class UsageError(ValueError):
@@ -99,7 +99,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument("--image-score", choices=C.IMAGE_SCORES, default=None,
                        help="blurred_max: max of the blurred map (ADer's sp_max); patch_max: max patch score")
     g.add_argument("--holdout-fraction", type=_float("--holdout-fraction", 0, 1, lo_open=False, hi_open=True),
-                   default=None, help="normal train images held out of the bank for calibration (default 0.1)")
+                   default=None, help="normal train images held out of the bank for calibration and the threshold "
+                        "(default 0: every image in the bank, calibration leave-one-image-out)")
     g.add_argument("--threshold-fpr", type=_float("--threshold-fpr", 0, 1, hi_open=True), default=None,
                    help="decision threshold = the (1-q) quantile of validation normal scores "
                         "(default: F1-max on validation normals + synthetic anomalies)")
@@ -327,7 +328,8 @@ def folder_sources(cfg, a):
     from pn_jax import data
 
     return data.load_folders(a.train_dir, a.test_dir, holdout_fraction=cfg.data.holdout_fraction,
-                             holdout_min=cfg.data.holdout_min, seed=cfg.seed, max_train=a.max_train,
+                             holdout_min=cfg.data.holdout_min if cfg.data.holdout_fraction > 0 else 0,
+                             seed=cfg.seed, max_train=a.max_train,
                              max_test=a.max_test, masks=not a.no_masks, category=folder_name(a.train_dir))
 
 
@@ -348,6 +350,9 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
         ckpt_root = check_writable(os.path.dirname(os.path.abspath(a.checkpoint)) or ".", "--checkpoint")
     if a.unified and (a.tune or ds == "folder"):
         raise UsageError("--unified fits one bank over several --category; it does not take --tune or --train-dir")
+    if a.tune and cfg.data.holdout_fraction == 0:
+        raise UsageError("--tune fits weights on held-out normal images: add --holdout-fraction 0.2 "
+                         "(by default every training image is in the bank)")
     check_data(cfg, a, categories)
     print(banner(cfg))
     t0 = time.perf_counter()

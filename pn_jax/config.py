@@ -29,8 +29,9 @@ class DataConfig:
     image_size: int = 256
     resize_mode: str = "resize"
     crop_size: int = 224  # only for resize_mode="patchcore"
-    # Fraction of train/good held out from the bank for fit-time statistics (SPEC 2.7).
-    holdout_fraction: float = 0.1
+    # Fraction of train/good held out of the bank for the fit-time statistics and the threshold
+    # (SPEC 2.7). 0 (default): every image is in the bank and calibration is leave-one-image-out.
+    holdout_fraction: float = 0.0
     holdout_min: int = 2
 
 
@@ -165,7 +166,7 @@ def validate(cfg: Config) -> None:
 def tiny_config(**overrides) -> Config:
     """A few-second variant for tests: small images, small dims, bigger coreset ratio."""
     cfg = Config(
-        data=DataConfig(dataset="synthetic", image_size=64, holdout_fraction=0.25),
+        data=DataConfig(dataset="synthetic", image_size=64),
         model=ModelConfig(backbone="efficientnet_lite0", layers=("blocks4", "blocks10"),
                           pretrain_embed_dimension=64, target_embed_dimension=64),
         bank=BankConfig(coreset_ratio=0.1, knn_block=256),

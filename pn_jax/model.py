@@ -105,6 +105,7 @@ class Model:
         self.calibration = dict(calibration or {})
         self._extractor = extractor
         self._scorers: dict = {}
+        self.bank_owner = None  # [M] source training image of each bank entry (known at fit time)
         from pn_jax import backbones
 
         info = backbones.info(cfg.model.backbone)
@@ -173,23 +174,30 @@ class Model:
             raise ModelError(f"no images to extract features from ({desc})")
         return np.concatenate(out)
 
-    def scorer(self, variants=(None,)) -> detector.Scorer:
-        key = tuple(variants)
+    def scorer(self, variants=(None,), *, single_device: bool = False) -> detector.Scorer:
+        key = (tuple(variants), single_device)
         if key not in self._scorers:
-            self._scorers[key] = detector.Scorer(self.cfg, self.grid, variants=key)
+            cfg = self.cfg.replace(devices=1) if single_device else self.cfg
+            self._scorers[key] = detector.Scorer(cfg, self.grid, variants=key[0])
         return self._scorers[key]
 
-    def score_features(self, feats, variants=(None,)) -> dict:
+    def score_features(self, feats, variants=(None,), *, exclude=None) -> dict:
         """Patch features [n, N, D] -> {"image_scores", "anomaly_maps", "influence_maps",
         "noise_maps", "patch_scores", "signals", "variants": {variant: (image scores, maps)}}
-        at the model's input resolution, as host arrays. Variant None is the configured score."""
+        at the model's input resolution, as host arrays. Variant None is the configured score.
+        `exclude`: (bank_owner [M], owners [n]) scores training image owners[i] leave-one-image-out."""
         feats = jnp.asarray(feats)
         n, bs = feats.shape[0], self.cfg.batch_size
-        scorer = self.scorer(variants)
+        scorer = self.scorer(variants, single_device=exclude is not None)
         parts = []
         for s in range(0, n, bs):
             m = min(bs, n - s)
-            out = scorer(self.state, detector.pad_batch(feats[s:s + m], bs))
+            ex = None
+            if exclude is not None:
+                owners = np.full(bs, -1, np.int32)
+                owners[:m] = np.asarray(exclude[1])[s:s + m]
+                ex = (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(owners))
+            out = scorer(self.state, detector.pad_batch(feats[s:s + m], bs), ex)
             host = {k: np.asarray(v[:m]) for k, v in out.items() if k != "signals"}
             host["variants"] = {}
             for v in variants:
@@ -424,30 +432,58 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     t0 = time.perf_counter()
     train_feats = model.extract(train, desc="features train")
     timer["extract_train_s"] = time.perf_counter() - t0
-    holdout_feats = None
+    holdout_feats, calib, val = None, None, None
     if holdout is not None and len(holdout):
         t0 = time.perf_counter()
         holdout_feats = model.extract(holdout, desc="features holdout")
         timer["extract_holdout_s"] = time.perf_counter() - t0
-    else:
-        warnings.warn("no held-out normal images: the noise scale and the statistics fall back to "
-                      "identity (the default score then equals plain whitened-free PatchCore ranking) "
-                      "and no decision threshold can be chosen; set holdout_fraction > 0", stacklevel=2)
-    state, report = detector.fit(cfg, train_feats, holdout_feats, key)
+    elif len(train) >= 2:
+        # Leave-one-image-out: every image serves the bank; disjoint samples of them calibrate
+        # (s, dims, statistics) and validate (threshold), each scored without its own entries.
+        calib, val = detector.calibration_split(len(train), cfg.seed)
+    state, report = detector.fit(cfg, train_feats, holdout_feats, key, calibrate_on=calib)
     timer.update(report.timings)
-    del train_feats
     model.grid = tuple(model.extractor.grid)
     model.state = state
-    model.provenance = provenance(cfg, dataset=dataset, category=category,
+    model.bank_owner = report.bank_owner
+    model.provenance = provenance(cfg, dataset=dataset or getattr(train, "dataset", None), category=category,
                                   n_train=len(train), n_holdout=0 if holdout is None else len(holdout),
                                   bank_size=report.bank_size, train_patches=report.n_train_patches)
-    model.calibration = {"holdout_images": 0 if holdout is None else len(holdout),
-                         "noise_scale": "held-out residuals" if holdout_feats is not None else "identity"}
-    if holdout is not None and len(holdout):
-        t0 = time.perf_counter()
+    model.calibration = dict(report.calibration)
+    if report.calibration["images"] == 0:
+        log(f"warning: {report.calibration['source']}")
+    t0 = time.perf_counter()
+    if holdout_feats is not None:
         set_threshold(model, holdout, log=log)
-        timer["threshold_s"] = time.perf_counter() - t0
+    elif val is not None and len(val):
+        normal = model.score_features(train_feats[val], exclude=(report.bank_owner, val))["image_scores"]
+        del train_feats
+        anomal = _loo_anomaly_scores(model, train, val, report.bank_owner)
+        _store_threshold(model, normal, anomal, f"leave-one-image-out on {len(val)} training images", log)
+    else:
+        warnings.warn("fit: no validation images (a single training image and no held-out images): no "
+                      "decision threshold; labels stay empty", stacklevel=2)
+    timer["threshold_s"] = time.perf_counter() - t0
     return model
+
+
+def _loo_anomaly_scores(model: Model, train, val, bank_owner) -> np.ndarray:
+    """Image scores of one seeded synthetic anomaly of each validation training image, scored
+    without that image's own bank entries."""
+    from pn_jax import data
+
+    recs = [train[int(i)] for i in val]
+    anomalies = validation_records(recs, model.cfg.seed)[1]
+    src = data.records_source(anomalies, dataset="validation", category="validation", split="validation")
+    feats = model.extract(src, desc="threshold")
+    return model.score_features(feats, exclude=(bank_owner, np.asarray(val)))["image_scores"]
+
+
+def _store_threshold(model: Model, normal, anomal, where: str, log: Callable) -> None:
+    thr, info = choose_threshold(normal, anomal, fpr=model.cfg.threshold_fpr)
+    model.threshold = thr
+    model.calibration["threshold"] = {**info, "value": thr, "validation": where}
+    log(f"threshold {thr:.5g} ({info['rule']}; {where})")
 
 
 def folder_category(train_dir: str) -> str:
@@ -463,16 +499,11 @@ def set_threshold(model: Model, holdout, *, log: Callable = print) -> None:
     from pn_jax import data
 
     normal, anomalous = validation_records(holdout, model.cfg.seed)
-    src = lambda recs, split: data.records_source(recs, dataset="validation", category="validation",  # noqa: E731
-                                                  split=split)
     scores = []
     for recs in (normal, anomalous):
-        feats = model.extract(src(recs, "validation"), desc="threshold")
-        scores.append(model.score_features(feats)["image_scores"])
-    thr, info = choose_threshold(scores[0], scores[1], fpr=model.cfg.threshold_fpr)
-    model.threshold = thr
-    model.calibration["threshold"] = {**info, "value": thr}
-    log(f"threshold {thr:.5g} ({info['rule']})")
+        src = data.records_source(recs, dataset="validation", category="validation", split="validation")
+        scores.append(model.score_features(model.extract(src, desc="threshold"))["image_scores"])
+    _store_threshold(model, scores[0], scores[1], f"{len(normal)} held-out images", log)
 
 
 def _subset(source, idx: Sequence[int], split: str):

@@ -23,7 +23,8 @@ def load_sources(cfg: Config, category: str, *, max_train=None, max_test=None):
 
     return data.load_category(cfg.data.dataset, cfg.data.root, category,
                               holdout_fraction=cfg.data.holdout_fraction,
-                              holdout_min=cfg.data.holdout_min, seed=cfg.seed,
+                              holdout_min=cfg.data.holdout_min if cfg.data.holdout_fraction > 0 else 0,
+                              seed=cfg.seed,
                               max_train=max_train, max_test=max_test)
 
 

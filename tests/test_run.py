@@ -15,7 +15,7 @@ TINY = ["--dataset", "synthetic", "--category", "synthetic", "--image-size", "64
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "train"), "--tune"]
+    args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "train"), "--tune", "--holdout-fraction", "0.25"]
     READ_LOG.clear()
     seen = {}
     real_tune = runner.tune_state
@@ -86,5 +86,5 @@ def test_unified_bank_reports_each_category(tmp_path):
     assert set(res["categories"]) == {"synthetic", "synthetic_b"}
     a, b = (res["categories"][c] for c in ("synthetic", "synthetic_b"))
     assert a["counts"]["categories_in_bank"] == 2 and a["counts"]["bank"] == b["counts"]["bank"]
-    assert a["counts"]["train"] == 2 * 18  # both categories' train images (minus holdout) in one bank
+    assert a["counts"]["train"] == 2 * 20  # both categories' train images, all of them, in one bank
     assert os.path.isdir(tmp_path / "uni" / "checkpoint" / "unified")
