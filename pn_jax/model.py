@@ -106,6 +106,7 @@ class Model:
         self._extractor = extractor
         self._scorers: dict = {}
         self.bank_owner = None  # [M] source training image of each bank entry (known at fit time)
+        self.validation: dict = {}  # variant -> (normal, synthetic-anomaly) validation image scores
         from pn_jax import backbones
 
         info = backbones.info(cfg.model.backbone)
@@ -406,12 +407,13 @@ def validation_records(holdout, seed: int) -> tuple[list, list]:
 
 def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, category: str | None = None,
         dataset: str | None = None, log: Callable = print, timer: dict | None = None,
-        extractor: detector.FeatureExtractor | None = None) -> Model:
+        extractor: detector.FeatureExtractor | None = None, validation_variants: Sequence[str] = ()) -> Model:
     """Fit a model on normal images: a folder, paths, an array, or a data `Source`.
 
     `holdout`: normal images kept out of the bank for the fit-time statistics and the
     threshold; None splits them off `train` by `cfg.data.holdout_fraction` (seeded). `timer`
-    receives the stage timings (seconds)."""
+    receives the stage timings (seconds). `validation_variants`: score variants whose image
+    scores on the validation split are kept in `model.validation` (score selection, studies)."""
     from pn_jax.data import records
 
     timer = {} if timer is None else timer
@@ -454,12 +456,15 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         log(f"warning: {report.calibration['source']}")
     t0 = time.perf_counter()
     if holdout_feats is not None:
-        set_threshold(model, holdout, log=log)
+        set_threshold(model, holdout, log=log, validation_variants=validation_variants)
     elif val is not None and len(val):
-        normal = model.score_features(train_feats[val], exclude=(report.bank_owner, val))["image_scores"]
+        variants = (None,) + tuple(v for v in validation_variants if v is not None)
+        normal = model.score_features(train_feats[val], variants, exclude=(report.bank_owner, val))
         del train_feats
-        anomal = _loo_anomaly_scores(model, train, val, report.bank_owner)
-        _store_threshold(model, normal, anomal, f"leave-one-image-out on {len(val)} training images", log)
+        anomal = _loo_anomaly_scores(model, train, val, report.bank_owner, variants)
+        _keep_validation(model, normal, anomal, variants)
+        _store_threshold(model, normal["image_scores"], anomal["image_scores"],
+                         f"leave-one-image-out on {len(val)} training images", log)
     else:
         warnings.warn("fit: no validation images (a single training image and no held-out images): no "
                       "decision threshold; labels stay empty", stacklevel=2)
@@ -467,7 +472,12 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     return model
 
 
-def _loo_anomaly_scores(model: Model, train, val, bank_owner) -> np.ndarray:
+def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:
+    """model.validation[variant] = (normal image scores, synthetic-anomaly image scores)."""
+    model.validation = {v or "default": (normal["variants"][v][0], anomal["variants"][v][0]) for v in variants}
+
+
+def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) -> dict:
     """Image scores of one seeded synthetic anomaly of each validation training image, scored
     without that image's own bank entries."""
     from pn_jax import data
@@ -476,7 +486,7 @@ def _loo_anomaly_scores(model: Model, train, val, bank_owner) -> np.ndarray:
     anomalies = validation_records(recs, model.cfg.seed)[1]
     src = data.records_source(anomalies, dataset="validation", category="validation", split="validation")
     feats = model.extract(src, desc="threshold")
-    return model.score_features(feats, exclude=(bank_owner, np.asarray(val)))["image_scores"]
+    return model.score_features(feats, variants, exclude=(bank_owner, np.asarray(val)))
 
 
 def _store_threshold(model: Model, normal, anomal, where: str, log: Callable) -> None:
@@ -494,16 +504,18 @@ def folder_category(train_dir: str) -> str:
     return parts[-1] or "folder"
 
 
-def set_threshold(model: Model, holdout, *, log: Callable = print) -> None:
+def set_threshold(model: Model, holdout, *, log: Callable = print, validation_variants: Sequence[str] = ()) -> None:
     """Choose and store the model's threshold on held-out normals + synthetic anomalies."""
     from pn_jax import data
 
     normal, anomalous = validation_records(holdout, model.cfg.seed)
-    scores = []
+    variants = (None,) + tuple(v for v in validation_variants if v is not None)
+    out = []
     for recs in (normal, anomalous):
         src = data.records_source(recs, dataset="validation", category="validation", split="validation")
-        scores.append(model.score_features(model.extract(src, desc="threshold"))["image_scores"])
-    _store_threshold(model, scores[0], scores[1], f"{len(normal)} held-out images", log)
+        out.append(model.score_features(model.extract(src, desc="threshold"), variants))
+    _keep_validation(model, out[0], out[1], variants)
+    _store_threshold(model, out[0]["image_scores"], out[1]["image_scores"], f"{len(normal)} held-out images", log)
 
 
 def _subset(source, idx: Sequence[int], split: str):
