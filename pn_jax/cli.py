@@ -86,7 +86,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embed-dim", type=_int("--embed-dim", 1, 65536), default=None,
                    help="pretrain and target embedding dimension (default 1024)")
     g.add_argument("--coreset-ratio", type=_float("--coreset-ratio", 0, 1), default=None, help="default 0.01")
-    g.add_argument("--k", type=_int("--k", 1, 1024), default=None, help="K nearest neighbours (default 9)")
+    g.add_argument("--k", type=_int("--k", 1, 1024), default=None, help="K nearest neighbours (default 9; 1 for --method patchcore)")
     g.add_argument("--method", choices=C.METHODS, default=None)
     g.add_argument("--influence", choices=C.INFLUENCE_METHODS, default=None)
     g.add_argument("--influence-ratio", type=_float("--influence-ratio", 0, 1), default=None)
@@ -209,6 +209,8 @@ def build_config(a):
         raise UsageError(f"--backbone: {e}") from None
     root = a.data_root if a.data_root is not None else (a.train_dir if ds == "folder" else DEFAULT_ROOTS[ds])
     weights = parse_score_weights(v["score_weights"])
+    if v["method"] == "patchcore" and not _given(a, "k"):
+        v["k"] = 1  # PatchCore as in the paper: the nearest bank entry, one search with k = 1
     noising = {"method": v["method"], "k": v["k"], "influence": v["influence"],
                "influence_ratio": v["influence_ratio"], "dim_selection": v["dim_selection"], "eps": v["eps"],
                "znorm_signals": bool(a.znorm), "score_weights": weights}
