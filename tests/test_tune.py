@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pn_jax import detector, tune
+from pn_jax import tune
 from tests.test_detector import make, numpy_stats
 
 
