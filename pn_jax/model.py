@@ -205,9 +205,9 @@ class Model:
                 if v is None:
                     host["variants"][None] = (host["image_scores"], host["anomaly_maps"])
                 else:
-                    amap = scorer.maps(detector.patch_score(self.cfg, out["signals"], self.state.stats, v))
-                    amap = np.asarray(amap[:m])
-                    host["variants"][v] = (amap.reshape(m, -1).max(-1), amap)
+                    patch = detector.patch_score(self.cfg, out["signals"], self.state.stats, v)
+                    amap = scorer.maps(patch)
+                    host["variants"][v] = (np.asarray(scorer.image_scores(patch, amap)[:m]), np.asarray(amap[:m]))
             parts.append(host)
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "variants"}
         merged["variants"] = {v: tuple(np.concatenate([p["variants"][v][i] for p in parts]) for i in (0, 1))
