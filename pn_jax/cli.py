@@ -6,6 +6,7 @@ alias with `--mode train|test`). Every command is a thin layer over `pn_jax.mode
     pn-jax test --checkpoint runs/bottle/checkpoint                       # config from the checkpoint
     pn-jax predict --checkpoint runs/parts/checkpoint new_photos/ --out runs/parts/pred
     pn-jax export --checkpoint runs/parts/checkpoint --out parts.jaxexport
+    pn-jax suggest --checkpoint runs/parts/checkpoint unlabelled/ --top 16  # which images to label next
 
 Bad input is refused before any long work starts, with a message that names the flag or file
 (exit 2). `predict` never stops at one bad image: its CSV names it in an error column and the
@@ -140,7 +141,9 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pn-jax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True,
+                           description="also: `pn-jax suggest --checkpoint DIR PATH... --top N` ranks unlabelled "
+                                       "images by how uncertain the model is (see pn_jax/suggest.py)")
     f = sub.add_parser("fit", help="fit on good images (and test, when a test split is given)")
     add_config_flags(f)
     add_data_flags(f, train=True)
@@ -565,6 +568,11 @@ def _guard(fn, a) -> int:
 
 def main(argv=None) -> int:
     """`pn-jax` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["suggest"]:  # rank unlabelled images by uncertainty (pn_jax/suggest.py)
+        from pn_jax import suggest
+
+        return _guard(lambda rest: suggest.main(rest), argv[1:])
     a = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
