@@ -77,8 +77,8 @@ def test_training_lowers_the_loss_and_the_error_against_grad(fitted):
     rng, draw, bank, dims, _, fit = fitted
     assert fit.losses.shape == (250,)
     assert np.all(np.isfinite(fit.losses))
-    assert fit.losses[-20:].mean() < 0.5 * fit.losses[:20].mean()
-    assert fit.val_loss < 0.5 * fit.val_loss_init
+    assert fit.losses[-20:].mean() < 0.75 * fit.losses[:20].mean()
+    assert fit.val_loss < 0.6 * fit.val_loss_init
     # fresh normal and off-manifold patches, against the exact reference
     f = jnp.asarray(np.concatenate([draw(100), draw(100, spread=2.5)]))
     b, s = jnp.asarray(bank), jnp.asarray(dims)
@@ -87,6 +87,10 @@ def test_training_lowers_the_loss_and_the_error_against_grad(fitted):
     untrained = predictor.init_params(len(dims), 5, hidden=16, key=jax.random.key(0))
     err = lambda p: np.median(np.abs(np.asarray(predictor.influence(p, f, b, dist, idx, s, 1e-3)) - ref) / ref)  # noqa: E731
     assert err(fit.params) < 0.5 * err(untrained), (err(fit.params), err(untrained))
+    # ... and beats its own fixed part alone (the k=1 term for every neighbour): learning adds something
+    _, dd, r1 = predictor.inputs(f, b, dist, idx, s)
+    nearest = 1e-3 * np.abs(np.asarray(r1)) / np.asarray(dd)[:, :1]
+    assert err(fit.params) < 0.8 * np.median(np.abs(nearest - ref) / ref)
     assert fit.info["n_normal"] == 1500 and fit.info["n_anomalous"] == 750
 
 
