@@ -59,10 +59,16 @@ def test_with_flags_replaces_or_appends():
 
 
 def test_backbone_batches_counts_every_pass_through_the_backbone():
-    # 187 bank images -> 24 batches of 8; 22 held out -> 3 batches, three times (held-out
-    # features, then the threshold's normals and their synthetic anomalies); 84 test -> 11.
-    counts = {"train": 187, "holdout": 22, "test": 84}
-    assert bench.backbone_batches(counts, 8) == 24 + 3 + 3 + 3 + 11
+    # held-out images: 187 bank images -> 24 batches of 8; 22 held out -> 3 batches, three times
+    # (held-out features, the threshold's normals, one synthetic anomaly of each); 84 test -> 11
+    held_out = {"train": 187, "holdout": 22, "test": 84}
+    assert bench.backbone_batches(held_out, {}, 8) == 24 + 3 + 3 + 3 + 11
+    # leave-one-image-out: 209 bank images -> 27; anomalies of the 20 validation images -> 3
+    loo = {"train": 209, "holdout": 0, "test": 84}
+    cal = {"threshold": {"validation": "leave-one-image-out on 20 training images"}}
+    assert bench.backbone_batches(loo, cal, 8) == 27 + 3 + 11
+    with pytest.raises(ValueError, match="backbone_batches"):
+        bench.backbone_batches(loo, {"threshold": {"validation": "something new"}}, 8)
 
 
 def test_stage_table_accounts_for_the_whole_process():
