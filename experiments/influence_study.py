@@ -80,6 +80,8 @@ def parse_args(argv=None):
     from pn_jax import cli
 
     a = cli.build_run_parser().parse_args(rest)  # every experiments.run flag
+    if a.holdout_fraction is None:  # held-out normals are required here, whatever the CLI's default
+        a.holdout_fraction = 0.1
     mine.eps_list = [float(e) for e in mine.eps_list.split(",") if e.strip()]
     mine.methods = [m.strip() for m in mine.methods.split(",") if m.strip()]
     mine.metrics_methods = ([m.strip() for m in mine.metrics_methods.split(",") if m.strip()]
