@@ -107,57 +107,75 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
                    calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None,
-                   rerank: bool = False, n_valid: int | None = None):
+                   rerank: bool = False, n_valid: int | None = None, exclude_extra: int | None = None):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted).
 
     `calibrated`: also the whitened-search scores; `rerank`: the calibrated score over the
     Euclidean K-NN. `knn_fn(f, bank) -> (dist, idx)` overrides every K-NN search, the whitened
     one included (sharded banks); `n_valid`: the real rows of a zero-padded bank, so the
-    literal `fd` re-search never picks a pad."""
+    literal `fd` re-search never picks a pad. `exclude_extra` E: the function takes a sixth
+    argument (bank_owner [M], owners [B]) and scores image b leave-one-image-out: every search
+    returns the K nearest rows not from image owners[b] (exact when no image owns more than E
+    bank rows, see `knn_excluding`)."""
     n = cfg.noising
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
               std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block,
-              calibrated=calibrated, rerank=rerank, knn_fn=knn_fn, n_valid=n_valid)
+              calibrated=calibrated, rerank=rerank, n_valid=n_valid)
 
-    def per_image(params, bank, dims, stats, f, bank_s):
+    def per_image(params, bank, dims, stats, f, bank_s, knn):
         if not need_influence:
-            dist, idx = knn_fn(f, bank)
+            dist, idx = knn(f, bank)
             z = jnp.zeros(f.shape[:1], jnp.float32)
             sig = {"influence": z, "distance": dist.mean(-1), "noise": z, "nearest": dist[:, 0]}
             if calibrated:
                 sig.update(calibration.calibrated_signals(f, bank, params["noise_scale"], n.k,
-                                                          cfg.bank.knn_block, knn_fn)[0])
+                                                          cfg.bank.knn_block, knn)[0])
             if rerank:
                 sig.update(calibration.rerank_signals(f, bank, params["noise_scale"], idx))
             return sig
-        return noising.patch_signals(params, bank, dims, f, stats, bank_s=bank_s, **kw)
+        return noising.patch_signals(params, bank, dims, f, stats, bank_s=bank_s, knn_fn=knn, **kw)
 
     def signals(params, bank, dims, stats, feats, exclude=None):
         if on_trace:
             on_trace()
-        if exclude is not None:  # leave-one-image-out: image i never meets its own bank entries
-            bank_owner, owners = exclude
-
-            def one(a):
-                b = _masked(bank, bank_owner, a[1])
-                b_s = influence_lib.bank_columns(b, dims) if need_influence else None
-                return per_image(params, b, dims, stats, a[0], b_s)
-
-            return jax.lax.map(one, (feats, owners))
         bank_s = influence_lib.bank_columns(bank, dims) if need_influence else None  # once, not per image
-        return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s), feats)
+        if exclude_extra is None:
+            return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s, knn_fn), feats)
+        bank_owner, owners = exclude
+
+        def one(a):
+            knn = lambda q, b: knn_excluding(q, b, bank_owner, a[1], k=n.k, extra=exclude_extra,  # noqa: E731
+                                             block=cfg.bank.knn_block)
+            return per_image(params, bank, dims, stats, a[0], bank_s, knn)
+
+        return jax.lax.map(one, (feats, owners))
 
     return jax.jit(signals) if jit else signals
 
 
-# A bank row moved this far away is never among any patch's K nearest (features are O(1..100)).
-_FAR = 1e6
+def knn_excluding(q, bank, bank_owner, owner, *, k: int, extra: int, block: int):
+    """The K nearest bank rows that did not come from image `owner`: one search for K + E
+    neighbours, then the first K not owned, in the search's (distance, index) order. Exact
+    whenever image `owner` owns at most E rows (callers pass E = the largest count)."""
+    kk = min(k + extra, bank.shape[0])
+    # Rank as `knn.knn` does (expanded squared distance), keep the first K rows of other
+    # images, then exact distances and the (distance, index) re-sort for those K only: the
+    # same K and order as `knn.knn` on the bank without the owner's rows.
+    _, idx = knn_lib.knn_sq_ranked(jax.lax.stop_gradient(q), jax.lax.stop_gradient(bank), k=kk, block=block)
+    owned = bank_owner[idx] == owner
+    keep = jnp.argsort(owned * kk + jnp.arange(kk), axis=-1)[:, :k]
+    idx = jnp.take_along_axis(idx, keep, -1)
+    d = knn_lib.exact_distances(q, bank, idx)
+    order = jnp.lexsort((idx, d), axis=-1)
+    return jnp.take_along_axis(d, order, -1), jnp.take_along_axis(idx, order, -1)
 
 
-def _masked(bank, bank_owner, owner):
-    """The bank with the rows that came from image `owner` moved out of every patch's reach."""
-    return jnp.where((bank_owner == owner)[:, None], jnp.asarray(_FAR, bank.dtype), bank)
+def exclude_extra(bank_owner) -> int:
+    """E for `knn_excluding`: the most bank rows any one image owns, rounded up to a power of
+    two (so refits of similar banks share one compiled function)."""
+    most = int(np.bincount(np.asarray(bank_owner)).max()) if len(bank_owner) else 0
+    return 1 << max(most - 1, 0).bit_length()
 
 
 def default_variant(cfg: Config) -> str:
@@ -246,6 +264,7 @@ class Scorer:
             key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())))
             self._signals, self._sig_counter = _shared(
                 "signals", key, lambda on_trace: make_signal_fn(cfg, on_trace=on_trace, **flags))
+        self._flags = flags
         grid_, size, sigma = self.grid, self.size, cfg.noising.blur_sigma
 
         def build_maps(on_trace):
@@ -267,10 +286,18 @@ class Scorer:
     def signals(self, state: DetectorState, feats, exclude=None) -> dict:
         """`exclude`: (bank_owner [M], owners [B]) scores image b without the bank entries
         that came from training image owners[b] (leave-one-image-out; -1 excludes nothing)."""
-        if exclude is not None and self._sharded:
-            raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
+        if exclude is not None:
+            if self._sharded:
+                raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
+            extra = exclude_extra(exclude[0])  # static: one function per power of two
+            cfg, flags = self.cfg, self._flags
+            key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())), extra)
+            fn, _ = _shared("signals_loo", key, lambda on_trace: make_signal_fn(
+                cfg, on_trace=on_trace, exclude_extra=extra, **flags))
+            return fn(state.params, state.bank, state.dims, state.stats, feats,
+                      (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(exclude[1], jnp.int32)))
         if not self._sharded:
-            return self._signals(state.params, state.bank, state.dims, state.stats, feats, exclude)
+            return self._signals(state.params, state.bank, state.dims, state.stats, feats)
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
             sb = sharding.shard_bank(state.bank, mesh)
@@ -398,9 +425,9 @@ class FitReport:
     calibration: dict = dataclasses.field(default_factory=dict)  # what the statistics were fitted on
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block"))
-def _loo_knn(feats, owners, bank, bank_owner, *, k, block):
-    return jax.lax.map(lambda a: knn_lib.knn(a[0], _masked(bank, bank_owner, a[1]), k=k, block=block),
+@functools.partial(jax.jit, static_argnames=("k", "extra", "block"))
+def _loo_knn(feats, owners, bank, bank_owner, *, k, extra, block):
+    return jax.lax.map(lambda a: knn_excluding(a[0], bank, bank_owner, a[1], k=k, extra=extra, block=block),
                        (feats, owners))
 
 
@@ -408,7 +435,7 @@ def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Ar
     """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
     against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
     return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), bank, jnp.asarray(bank_owner, jnp.int32),
-                    k=cfg.noising.k, block=cfg.bank.knn_block)
+                    k=cfg.noising.k, extra=exclude_extra(bank_owner), block=cfg.bank.knn_block)
 
 
 def calibration_split(n_images: int, seed: int, max_images: int = 32) -> tuple[np.ndarray, np.ndarray]:
