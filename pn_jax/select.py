@@ -77,3 +77,22 @@ def choose(validation: Mapping[str, tuple], candidates: Sequence[str] = CANDIDAT
     table = {"rule": f"first of {list(candidates)} whose validation image AUROC is within {tol} of the best",
              "tol": tol, "chosen": chosen, "best": best, "variants": rows}
     return chosen, table
+
+
+def config_for(cfg, variant: str):
+    """The config whose configured score is `variant` (what a model fitted with `--score auto`
+    stores once the choice is made), everything else unchanged, so a saved model scores with
+    the chosen variant without knowing about `auto`."""
+    if variant == "patchcore":  # the nearest distance: PatchCore's score on the same bank
+        return cfg.replace(noising={"method": "patchcore"})
+    if variant in ("seed", "seed_z"):
+        return cfg.replace(noising={"method": "propose_noising", "score": "seed", "znorm_signals": variant == "seed_z"})
+    if variant == "distance":  # the mean of the K distances: the note's mix with weight on distance only
+        return cfg.replace(noising={"method": "propose_noising", "score": "seed", "znorm_signals": False,
+                                    "score_weights": (0.0, 1.0, 0.0)})
+    from pn_jax.config import SCORES
+
+    if variant in SCORES:
+        return cfg.replace(noising={"method": "propose_noising", "score": variant})
+    raise SelectError(f"auto score: variant {variant!r} has no configuration; choose among "
+                      f"{sorted(set(SCORES) | {'patchcore', 'seed_z', 'distance'})}")

@@ -107,3 +107,23 @@ def test_choice_does_not_depend_on_the_test_split(tmp_path):
     for v in select.CANDIDATES:
         np.testing.assert_array_equal(v0[v][0], v1[v][0])
         np.testing.assert_array_equal(v0[v][1], v1[v][1])
+
+
+def test_config_for_scores_as_the_chosen_variant(tmp_path):
+    """A model whose config is config_for(cfg, v) scores exactly as variant v of the model the
+    choice was made on (same bank and statistics): what `auto` would store in a checkpoint."""
+    from pn_jax import model as model_lib
+
+    kw = dict(n_train=8, n_test_good=6, n_test_defect=6, size=64)
+    src = pipeline.load_category("synthetic", str(tmp_path), "sel", holdout_fraction=0.0, holdout_min=0,
+                                 synthetic_kwargs=kw)
+    model = pn_jax.fit(pn_jax.tiny_config(), src["train"], log=lambda *_: None)
+    feats = model.extract(src["test"])
+    ref = model.score_features(feats, select.CANDIDATES)["variants"]
+    for v in select.CANDIDATES:
+        chosen = model_lib.Model(select.config_for(model.cfg, v), model.grid, model.state,
+                                 extractor=model.extractor)
+        got = chosen.score_features(feats)["image_scores"]
+        np.testing.assert_allclose(got, ref[v][0], rtol=1e-5, atol=1e-6, err_msg=v)
+    with pytest.raises(select.SelectError, match="no configuration"):
+        select.config_for(model.cfg, "nonsense")
