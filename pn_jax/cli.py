@@ -368,7 +368,8 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
     else:
         entries = []
         for cat in categories:
-            sources = folder_sources(cfg, a) if ds == "folder" else None
+            sources = folder_sources(cfg, a) if ds == "folder" else runner.load_sources(
+                cfg, cat, max_train=a.max_train, max_test=a.max_test, masks=not a.no_masks)
             ck = _ckpt_dir(a, out, cat, len(categories))
             e = runner.run_category(cfg, cat, out, mode="train", checkpoint_dir=ck, tune=a.tune,
                                     max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
@@ -425,8 +426,7 @@ def cmd_test(a) -> int:
         else:
             if cfg.data.dataset == "mvtec_ad":
                 check_data(cfg, a, [cat])
-            sources = runner.load_sources(cfg, cat, max_test=a.max_test)
-            sources = {"test": sources["test"]}
+            sources = {"test": runner.load_sources(cfg, cat, max_test=a.max_test, masks=not a.no_masks)["test"]}
         if a.no_masks:
             sources["test"].has_masks = False
         e = runner.run_category(cfg, cat, out, mode="test", checkpoint_dir=a.checkpoint, ablation=a.ablation,

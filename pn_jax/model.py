@@ -9,9 +9,11 @@ benchmarks and the studies. Preprocessing (decode, resize, the backbone's own
 normalisation), batching and padding to the compiled batch size happen here and nowhere
 else, so a benchmark times the code a user runs and no caller pads.
 
-The decision threshold is chosen at fit time without test labels: F1-max on a validation
-split of normal images the bank never saw plus seeded synthetic anomalies made from them, or
-the (1 - q) quantile of those normal images' scores (`cfg.threshold_fpr = q`).
+Every training image is in the bank. The decision threshold is chosen at fit time without
+test labels, on training images scored leave-one-image-out (without the bank entries that
+came from them) plus one seeded synthetic anomaly of each: F1-max, or the (1 - q) quantile of
+those normal images' scores (`cfg.threshold_fpr = q`). The calibration (noise scale, dims,
+statistics) uses a disjoint sample of training images, or held-out images when asked.
 """
 from __future__ import annotations
 
@@ -132,7 +134,9 @@ class Model:
         kw = dict(threshold=self.threshold, provenance=self.provenance, calibration=self.calibration,
                   extractor=self._extractor)
         kw.update(changes)
-        return Model(self.cfg, self.grid, state, **kw)
+        out = Model(self.cfg, self.grid, state, **kw)
+        out.bank_owner = self.bank_owner
+        return out
 
     @property
     def input_size(self) -> int:
@@ -439,10 +443,13 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         t0 = time.perf_counter()
         holdout_feats = model.extract(holdout, desc="features holdout")
         timer["extract_holdout_s"] = time.perf_counter() - t0
-    elif len(train) >= 2:
+    if len(train) >= 2:
         # Leave-one-image-out: every image serves the bank; disjoint samples of them calibrate
-        # (s, dims, statistics) and validate (threshold), each scored without its own entries.
+        # (s, dims, statistics; unless held-out images do) and validate (the threshold), each
+        # scored without its own entries. Calibration and validation never share an image.
         calib, val = detector.calibration_split(len(train), cfg.seed)
+        if holdout_feats is not None:
+            calib, val = None, np.sort(np.random.default_rng([cfg.seed, 1729]).permutation(len(train))[:32])
     state, report = detector.fit(cfg, train_feats, holdout_feats, key, calibrate_on=calib)
     timer.update(report.timings)
     model.grid = tuple(model.extractor.grid)
@@ -455,21 +462,31 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     if report.calibration["images"] == 0:
         log(f"warning: {report.calibration['source']}")
     t0 = time.perf_counter()
-    if holdout_feats is not None:
-        set_threshold(model, holdout, log=log, validation_variants=validation_variants)
-    elif val is not None and len(val):
-        variants = (None,) + tuple(v for v in validation_variants if v is not None)
-        normal = model.score_features(train_feats[val], variants, exclude=(report.bank_owner, val))
-        del train_feats
-        anomal = _loo_anomaly_scores(model, train, val, report.bank_owner, variants)
-        _keep_validation(model, normal, anomal, variants)
-        _store_threshold(model, normal["image_scores"], anomal["image_scores"],
-                         f"leave-one-image-out on {len(val)} training images", log)
+    if val is not None and len(val):
+        set_threshold_loo(model, train, val, train_feats=train_feats, validation_variants=validation_variants,
+                          log=log)
     else:
-        warnings.warn("fit: no validation images (a single training image and no held-out images): no "
-                      "decision threshold; labels stay empty", stacklevel=2)
+        warnings.warn("fit: no validation images (a single training image): no decision threshold; "
+                      "labels stay empty", stacklevel=2)
     timer["threshold_s"] = time.perf_counter() - t0
     return model
+
+
+def set_threshold_loo(model: Model, train, val, *, train_feats=None, validation_variants: Sequence[str] = (),
+                      log: Callable = print) -> None:
+    """Choose and store the threshold from training images `val` (indices into `train`) and one
+    seeded synthetic anomaly of each, all scored leave-one-image-out (never a test image)."""
+    val = np.asarray(val)
+    variants = (None,) + tuple(v for v in validation_variants if v is not None)
+    feats = train_feats[val] if train_feats is not None else model.extract(_subset(train, val, "validation"),
+                                                                           desc="threshold")
+    normal = model.score_features(feats, variants, exclude=(model.bank_owner, val))
+    del feats
+    anomal = _loo_anomaly_scores(model, train, val, model.bank_owner, variants)
+    _keep_validation(model, normal, anomal, variants)
+    model.calibration["validation_images"] = [int(i) for i in val]
+    _store_threshold(model, normal["image_scores"], anomal["image_scores"],
+                     f"leave-one-image-out on {len(val)} training images", log)
 
 
 def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:
@@ -502,20 +519,6 @@ def folder_category(train_dir: str) -> str:
     while len(parts) > 1 and parts[-1] in ("good", "train"):
         parts.pop()
     return parts[-1] or "folder"
-
-
-def set_threshold(model: Model, holdout, *, log: Callable = print, validation_variants: Sequence[str] = ()) -> None:
-    """Choose and store the model's threshold on held-out normals + synthetic anomalies."""
-    from pn_jax import data
-
-    normal, anomalous = validation_records(holdout, model.cfg.seed)
-    variants = (None,) + tuple(v for v in validation_variants if v is not None)
-    out = []
-    for recs in (normal, anomalous):
-        src = data.records_source(recs, dataset="validation", category="validation", split="validation")
-        out.append(model.score_features(model.extract(src, desc="threshold"), variants))
-    _keep_validation(model, out[0], out[1], variants)
-    _store_threshold(model, out[0]["image_scores"], out[1]["image_scores"], f"{len(normal)} held-out images", log)
 
 
 def _subset(source, idx: Sequence[int], split: str):

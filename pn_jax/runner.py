@@ -18,10 +18,20 @@ ABLATION_VARIANTS = ("patchcore", "distance", "influence", "noise", "seed", "see
                      "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
 
 
-def load_sources(cfg: Config, category: str, *, max_train=None, max_test=None):
+def load_sources(cfg: Config, category: str, *, max_train=None, max_test=None, masks: bool = True):
+    """The category's train / holdout / test sources; masks=False: image metrics only."""
     from pn_jax import data
 
-    return data.load_category(cfg.data.dataset, cfg.data.root, category,
+    src = _load_category(cfg, category, max_train, max_test, masks)
+    if not masks and src.get("test") is not None:
+        src["test"].has_masks = False
+    return src
+
+
+def _load_category(cfg, category, max_train, max_test, masks):
+    from pn_jax import data
+
+    return data.load_category(cfg.data.dataset, cfg.data.root, category, require_masks=masks,
                               holdout_fraction=cfg.data.holdout_fraction,
                               holdout_min=cfg.data.holdout_min if cfg.data.holdout_fraction > 0 else 0,
                               seed=cfg.seed,
@@ -236,7 +246,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
             log(f"  tuning {'kept' if main_key == 'tuned' else 'discarded'}: validation criterion "
                 f"(mean of image and pixel AUROC) untuned {crit['untuned']:.2f}, tuned {crit['tuned']:.2f}")
             if main_key == "tuned":  # the threshold belongs to the scores it will be applied to
-                model_lib.set_threshold(models["tuned"], sources["holdout"], log=log)
+                model_lib.set_threshold_loo(models["tuned"], sources["train"],
+                                            model.calibration["validation_images"], log=log)
         if checkpoint_dir:
             with timer("checkpoint_s"):
                 models[main_key].save(checkpoint_dir)

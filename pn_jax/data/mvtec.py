@@ -46,7 +46,7 @@ def check_root(root: str) -> None:
         raise MissingDataError(
             f"dataset root {os.path.abspath(root)} does not exist. MVTec AD is obtained from "
             f"{MVTEC_URL} (extract it so that {os.path.join(root, 'bottle', 'train', 'good')} "
-            f"exists, or pass --root). Any dataset in the MVTec layout works. Without a "
+            f"exists, or pass --data-root). Any dataset in the MVTec layout works. Without a "
             f"dataset on disk, the offline demo is: {OFFLINE_DEMO}")
 
 
@@ -107,7 +107,7 @@ def index_category(root: str, category: str, *, require_masks: bool = True,
                     raise MissingDataError(
                         f"anomalous test image {os.path.join(test_dir, defect, f)} has no mask: "
                         f"expected {expected}. Add the mask (an all-black one if the defect "
-                        f"has no region), or index with require_masks=False.")
+                        f"has no region), or pass --no-masks (image metrics only).")
             test.append(Sample(name=f"test/{defect}/{f}", path=os.path.join(test_dir, defect, f),
                                split="test", label=int(defect != "good"), defect=defect,
                                mask_path=mask))
