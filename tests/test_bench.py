@@ -41,6 +41,7 @@ def test_contenders_are_the_configs_the_cli_builds():
     expected = {
         "patchcore_k1": {"method": "patchcore", "k": 1},
         "patchcore_cli": {"method": "patchcore"},
+        "patchcore_run_k": {"method": "patchcore", "k": 3},
         "default_fd_fixed": {"influence": "fd_fixed"},
         "default_grad": {"influence": "grad"},
         "seed_fd_fixed": {"score": "seed", "influence": "fd_fixed"},
@@ -59,14 +60,16 @@ def test_with_flags_replaces_or_appends():
 
 
 def test_backbone_batches_counts_every_pass_through_the_backbone():
-    # held-out images: 187 bank images -> 24 batches of 8; 22 held out -> 3 batches, three times
-    # (held-out features, the threshold's normals, one synthetic anomaly of each); 84 test -> 11
+    # held-out images: 187 bank images -> 24 batches of 8; 22 held out -> 3 batches for their
+    # features, then 3 + 3 in the threshold stage (the normals, one synthetic anomaly of each)
     held_out = {"train": 187, "holdout": 22, "test": 84}
-    assert bench.backbone_batches(held_out, {}, 8) == 24 + 3 + 3 + 3 + 11
-    # leave-one-image-out: 209 bank images -> 27; anomalies of the 20 validation images -> 3
+    assert bench.backbone_batches(held_out, {}, 8) == {"extract_train_s": 24, "extract_holdout_s": 3,
+                                                       "threshold_s": 6, "extract_test_s": 11}
+    # leave-one-image-out: 209 bank images -> 27; the anomalies of 20 validation images -> 3
     loo = {"train": 209, "holdout": 0, "test": 84}
     cal = {"threshold": {"validation": "leave-one-image-out on 20 training images"}}
-    assert bench.backbone_batches(loo, cal, 8) == 27 + 3 + 11
+    assert bench.backbone_batches(loo, cal, 8) == {"extract_train_s": 27, "extract_holdout_s": 0,
+                                                   "threshold_s": 3, "extract_test_s": 11}
     with pytest.raises(ValueError, match="backbone_batches"):
         bench.backbone_batches(loo, {"threshold": {"validation": "something new"}}, 8)
 
@@ -80,13 +83,17 @@ def test_stage_table_accounts_for_the_whole_process():
     assert sum(bench.stage_table(t).values()) == pytest.approx(20.0)  # in-process: the run's total
 
 
-def test_post_backbone_fraction_books_compile_on_the_backbone_only_when_cold():
+def test_post_backbone_fraction_caps_each_stage_and_books_compile_only_when_cold():
     bb = {"batch_s": 2.0, "compile_s": 5.0}
-    cold = bench.summarise_run({}, 100.0, 10, bb, cold=True)
-    assert cold["backbone_s"] == 25.0 and cold["post_backbone_fraction"] == pytest.approx(0.75)
-    assert cold["post_backbone_fraction_compile_as_overhead"] == pytest.approx(0.80)
-    warm = bench.summarise_run({}, 50.0, 10, bb, cold=False)
-    assert warm["backbone_s"] == 20.0 and warm["post_backbone_fraction"] == pytest.approx(0.6)
+    stages = {"extract_train_s": 30.0, "threshold_s": 3.0, "extract_test_s": 10.0, "coreset_s": 7.0}
+    batches = {"extract_train_s": 10, "extract_holdout_s": 0, "threshold_s": 2, "extract_test_s": 5}
+    cold = bench.summarise_run(stages, 100.0, batches, bb, cold=True)
+    # 20 + min(4, 3) + 10 s of backbone compute, + 5 s compile
+    assert cold["backbone_s_by_stage"] == {"extract_train_s": 20.0, "threshold_s": 3.0, "extract_test_s": 10.0}
+    assert cold["backbone_s"] == 38.0 and cold["post_backbone_fraction"] == pytest.approx(0.62)
+    assert cold["post_backbone_fraction_compile_as_overhead"] == pytest.approx(0.67)
+    warm = bench.summarise_run(stages, 50.0, batches, bb, cold=False)
+    assert warm["backbone_s"] == 33.0 and warm["post_backbone_fraction"] == pytest.approx(17 / 50)
 
 
 def test_interleaved_rotates_the_order_and_paired_ratio_is_per_round():
