@@ -46,18 +46,20 @@ class InputStat(nnx.Variable):
 
 
 class InfluencePredictor(nnx.Module):
-    """(x_S [Q,S], dist [Q,K], r_1S [Q,S]) -> predicted influence / eps [Q,S]."""
+    """(x_S [Q,S], dist [Q,K], r_1S [Q,S]) -> predicted influence / eps [Q,S].
 
-    def __init__(self, n_dims: int, k: int, hidden: int = 32, *, rngs: nnx.Rngs):
+    x_S is accepted for the interface but not used. An earlier version that also read x_S (and
+    had a second gelu layer of 32) agreed slightly better with `grad` on ELPV (Spearman over
+    entries 0.68 against 0.63, median relative error 0.22 against 0.24) but cost ~3x more per
+    image, more than `fd_fixed` itself."""
+
+    def __init__(self, n_dims: int, k: int, hidden: int = 16, *, rngs: nnx.Rngs):
         s = n_dims
-        self.inp = nnx.Linear(3 * s + k, hidden, rngs=rngs)
-        self.mid = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.inp = nnx.Linear(2 * s + k, hidden, rngs=rngs)
         self.out = nnx.Linear(hidden, s, rngs=rngs)
         self.skip = nnx.Param(jnp.zeros((s,), jnp.float32))  # a: per-dim weight of the k=1 term
         # G: log-linear in a few per-patch statistics (starts at a constant, set by fit_predictor)
-        self.level = nnx.Linear(k + 2, 1, kernel_init=nnx.initializers.zeros, rngs=rngs)
-        self.x_mean = InputStat(jnp.zeros((s,), jnp.float32))
-        self.x_std = InputStat(jnp.ones((s,), jnp.float32))
+        self.level = nnx.Linear(k + 1, 1, kernel_init=nnx.initializers.zeros, rngs=rngs)
         self.r_rms = InputStat(jnp.ones((s,), jnp.float32))
         self.u_rms = InputStat(jnp.ones((s,), jnp.float32))
         self.logd_mean = InputStat(jnp.zeros((k,), jnp.float32))
@@ -65,23 +67,17 @@ class InfluencePredictor(nnx.Module):
 
     def __call__(self, x_s, dist, r1_s):
         k = dist.shape[-1]
-        d1 = jnp.maximum(dist[..., :1], 1e-12)
-        u = jnp.abs(r1_s) / d1
+        u = jnp.abs(r1_s) / jnp.maximum(dist[..., :1], 1e-12)
         u_n = u / self.u_rms[...]
-        r_n = r1_s / self.r_rms[...]
         logd = (jnp.log(jnp.maximum(dist, 1e-12)) - self.logd_mean[...]) / self.logd_std[...]
-        z = jnp.concatenate([(x_s - self.x_mean[...]) / self.x_std[...], r_n, jnp.abs(r_n), logd], axis=-1)
-        h = jax.nn.gelu(self.inp(z))
-        h = jax.nn.gelu(self.mid(h))
+        h = jax.nn.relu(self.inp(jnp.concatenate([r1_s / self.r_rms[...], u_n, logd], axis=-1)))
         # g = G * profile: the network shapes the per-dim profile (mean 1 over S); the patch's
         # level G comes from a log-linear model of a few patch statistics. Letting the MLP set
         # the level too made its ~20% per-entry errors swamp the small differences between
         # patches' means (patch-level Spearman 0.25-0.35 against 0.66 for the k=1 term alone).
         o = jax.nn.softplus(self.out(h) + self.skip[...] * u_n)
         profile = o / jnp.maximum(jnp.mean(o, axis=-1, keepdims=True), 1e-12)
-        stats = jnp.concatenate([logd, jnp.mean(u_n, -1, keepdims=True),
-                                 jnp.log(jnp.maximum(jnp.mean(u, -1, keepdims=True), 1e-12))], axis=-1)
-        g = jnp.exp(self.level(stats)) * profile
+        g = jnp.exp(self.level(jnp.concatenate([logd, jnp.mean(u_n, -1, keepdims=True)], axis=-1))) * profile
         return (u + (k - 1) * g) / k
 
 
@@ -100,7 +96,7 @@ def _describe(params) -> str:
         else type(params).__name__
 
 
-def init_params(n_dims: int, k: int, hidden: int = 32, key=None) -> dict:
+def init_params(n_dims: int, k: int, hidden: int = 16, key=None) -> dict:
     """Fresh params (plain nested dict of float32 arrays)."""
     key = jax.random.key(0) if key is None else key
     model = InfluencePredictor(n_dims, k, hidden, rngs=nnx.Rngs(params=key))
@@ -181,8 +177,7 @@ def _normalisation(x_s, dist, r1) -> dict:
     u = np.abs(r1) / np.maximum(dist[:, :1], 1e-12)
     logd = np.log(np.maximum(dist, 1e-12))
     rms = lambda a: np.maximum(np.sqrt(np.mean(a * a, 0)), 1e-12).astype(np.float32)  # noqa: E731
-    return {"x_mean": x_s.mean(0).astype(np.float32), "x_std": np.maximum(x_s.std(0), 1e-12).astype(np.float32),
-            "r_rms": rms(r1), "u_rms": rms(u), "logd_mean": logd.mean(0).astype(np.float32),
+    return {"r_rms": rms(r1), "u_rms": rms(u), "logd_mean": logd.mean(0).astype(np.float32),
             "logd_std": np.maximum(logd.std(0), 1e-6).astype(np.float32)}
 
 
@@ -195,7 +190,7 @@ def log_loss(pred, target, delta, patch_weight=1.0):
     return entries + patch_weight * patches
 
 
-TRAINED = ("inp", "mid", "out", "skip", "level")
+TRAINED = ("inp", "out", "skip", "level")
 
 
 @jax.jit
@@ -231,7 +226,7 @@ class PredictorFit:
 
 
 def fit_predictor(feats, bank, dims, *, k: int, key, steps: int = 1000, anomalous=None,
-                  synthetic_fraction: float = 0.5, hidden: int = 32, batch: int = 512,
+                  synthetic_fraction: float = 0.5, hidden: int = 16, batch: int = 512,
                   lr: float = 3e-3, patch_weight: float = 1.0, val_fraction: float = 0.1,
                   block: int = 4096, max_patches: int = 65536) -> PredictorFit:
     """Fit an InfluencePredictor against `grad` influence.

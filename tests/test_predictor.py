@@ -85,7 +85,10 @@ def test_training_lowers_the_loss_and_the_error_against_grad(fitted):
     dist, idx = knn.knn(f, b, k=5, block=64)
     ref = np.asarray(influence.grad(f, b, dist, idx, s, 1e-3))
     untrained = predictor.init_params(len(dims), 5, hidden=16, key=jax.random.key(0))
-    err = lambda p: np.median(np.abs(np.asarray(predictor.influence(p, f, b, dist, idx, s, 1e-3)) - ref) / ref)  # noqa: E731
+
+    def err(p):
+        return np.median(np.abs(np.asarray(predictor.influence(p, f, b, dist, idx, s, 1e-3)) - ref) / ref)
+
     assert err(fit.params) < 0.5 * err(untrained), (err(fit.params), err(untrained))
     # ... and beats its own fixed part alone (the k=1 term for every neighbour): learning adds something
     _, dd, r1 = predictor.inputs(f, b, dist, idx, s)
