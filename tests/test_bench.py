@@ -83,17 +83,21 @@ def test_stage_table_accounts_for_the_whole_process():
     assert sum(bench.stage_table(t).values()) == pytest.approx(20.0)  # in-process: the run's total
 
 
-def test_post_backbone_fraction_caps_each_stage_and_books_compile_only_when_cold():
-    bb = {"batch_s": 2.0, "compile_s": 5.0}
-    stages = {"extract_train_s": 30.0, "threshold_s": 3.0, "extract_test_s": 10.0, "coreset_s": 7.0}
+def test_post_backbone_fraction_from_the_runs_own_feature_stages():
+    bb = {"backbone_share_of_features": 0.9, "compile_s": 5.0}
+    stages = {"extract_train_s": 30.0, "threshold_s": 12.0, "extract_test_s": 10.0, "coreset_s": 7.0}
     batches = {"extract_train_s": 10, "extract_holdout_s": 0, "threshold_s": 2, "extract_test_s": 5}
     cold = bench.summarise_run(stages, 100.0, batches, bb, cold=True)
-    # 20 + min(4, 3) + 10 s of backbone compute, + 5 s compile
-    assert cold["backbone_s_by_stage"] == {"extract_train_s": 20.0, "threshold_s": 3.0, "extract_test_s": 10.0}
-    assert cold["backbone_s"] == 38.0 and cold["post_backbone_fraction"] == pytest.approx(0.62)
-    assert cold["post_backbone_fraction_compile_as_overhead"] == pytest.approx(0.67)
-    warm = bench.summarise_run(stages, 50.0, batches, bb, cold=False)
-    assert warm["backbone_s"] == 33.0 and warm["post_backbone_fraction"] == pytest.approx(17 / 50)
+    # features: 30 + 2 threshold batches at 10 s / 5 batches + 10 = 44 s; backbone 0.9 of that
+    assert cold["feature_extraction_s"] == pytest.approx(44.0)
+    assert cold["backbone_s_by_stage"] == pytest.approx({"extract_train_s": 27.0, "threshold_s": 3.6,
+                                                         "extract_test_s": 9.0})
+    assert cold["backbone_s"] == pytest.approx(39.6) and cold["post_backbone_fraction"] == pytest.approx(0.604)
+    assert cold["post_backbone_fraction_compile_as_overhead"] == pytest.approx(0.654)
+    # the threshold stage's share is capped at its own time
+    capped = bench.summarise_run({**stages, "threshold_s": 1.0}, 100.0, batches, bb, cold=False)
+    assert capped["backbone_s_by_stage"]["threshold_s"] == pytest.approx(0.9)
+    assert capped["post_backbone_fraction_compile_as_overhead"] == capped["post_backbone_fraction"]
 
 
 def test_interleaved_rotates_the_order_and_paired_ratio_is_per_round():
@@ -119,6 +123,7 @@ def test_tiny_end_to_end(tmp_path):
     assert h["command"].startswith("python -m experiments.run ") and "--weights random" in h["command"]
     assert sum(h["stages_s"].values()) == pytest.approx(h["wall_s"], rel=1e-6)
     assert h["post_backbone_fraction"] == pytest.approx(1 - h["backbone_s"] / h["wall_s"])
+    assert 0 < on_disk["backbone"]["backbone_share_of_features"] <= 1
     assert 0 < h["post_backbone_fraction"] < 1 and _finite_positive(h["peak_rss_gb"])
     assert h["counts"]["test"] == 3 + 2 * 2 and h["counts"]["test_anomalous"] == 4
     w = on_disk["warm"]
