@@ -36,8 +36,12 @@ def run_once(cwd: str, args: list[str], out: str) -> dict:
     return {"wall_s": wall, "results": res, "log_tail": log[-2000:]}
 
 
+RENAMED = {"mF1_max_sp": "mF1_max_sp_max"}  # ADer's name, fixed after 164a564
+
+
 def metrics_of(res: dict) -> dict:
-    return {c: {k: v for k, v in e["metrics"].items()} for c, e in res["categories"].items()}
+    return {c: {RENAMED.get(k, k): round(v, 6) for k, v in e["metrics"].items() if v is not None}
+            for c, e in res["categories"].items()}
 
 
 def main(argv=None) -> int:
