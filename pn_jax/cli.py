@@ -95,7 +95,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=_float("--eps", 0, 1e3), default=None)
     g.add_argument("--znorm", action="store_true", default=None, help="z-normalise the three signals")
     g.add_argument("--score-weights", default=None, help="influence,distance,noise (default 0.4,0.4,0.2)")
-    g.add_argument("--score", choices=C.SCORES, default=None, help="patch score of propose_noising")
+    g.add_argument("--score", choices=C.FIT_SCORES, default=None,
+                   help="patch score of propose_noising; auto: chosen per category on its validation data")
     if hasattr(C, "IMAGE_SCORES"):
         g.add_argument("--image-score", choices=C.IMAGE_SCORES, default=None,
                        help="blurred_max: max of the blurred map (ADer's sp_max); patch_max: max patch score")

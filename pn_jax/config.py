@@ -16,6 +16,9 @@ INFLUENCE_METHODS = ("fd", "fd_fixed", "grad", "jvp")
 DIM_SELECTION = ("random", "importance")
 # Patch scores of method propose_noising: the note's literal mix, or the calibrated noise model.
 SCORES = ("seed", "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
+# `auto`: chosen per category at fit time on its own validation data (pn_jax/select.py); a
+# fitted model's config always names the concrete score it chose.
+FIT_SCORES = SCORES + ("auto",)
 # Image score from the patch scores: the max of the upsampled, blurred map (PatchCore's and
 # ADer's sp_max) or the raw max over patches (the note's literal "max over patches").
 IMAGE_SCORES = ("blurred_max", "patch_max")
@@ -140,7 +143,7 @@ def validate(cfg: Config) -> None:
         (n.method in METHODS, f"noising.method must be one of {METHODS}, got {n.method!r}"),
         (n.influence in INFLUENCE_METHODS, f"noising.influence must be one of {INFLUENCE_METHODS}, got {n.influence!r}"),
         (n.dim_selection in DIM_SELECTION, f"noising.dim_selection must be one of {DIM_SELECTION}"),
-        (n.score in SCORES, f"noising.score must be one of {SCORES}, got {n.score!r}"),
+        (n.score in FIT_SCORES, f"noising.score must be one of {FIT_SCORES}, got {n.score!r}"),
         (n.image_score in IMAGE_SCORES, f"noising.image_score must be one of {IMAGE_SCORES}, got {n.image_score!r}"),
         (0 <= n.noise_shrinkage <= 1 and n.noise_floor >= 0, "noising.noise_shrinkage in [0,1], noise_floor >= 0"),
         (n.k >= 1, f"noising.k must be >= 1, got {n.k}"),

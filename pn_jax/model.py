@@ -420,6 +420,12 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     scores on the validation split are kept in `model.validation` (score selection, studies)."""
     from pn_jax.data import records
 
+    auto = cfg.noising.score == "auto"
+    if auto:  # fit as the first candidate, then choose among all on validation data
+        from pn_jax import select
+
+        cfg = select.config_for(cfg, select.CANDIDATES[0])
+        validation_variants = tuple(validation_variants) + select.CANDIDATES
     timer = {} if timer is None else timer
     category = category or (getattr(train, "category", None) if _is_source(train) else None)
     key = jax.random.key(cfg.seed) if key is None else key
@@ -468,8 +474,23 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     else:
         warnings.warn("fit: no validation images (a single training image): no decision threshold; "
                       "labels stay empty", stacklevel=2)
+    if auto and model.validation:
+        choose_score(model, log=log)
     timer["threshold_s"] = time.perf_counter() - t0
     return model
+
+
+def choose_score(model: Model, *, log: Callable = print) -> None:
+    """`--score auto`: the candidate score that wins on this model's own validation data
+    (`select.choose`; never test data); the model's config and threshold become that score's."""
+    from pn_jax import select
+
+    choice, table = select.choose(model.validation, select.CANDIDATES)
+    model.cfg = select.config_for(model.cfg, choice)
+    model._scorers = {}
+    model.calibration["auto"] = {"choice": choice, "validation_auroc": table}
+    log(f"--score auto chose {choice} on validation data")
+    _store_threshold(model, *model.validation[choice], model.calibration["threshold"]["validation"], log)
 
 
 def set_threshold_loo(model: Model, train, val, *, train_feats=None, validation_variants: Sequence[str] = (),

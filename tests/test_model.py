@@ -187,3 +187,17 @@ def test_loaded_model_refuses_other_backbone_weights(model, tmp_path):
     again.provenance["weights_sha256"] = "0" * 64  # as if fitted with another weights file
     with pytest.raises(pn_jax.model.ModelError, match="sha256"):
         again.predict(np.zeros((64, 64, 3), np.uint8), progress=False)
+
+
+def test_score_auto_picks_a_concrete_score_on_validation_and_saves_it(data_root, tmp_path):
+    from pn_jax import select
+
+    m = pn_jax.fit(pn_jax.tiny_config(noising={"score": "auto"}), str(data_root / "train" / "good"),
+                   log=lambda *_: None)
+    choice = m.calibration["auto"]["choice"]
+    assert choice in select.CANDIDATES and m.cfg.noising.score != "auto"
+    normal, anomalous = m.validation[choice]
+    assert m.threshold == pn_jax.choose_threshold(normal, anomalous)[0]
+    m.save(tmp_path / "ck")
+    again = pn_jax.load(tmp_path / "ck")
+    assert again.calibration["auto"]["choice"] == choice and again.cfg == m.cfg
