@@ -169,6 +169,12 @@ def contact_sheet(path: str, images, umaps, titles, cols: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------- with a model
+def _short(name: str, width: int = 30) -> str:
+    """The last two path components (test/blob/002.png -> blob/002.png), cut from the left."""
+    tail = "/".join(str(name).replace(os.sep, "/").split("/")[-2:])
+    return tail if len(tail) <= width else "..." + tail[-(width - 3):]
+
+
 def _thumb(a: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
@@ -213,7 +219,7 @@ def suggest(model, inputs, out_dir: str, *, top: int = 16, seed: int = 0, weight
     if chosen:
         umaps = [pixel_uncertainty(thumbs[i][1], thumbs[i][2], model.threshold, std_range, weight=weight,
                                    width=unc.width) for i in chosen]
-        titles = [f"#{r + 1} U={unc.total[i]:.2f} z={unc.normalized[i]:.2f}\n{os.path.basename(names[i])[:28]}"
+        titles = [f"#{r + 1} U={unc.total[i]:.2f} z={unc.normalized[i]:.2f}\n{_short(names[i])}"
                   for r, i in enumerate(chosen)]
         sheet = contact_sheet(os.path.join(out_dir, "suggestions.png"), [thumbs[i][0] for i in chosen], umaps, titles)
     log(f"ranked {len(names)} images by uncertainty (width {unc.width:.3g}, weight {weight}); "
