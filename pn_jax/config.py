@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 METHODS = ("propose_noising", "patchcore")
-INFLUENCE_METHODS = ("fd", "fd_fixed", "grad", "jvp")
+INFLUENCE_METHODS = ("fd", "fd_fixed", "grad", "jvp", "predictor")  # predictor: learned (pn_jax/predictor.py)
 DIM_SELECTION = ("random", "importance")
 # Patch scores of method propose_noising: the note's literal mix, or the calibrated noise model.
 SCORES = ("seed", "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
@@ -72,6 +72,8 @@ class NoisingConfig:
     noise_shrinkage: float = 0.1  # calibrated noise model: shrink s_j^2 towards its mean
     noise_floor: float = 0.1  # ... and keep s_j >= floor * median(s)
     blur_sigma: float = 4.0
+    predictor_steps: int = 1000  # influence=predictor: optax steps of its fit (SPEC 3, the note's future work)
+    predictor_hidden: int = 16
     image_score: str = "blurred_max"  # one of IMAGE_SCORES
 
 
@@ -147,6 +149,7 @@ def validate(cfg: Config) -> None:
         (n.image_score in IMAGE_SCORES, f"noising.image_score must be one of {IMAGE_SCORES}, got {n.image_score!r}"),
         (0 <= n.noise_shrinkage <= 1 and n.noise_floor >= 0, "noising.noise_shrinkage in [0,1], noise_floor >= 0"),
         (n.k >= 1, f"noising.k must be >= 1, got {n.k}"),
+        (n.predictor_steps >= 1 and n.predictor_hidden >= 1, "noising.predictor_steps and predictor_hidden must be >= 1"),
         (0 < n.influence_ratio <= 1, f"noising.influence_ratio must be in (0, 1], got {n.influence_ratio}"),
         (n.eps > 0, f"noising.eps must be > 0, got {n.eps}"),
         (0 < n.noise_std_min < n.noise_std_max, "noising.noise_std_min < noise_std_max, both > 0"),

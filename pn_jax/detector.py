@@ -389,15 +389,21 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
         return noising.identity_stats()
     n = cfg.noising
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
-    infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, method=n.influence, eps=n.eps)
+    infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
+                              method=n.influence, eps=n.eps)
     # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
     # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
     return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
 
 
 @functools.partial(jax.jit, static_argnames=("method", "eps"))
-def _holdout_influence(feats, bank, dist, idx, dims, *, method, eps):
+def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, *, method, eps):
     bank_s = influence_lib.bank_columns(bank, dims)
+    if method == "predictor":
+        from pn_jax import predictor
+
+        return jax.lax.map(lambda a: predictor.influence(predictor_params, a[0], bank, a[1], a[2], dims, eps, bank_s),
+                           (feats, dist, idx))
     return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps, bank_s),
                        (feats, dist, idx))
 
@@ -504,6 +510,19 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
         warnings.warn("fit: dim_selection=importance needs calibration images; the dims S were drawn at "
                       "random instead (recorded in the checkpoint's calibration info)", stacklevel=2)
     info["patches"] = 0 if calib_feats is None else int(calib_feats.shape[0] * calib_feats.shape[1])
+    if cfg.noising.influence == "predictor":
+        if calib_feats is None:
+            raise ValueError("--influence predictor learns from calibration images: fit on at least 2 "
+                             "training images (or give held-out images)")
+        from pn_jax import predictor
+
+        # Targets: grad influence of the calibration patches (under leave-one-image-out they are
+        # also in the bank, so the smallest distances are over-represented; see README).
+        pf = predictor.fit_predictor(calib_feats, bank, dims, k=cfg.noising.k, key=jax.random.fold_in(key, 17),
+                                     steps=cfg.noising.predictor_steps, hidden=cfg.noising.predictor_hidden,
+                                     block=cfg.bank.knn_block)
+        params["predictor"] = pf.params
+        info["predictor"] = {**pf.info, "val_loss_before": pf.val_loss_init, "val_loss_after": pf.val_loss}
     stats = fit_stats(cfg, params, bank, dims, calib_feats, neighbours)
     t_stats = time.perf_counter() - t0
     state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)

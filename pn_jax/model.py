@@ -316,7 +316,10 @@ class Model:
         """Atomic Orbax checkpoint of the state, with config, threshold and provenance."""
         from pn_jax import checkpoint
 
-        return checkpoint.save(os.path.abspath(os.fspath(directory)), self.state, self.cfg, self.meta())
+        params = dict(self.state.params)
+        learned = params.pop("predictor", None)  # a learned influence predictor travels as extra arrays
+        return checkpoint.save(os.path.abspath(os.fspath(directory)), self.state._replace(params=params), self.cfg,
+                               self.meta(), extra_arrays={"predictor": learned} if learned is not None else None)
 
     def export(self, path, **kw) -> dict:
         """A self-contained `jax.export` artifact of image -> scores, labels, maps (SPEC 6)."""
@@ -586,6 +589,11 @@ def load(directory, *, category: str | None = None, expected: Config | None = No
     if category and saved_cat and category != saved_cat and category not in str(saved_cat).split("+"):
         raise ModelError(f"checkpoint {d} was fitted on category {saved_cat!r}, not {category!r}; "
                          f"pass that category's checkpoint or re-fit")
+    learned = (meta.get("extra_arrays") or {}).get("predictor")
+    if learned is not None:
+        state = state._replace(params={**state.params, "predictor": learned})
+    elif cfg.noising.influence == "predictor":
+        raise ModelError(f"checkpoint {d} uses --influence predictor but holds no predictor weights; re-fit it")
     grid = meta.get("grid")
     if not grid:
         raise ModelError(f"checkpoint {d} records no feature grid; re-fit it with this pn_jax")

@@ -64,7 +64,12 @@ def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, e
     a padded bank, `n_valid` (its real rows) keeps the pads out of the literal `fd` re-search."""
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=k, block=block))
     dist, idx = knn_fn(features, bank)
-    infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps, bank_s, n_valid)
+    if influence == "predictor":  # learned at fit time from grad influence (pn_jax/predictor.py)
+        from pn_jax import predictor
+
+        infl = predictor.influence(params["predictor"], features, bank, dist, idx, dims, eps, bank_s)
+    else:
+        infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps, bank_s, n_valid)
     out, noise = signals_from(params, dims, stats, dist, infl, std_range)
     if rerank:
         out.update(calibration.rerank_signals(features, bank, params["noise_scale"], idx))

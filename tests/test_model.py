@@ -4,6 +4,7 @@ import csv
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -201,3 +202,16 @@ def test_score_auto_picks_a_concrete_score_on_validation_and_saves_it(data_root,
     m.save(tmp_path / "ck")
     again = pn_jax.load(tmp_path / "ck")
     assert again.calibration["auto"]["choice"] == choice and again.cfg == m.cfg
+
+
+def test_influence_predictor_is_fitted_saved_and_restored_exactly(data_root, tmp_path):
+    cfg = pn_jax.tiny_config(noising={"influence": "predictor", "predictor_steps": 30, "score": "seed"})
+    m = pn_jax.fit(cfg, str(data_root / "train" / "good"), log=lambda *_: None)
+    info = m.calibration["predictor"]
+    assert info["val_loss_after"] < info["val_loss_before"]  # its training lowered the held-back loss
+    m.save(tmp_path / "ck")
+    again = pn_jax.load(tmp_path / "ck")
+    for a, b in zip(jax.tree.leaves(m.state.params["predictor"]), jax.tree.leaves(again.state.params["predictor"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    folder = str(data_root / "test" / "blob")
+    np.testing.assert_array_equal(again.predict(folder, progress=False).scores, m.predict(folder, progress=False).scores)
