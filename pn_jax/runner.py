@@ -129,6 +129,29 @@ def write_figures(items, out_dir, mean, std, category):
     return paths
 
 
+def explain_figures(model, items, out_dir: str) -> tuple[list[dict], list[str]]:
+    """Coarse-to-fine explanation of the figure images (issue 17): for the patches above the
+    decision threshold, the full-D influence and each flagged region's top dimensions by share
+    of the whitened residual; a PNG panel per image with a flagged region."""
+    from pn_jax import explain
+
+    images = np.stack([img for img, *_ in items])
+    feats = model.features(images)
+    patch = model.score_features(feats)["patch_scores"]
+    names = [name for _, _, _, name, _ in items]
+    expl = explain.Explainer.from_state(model.state, model.cfg).explain(
+        np.asarray(feats), patch, model.grid, model.threshold, names)
+    paths = []
+    for (img, maps, _, name, _), e, p in zip(items, expl, patch):
+        if e["regions"]:
+            stem = name.replace("/", "_").rsplit(".", 1)[0]
+            paths.append(explain.save_explanation_figure(
+                os.path.join(out_dir, f"explain_{stem}.png"), viz.denormalize(img, model.mean, model.std),
+                maps["anomaly_maps"], explain.label_grid(p, model.grid, model.threshold), e,
+                f"{name}: top dims per flagged region"))
+    return expl, paths
+
+
 def selection_criterion(m: dict) -> float:
     """How validation results are compared (tuning kept or not; the default score): the mean of
     image AUROC and pixel AUROC, ADer's two headline numbers."""
@@ -266,6 +289,11 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
                                                   models[main_key].threshold)
         entry["figures"] = write_figures(res["figures"], os.path.join(out_dir, "figures", category),
                                          models[main_key].mean, models[main_key].std, category)
+        if res["figures"] and models[main_key].threshold is not None:
+            with timer("explain_s"):
+                entry["explanations"], figs = explain_figures(models[main_key], res["figures"],
+                                                              os.path.join(out_dir, "figures", category))
+            entry["figures"] += figs
         counts["test_anomalous"] = int(res["labels"].sum())
         entry["pixel_metrics"] = masks
         if tune:

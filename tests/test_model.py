@@ -123,6 +123,8 @@ def test_cli_fit_then_predict_labels_match_test_metrics_at_threshold(data_root, 
     entry = res["categories"]["synthetic"]
     thr = entry["threshold"]
     assert entry["at_threshold"]["threshold"] == thr and entry["pixel_metrics"] is True
+    for e in entry["explanations"]:  # issue 17: per flagged region, its top dims in results.json
+        assert all(0 < r["top_share"] <= 1 and len(r["top_dims"]) == 5 for r in e["regions"])
     assert cli.main(["predict", "--checkpoint", str(out / "checkpoint"), str(data_root / "test"),
                      "--out", str(tmp_path / "pred"), "--no-overlays"]) == 0
     with open(tmp_path / "pred" / "predictions.csv") as fh:
