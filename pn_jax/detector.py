@@ -55,27 +55,51 @@ def map_size(cfg: Config) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- features
 class FeatureExtractor:
-    """Backbone + PatchCore aggregation: normalised images [B,H,W,3] -> [B, N, D]."""
+    """Backbone + PatchCore aggregation: normalised images [B,H,W,3] -> [B, N, D].
+
+    The jitted backbone and aggregation are shared by every extractor of the same model
+    settings (a run over several categories, or a second run in one process, compiles them
+    once). `timings` accumulates the seconds spent in the backbone and in the aggregation
+    (each waited for), so a run can report the share of everything after the backbone."""
 
     def __init__(self, cfg: Config, backbone_fn: Callable | None = None):
-        from pn_jax import backbones
-
         m = cfg.model
         self.layers = tuple(m.layers)
-        self.backbone = backbone_fn or backbones.create(m.backbone, weights=m.weights, layers=self.layers)
-        self._aggregate = jax.jit(lambda maps: features_lib.aggregate(
-            maps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize))
+        if backbone_fn is None:
+            key = ("backbone", m.backbone, m.weights, self.layers)
+            if key not in _EXTRACTORS:
+                from pn_jax import backbones
+
+                _EXTRACTORS[key] = backbones.create(m.backbone, weights=m.weights, layers=self.layers)
+            backbone_fn = _EXTRACTORS[key]
+        self.backbone = backbone_fn
+        key = ("aggregate", m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize)
+        if key not in _EXTRACTORS:
+            _EXTRACTORS[key] = jax.jit(lambda maps: features_lib.aggregate(
+                maps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize))
+        self._aggregate = _EXTRACTORS[key]
         self.grid: tuple[int, int] | None = None
         self.dim = m.target_embed_dimension
+        self.timings = {"backbone_s": 0.0, "aggregate_s": 0.0, "batches": 0}
 
     def __call__(self, images) -> jax.Array:
-        out = self.backbone(jnp.asarray(images, jnp.float32))
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(self.backbone(jnp.asarray(images, jnp.float32)))
+        t1 = time.perf_counter()
         missing = [l for l in self.layers if l not in out]
         if missing:
             raise KeyError(f"backbone returned no stage(s) {missing}; it returned {sorted(out)}")
         maps = [out[l] for l in self.layers]
         self.grid = tuple(maps[0].shape[1:3])
-        return self._aggregate(maps)
+        feats = jax.block_until_ready(self._aggregate(maps))
+        self.timings["backbone_s"] += t1 - t0
+        self.timings["aggregate_s"] += time.perf_counter() - t1
+        self.timings["batches"] += 1
+        return feats
+
+
+# (kind, settings) -> jitted backbone / aggregation, shared across FeatureExtractors.
+_EXTRACTORS: dict = {}
 
 
 def pad_batch(x, size: int):

@@ -227,6 +227,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
     timer = Timer()
     t_start = time.perf_counter()
     extra = {}
+    t_ext = {"backbone_s": 0.0, "aggregate_s": 0.0, "batches": 0}
     if mode == "test":
         if tune:
             raise ValueError("--tune needs --mode train (it reads held-out training images)")
@@ -305,6 +306,11 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         entry["throughput"] = {"test_images_per_s": len(res["labels"]) / max(
             timer.get("extract_test_s", 0) + timer.get("score_s", 0), 1e-9)}
     timer["total_s"] = time.perf_counter() - t_start
+    ext = models[main_key]._extractor  # seconds inside the backbone / aggregation, this run
+    if ext is not None:
+        timer["backbone_s"] = ext.timings["backbone_s"] - t_ext["backbone_s"]
+        timer["aggregate_s"] = ext.timings["aggregate_s"] - t_ext["aggregate_s"]
+        counts["backbone_batches"] = ext.timings["batches"] - t_ext["batches"]
     entry.update({"timings": dict(timer), "counts": counts, "config": cfg.to_dict(), **extra})
     entry["_models"] = models
     entry["_states"] = {k: m.state for k, m in models.items()}
