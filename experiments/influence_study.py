@@ -346,6 +346,11 @@ def part_cost(state, cfg, feats, nbrs, est, repeats, budget_s, predictor_params=
     return out
 
 
+def _with_params(sig_fn, params, _state_params, *args):
+    """Call a library signal function with `params` (the state's plus the fitted predictor)."""
+    return sig_fn(params, *args)
+
+
 def local_signal_fn(cfg, fn):
     """The scoring path of the library (k-NN -> influence -> noise -> signals, plus the
     whitened search and `proposed`) with estimator `fn`, for the estimators the library's
@@ -447,8 +452,10 @@ def part_metrics(model, holdout, test, est, switch_rtol):
     for m, fn in tqdm(est.items(), desc="metrics (method)", leave=False):
         if m in config_lib.INFLUENCE_METHODS:
             cfg_m = cfg.replace(noising={"influence": m})
-            stats = detector.fit_stats(cfg_m, state.params, state.bank, state.dims, holdout, neighbours)
+            params = state.params if m != PREDICTOR else {**state.params, "predictor": fn.args[0]}
+            stats = detector.fit_stats(cfg_m, params, state.bank, state.dims, holdout, neighbours)
             sig_fn = detector.make_signal_fn(cfg_m, need_influence=True, calibrated=True)
+            sig_fn = functools.partial(_with_params, sig_fn, params) if m == PREDICTOR else sig_fn
             res["scoring_path"][m] = "library (detector.make_signal_fn)"
         else:
             cfg_m = cfg
