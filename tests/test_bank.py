@@ -40,15 +40,40 @@ def test_greedy_coreset_matches_numpy_reference():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("select", [coreset.greedy_select, coreset.greedy_select_stepwise])
 @pytest.mark.parametrize("n_cand", [1, 3, 64, 2000])
-def test_candidate_batching_selects_the_reference_points(n_cand):
+def test_batching_selects_the_reference_points(select, n_cand):
     # 1: a new batch every step (the plain loop); 3: a batch every few steps; 2000: all points.
     rng = np.random.default_rng(5)
     x = rng.normal(size=(2000, 12)).astype(np.float32)
     starts = np.array([11, 500, 1999, 7])
     want = reference.greedy_coreset(x.astype(np.float64), starts, 150)
-    got = coreset.greedy_select(jnp.asarray(x), jnp.asarray(starts), 150, n_cand=n_cand, chunks=7)
+    got = select(jnp.asarray(x), jnp.asarray(starts), 150, n_cand=n_cand, chunks=7)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_deferred_batches_match_the_reference_over_many_batches():
+    # Enough points and steps for many deferred batches, every flush width (64..256) and the
+    # chunked pass with a tail (N is not a multiple of FLUSH_CHUNK).
+    rng = np.random.default_rng(8)
+    x = (rng.normal(size=(20_000, 32)) * np.linspace(3, 0.2, 32)).astype(np.float32)
+    starts = np.array([3, 9_999, 17])
+    got = np.asarray(coreset.greedy_select(jnp.asarray(x), jnp.asarray(starts), 600, chunks=3))
+    np.testing.assert_array_equal(got, reference.greedy_coreset(x.astype(np.float64), starts, 600))
+    # ... and the same points as the candidate batching, bit for bit in its float32 arithmetic
+    np.testing.assert_array_equal(got, np.asarray(coreset.greedy_select_stepwise(jnp.asarray(x), jnp.asarray(starts), 600)))
+
+
+def test_deferred_batches_break_exact_ties_like_the_reference():
+    # Every point three times: min-distances tie exactly; the smallest index must win each time.
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(700, 8)).astype(np.float32)
+    x = np.concatenate([base, base, base])
+    starts = np.array([0, 1234])
+    want = reference.greedy_coreset(x.astype(np.float64), starts, 120)
+    for n_cand in (5, 256):
+        got = coreset.greedy_select(jnp.asarray(x), jnp.asarray(starts), 120, n_cand=n_cand)
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_first_argmax_ties_to_smallest_index():

@@ -1,0 +1,160 @@
+"""Exact k-NN (dense and pruned) against a float64 brute force, with ties and near-ties."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pn_jax import knn
+from tests import reference
+
+
+def decaying(rng, n, d, offset=3.0, decay=0.85):
+    """Points with a decaying spectrum (real features are nearly low-rank; Gaussian noise is not)."""
+    scale = decay ** np.arange(d)
+    return (rng.normal(size=(n, d)) * scale * 10 + offset).astype(np.float32)
+
+
+def all_paths(q, bank, k, budget=None, block=4096):
+    """(dist, idx) of the dense search, the prepared dense search and the pruned search."""
+    q, bank = jnp.asarray(q), jnp.asarray(bank)
+    out = {"knn": knn.knn(q, bank, k=k, block=block),
+           "indexed": knn.knn_indexed(q, knn.prepare_bank(bank, rank=0), k=k, block=block)}
+    for r in (4, 16):
+        out[f"pruned{r}"] = knn.knn_indexed(q, knn.prepare_bank(bank, rank=r), k=k, budget=budget, block=block)
+    return {name: (np.asarray(d), np.asarray(i)) for name, (d, i) in out.items()}
+
+
+def assert_identical(paths):
+    d0, i0 = paths["knn"]
+    for name, (d, i) in paths.items():
+        np.testing.assert_array_equal(i, i0, err_msg=name)
+        np.testing.assert_array_equal(d, d0, err_msg=name)  # bit for bit
+
+
+@pytest.mark.parametrize("k", [1, 9])
+@pytest.mark.parametrize("block", [32, 4096])
+def test_all_paths_equal_bruteforce(k, block):
+    rng = np.random.default_rng(k)
+    bank = decaying(rng, 700, 24)
+    q = decaying(rng, 60, 24)
+    paths = all_paths(q, bank, k, block=block)
+    assert_identical(paths)
+    d_ref, i_ref = reference.knn_bruteforce(q, bank, k)
+    np.testing.assert_array_equal(paths["knn"][1], i_ref)
+    np.testing.assert_allclose(paths["knn"][0], d_ref, rtol=1e-6)
+
+
+def test_gaussian_and_offset_data():
+    """Large |x| against small distances: the expanded form alone cannot rank these."""
+    rng = np.random.default_rng(0)
+    bank = (rng.normal(size=(300, 16)) + 300).astype(np.float32)
+    q = (rng.normal(size=(50, 16)) + 300).astype(np.float32)
+    paths = all_paths(q, bank, 5)
+    assert_identical(paths)
+    np.testing.assert_array_equal(paths["knn"][1], reference.knn_bruteforce(q, bank, 5)[1])
+
+
+def test_exact_ties_go_to_the_lower_index():
+    # Bank entries at q +- r e_i are all exactly at distance r (the residuals are exact), and
+    # duplicated rows tie too: the lower index must come first, on every path.
+    rng = np.random.default_rng(1)
+    d = 8
+    centre = np.round(rng.normal(size=d) * 4).astype(np.float32)
+    ring = np.concatenate([centre + 2 * np.eye(d), centre - 2 * np.eye(d)]).astype(np.float32)
+    far = (rng.normal(size=(200, d)) * 3 + 40).astype(np.float32)
+    bank = np.concatenate([far[:100], ring, far[100:], ring[::-1]])      # every ring row twice
+    dup = bank[[5, 17, 150]]
+    q = np.concatenate([centre[None], dup, far[:3] + 0.25]).astype(np.float32)
+    for k in (1, 9, 20):
+        paths = all_paths(q, bank, k, budget=40)
+        assert_identical(paths)
+        d_ref, i_ref = reference.knn_bruteforce(q, bank, k)
+        np.testing.assert_array_equal(paths["knn"][1], i_ref)
+        assert np.all(paths["knn"][0][0] == 2.0)                      # the ring: exact ties
+        assert list(paths["knn"][1][0][:3]) == [100, 101, 102][:k]
+
+
+def test_near_ties_beyond_the_expanded_form_take_the_fallback():
+    # Entries at distances 1, 1 + 1e-4, ... from a query far from the origin: the expanded
+    # form errs by ~|q|^2 * 1e-7 ~ 0.1 in d^2, more than the gaps, so the proof must fail and
+    # the residual brute force must decide.
+    rng = np.random.default_rng(2)
+    d = 16
+    q = np.full((1, d), 1000.0, np.float32)
+    dirs = rng.normal(size=(30, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    radii = 1.0 + 1e-4 * rng.permutation(30)
+    bank = (q + dirs * radii[:, None]).astype(np.float32)
+    bank = np.concatenate([(rng.normal(size=(100, d)) * 5 + 1000).astype(np.float32), bank])
+    idx = knn.prepare_bank(jnp.asarray(bank), rank=0)
+    proven = knn.search_stats(jnp.asarray(q), idx, 5)["dense_proven"]
+    assert float(proven) == 0.0                                        # the fallback ran
+    paths = all_paths(q, bank, 5, budget=40)
+    assert_identical(paths)
+    np.testing.assert_array_equal(paths["knn"][1], reference.knn_bruteforce(q, bank, 5)[1])
+
+
+def test_pruning_prunes_low_rank_data():
+    rng = np.random.default_rng(3)
+    bank = decaying(rng, 2000, 32, decay=0.7)
+    q = decaying(rng, 200, 32, decay=0.7)
+    index = knn.prepare_bank(jnp.asarray(bank), rank=8)
+    stats = knn.search_stats(jnp.asarray(q), index, 3, budget=64)
+    assert float(stats["candidate_fraction"]) < 0.05                   # most of the bank skipped
+    assert float(stats["pruned_settled"]) > 0.9
+    got = knn.knn_indexed(jnp.asarray(q), index, 3, budget=64)
+    np.testing.assert_array_equal(np.asarray(got[1]), reference.knn_bruteforce(q, bank, 3)[1])
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(knn.knn(jnp.asarray(q), jnp.asarray(bank), 3)[0]))
+
+
+def test_budget_overflow_and_small_banks():
+    rng = np.random.default_rng(4)
+    bank = decaying(rng, 400, 12)
+    q = decaying(rng, 40, 12)
+    # budget 8 < k + candidates: most queries overflow and take the dense chunks
+    for budget in (8, 10_000):
+        index = knn.prepare_bank(jnp.asarray(bank), rank=4)
+        d, i = knn.knn_indexed(jnp.asarray(q), index, 5, budget=budget)
+        np.testing.assert_array_equal(np.asarray(i), reference.knn_bruteforce(q, bank, 5)[1])
+    small = bank[:7]                                                   # bank smaller than the budget
+    assert_identical(all_paths(q, small, 7, budget=64))
+    np.testing.assert_array_equal(all_paths(q, small, 7)["pruned4"][1], reference.knn_bruteforce(q, small, 7)[1])
+
+
+def test_k_larger_than_bank_is_rejected():
+    with pytest.raises(ValueError, match="memory bank has only 5"):
+        knn.knn_indexed(jnp.zeros((3, 4)), knn.prepare_bank(jnp.zeros((5, 4)), rank=2), k=9)
+
+
+def test_smallest_equals_top_k_with_ties():
+    rng = np.random.default_rng(5)
+    s = jnp.asarray(rng.integers(0, 40, size=(16, 1000)).astype(np.float32))  # many exact ties
+    for n in (1, 5, 17):
+        for group in (8, 32):
+            v, i = knn.smallest(s, n, group)
+            neg, j = jax.lax.top_k(-s, n)
+            np.testing.assert_array_equal(np.asarray(i), np.asarray(j))
+            np.testing.assert_array_equal(np.asarray(v), -np.asarray(neg))
+
+
+def test_distances_are_differentiable_through_every_path():
+    rng = np.random.default_rng(6)
+    bank = jnp.asarray(decaying(rng, 300, 10))
+    q = jnp.asarray(decaying(rng, 20, 10))
+    index = knn.prepare_bank(bank, rank=4)
+    _, idx = knn.knn(q, bank, 3)
+    want = jax.grad(lambda x: jnp.sum(knn.exact_distances(x, bank, idx)))(q)
+    for f in (lambda x: knn.knn(x, bank, 3)[0], lambda x: knn.knn_indexed(x, index, 3, budget=32)[0]):
+        got = jax.grad(lambda x: jnp.sum(f(x)))(q)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_inside_lax_map_and_batched():
+    rng = np.random.default_rng(7)
+    bank = jnp.asarray(decaying(rng, 500, 16))
+    f = jnp.asarray(decaying(rng, 3 * 40, 16)).reshape(3, 40, 16)
+    index = knn.prepare_bank(bank, rank=4)
+    d1, i1 = jax.jit(lambda f: jax.lax.map(lambda x: knn.knn_indexed(x, index, 4, budget=48), f))(f)
+    d2, i2 = knn.knn_batched(f, bank, 4)
+    np.testing.assert_array_equal(np.asarray(i1), np.asarray(i2))
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
