@@ -187,14 +187,13 @@ def _empty_batch(c: int, p: int) -> Batch:
 
 def _new_batch(points, sq, min_d, c: int) -> Batch:
     n = points.shape[0]
-    # Descending, ties -> smaller index first (= top_k). XLA:CPU's top_k over [N] sorts the
-    # whole vector (65 ms at N = 645k); `knn.smallest` looks at group minima first.
-    neg, idx = knn.smallest(-min_d[None, :], min(c + 1, n))
+    # The top c, descending, ties -> smaller index first (= top_k). XLA:CPU's top_k over [N]
+    # sorts the whole vector (65 ms at N = 645k); `knn.smallest` looks at group minima first.
+    neg, idx = knn.smallest(-min_d[None, :], c)
     vals, idx = -neg[0], idx[0]
-    if c < n:
-        bound, vals, idx = vals[c], vals[:c], idx[:c]
-    else:
-        bound = jnp.float32(-jnp.inf)
+    # Every other point's min-distance is <= bound (a max over the rest: slicing a (c+1)-th
+    # value off top_k's output makes XLA:CPU sort instead).
+    bound = jnp.max(min_d.at[idx].set(-jnp.inf)) if c < n else jnp.float32(-jnp.inf)
     rows = points[idx]
     csq = sq[idx]
     cols = jnp.sqrt(jnp.maximum(_sq_block(rows, csq, rows, csq), 0.0))  # [i, j] = d(cand i, cand j)
@@ -358,8 +357,9 @@ def greedy_select_stepwise(projected: jax.Array, starts: jax.Array, n_select: in
 
 
 def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim: int = 128,
-                    n_starts: int = 10, progress: bool = False) -> jax.Array:
-    """Indices of the approximate greedy coreset of features [N, D]."""
+                    n_starts: int = 10, progress: bool = False, select=None) -> jax.Array:
+    """Indices of the approximate greedy coreset of features [N, D]. `select`: the greedy
+    loop (default `greedy_select`; `greedy_select_stepwise` picks the same points)."""
     n, d = features.shape
     n_select = n_coreset(n, ratio)
     if n_select >= n:
@@ -368,7 +368,7 @@ def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim:
     projected = project_chunked(features, random_projection(k_proj, d, proj_dim)) if proj_dim < d \
         else jnp.asarray(features, jnp.float32)
     starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
-    return greedy_select(projected, starts, n_select, progress=progress)
+    return (select or greedy_select)(projected, starts, n_select, progress=progress)
 
 
 @jax.jit

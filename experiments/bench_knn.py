@@ -1,0 +1,312 @@
+"""k-NN and coreset speed on real features (issue 15): dense vs pruned vs faiss, and the
+greedy coreset by candidate batching vs deferred batches.
+
+    python -m experiments.bench_knn --out runs/bench_knn.json
+    python -m experiments.bench_knn --out runs/bench_knn_q.json --quick
+
+Features: efficientnet_lite0 (its pip weights) on ELPV `all` at 256x256, 1024 patches of
+D = 1024 per image, extracted once through the library (`data.load_category`,
+`detector.FeatureExtractor`, `detector.extract_all`) and cached as float16 under --cache.
+Random Gaussian features would hide what pruning sees: real features are nearly low-rank.
+`--features synthetic` uses points with a decaying spectrum instead (no download needed).
+
+k-NN: banks of M entries are greedy coresets of the train patches (what a fit stores); the
+queries are test images, one image (Q = 1024) per call, as `detector.Scorer` maps them.
+Contenders, interleaved image by image for --rounds rounds:
+  * matmul      q @ bank.T alone (float32, HIGHEST): the rate ceiling of any dense search;
+  * knn         `knn.knn(q, bank, k, block)`: exact, bank prepared on every call;
+  * dense       `knn.knn_indexed` on `knn.prepare_bank(bank, rank=0)`;
+  * pruned      `knn.knn_indexed` on `knn.prepare_bank(bank, rank=--rank)`;
+  * faiss       faiss-cpu's exact IndexFlatL2 (when importable; never a pn_jax dependency),
+                with as many threads as the process may use.
+GFLOP/s counts the dense work 2 Q M D for every contender. `identical`: indices and
+distances bit for bit equal to `knn.knn` on every timed image (faiss: the fraction of equal
+indices). The pruned search also reports its pruning rate (1 - candidates / M) and the
+fraction of queries its candidates settled (the rest took the dense path).
+
+Coreset: `coreset.coreset_indices` on the first --coreset-n train patches at --coreset-ratio
+with the candidate batching (`greedy_select_stepwise`, the previous default) and with
+deferred batches (`greedy_select`, the default), interleaved; `identical` compares the
+selected indices. The projection's time is measured on its own too.
+
+Prints a table; writes everything, with the load average beside each timing, to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def n_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- features
+def elpv_features(cache: Path, n_train: int, n_test: int, batch_size: int = 8):
+    """(train patches [N, D] float16, test features [n_test, 1024, D] float16), cached."""
+    tag = f"elpv_all_lite0_256_t{n_train}_q{n_test}"
+    f_train, f_test = cache / f"{tag}_train.npy", cache / f"{tag}_test.npy"
+    if f_train.exists() and f_test.exists():
+        return np.load(f_train, mmap_mode="r"), np.load(f_test, mmap_mode="r")
+    from pn_jax import backbones, data, detector
+    from pn_jax.config import Config
+
+    info = backbones.info("efficientnet_lite0")
+    cfg = Config().replace(
+        data={"dataset": "elpv", "root": None, "image_size": 256},
+        model={"backbone": "efficientnet_lite0", "weights": None, "layers": tuple(info.default_layers),
+               "pretrain_embed_dimension": 1024, "target_embed_dimension": 1024},
+        batch_size=batch_size)
+    try:
+        src = data.load_category("elpv", None, "all", require_masks=False, max_train=n_train, max_test=n_test)
+    except data.MissingDataError as e:
+        sys.exit(f"bench_knn: {e}\n(or run with --features synthetic)")
+    extractor = detector.FeatureExtractor(cfg)
+
+    def extract(source, desc):
+        batches = data.make_batches(source, image_size=256, mean=info.mean, std=info.std, batch_size=batch_size)
+        return detector.extract_all(extractor, batches, batch_size, desc=desc).astype(np.float16)
+
+    # Train and holdout are both normal training images: both feed the bank / coreset.
+    train = np.concatenate([extract(src[s], s) for s in ("train", "holdout") if len(src.get(s) or [])])
+    test = extract(src["test"], "test")
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(f_train, train.reshape(-1, train.shape[-1]))
+    np.save(f_test, test)
+    return np.load(f_train, mmap_mode="r"), np.load(f_test, mmap_mode="r")
+
+
+def synthetic_features(n_train_patches: int, n_test: int, d: int = 1024, seed: int = 0):
+    """Points with a decaying spectrum (cheap stand-in for real features)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0].astype(np.float32)
+    scale = (np.arange(1, d + 1) ** -0.7).astype(np.float32) * 40
+
+    def draw(n):
+        out = np.empty((n, d), np.float16)
+        for i in range(0, n, 65536):
+            m = min(65536, n - i)
+            out[i:i + m] = (rng.normal(size=(m, d)).astype(np.float32) * scale) @ basis.T + 5
+        return out
+
+    return draw(n_train_patches), draw(n_test * 1024).reshape(n_test, 1024, d)
+
+
+# ----------------------------------------------------------------------------- k-NN
+def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
+    import jax
+    import jax.numpy as jnp
+
+    from pn_jax import coreset, knn
+
+    try:
+        import faiss
+        faiss.omp_set_num_threads(n_threads())
+    except ImportError:
+        faiss = None
+    rows = []
+    images = [np.asarray(test[i], np.float32) for i in range(len(test))]
+    n_train = len(train)
+    for m in banks:
+        t0 = time.perf_counter()
+        flat = np.asarray(train, np.float32)
+        idx = np.asarray(coreset.coreset_indices(jax.random.key(seed), flat, m / n_train + 1e-12))
+        bank_np = flat[idx]
+        del flat
+        bank = jnp.asarray(bank_np)
+        t_bank = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dense_ix = knn.prepare_bank(bank, rank=0)
+        pruned_ix = knn.prepare_bank(bank, rank=rank)
+        t_prep = time.perf_counter() - t0
+        fidx = None
+        if faiss is not None:
+            fidx = faiss.IndexFlatL2(bank_np.shape[1])
+            fidx.add(bank_np)
+        q_n, d = images[0].shape
+        for k in ks:
+            hi = jax.lax.Precision.HIGHEST
+            fns = {"matmul": jax.jit(lambda q, b: jnp.matmul(q, b.T, precision=hi)),
+                   "knn": jax.jit(lambda q, b, k=k: knn.knn(q, b, k, block)),
+                   "dense": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, block=block)),
+                   "pruned": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, budget=budget, block=block))}
+            arg = {"matmul": bank, "knn": bank, "dense": dense_ix, "pruned": pruned_ix}
+            names = list(fns) + (["faiss"] if fidx is not None else [])
+            times = {n: [] for n in names}
+            same = {n: True for n in names}
+            faiss_agree = []
+            q0 = jnp.asarray(images[0])
+            for n in fns:                                   # compile outside the timing
+                jax.block_until_ready(fns[n](q0, arg[n]))
+            l0 = load()
+            for r in range(rounds):
+                for img in images:
+                    q = jnp.asarray(img)
+                    ref = None
+                    for n in names:
+                        t = time.perf_counter()
+                        out = fidx.search(img, k) if n == "faiss" else jax.block_until_ready(fns[n](q, arg[n]))
+                        times[n].append(time.perf_counter() - t)
+                        if n == "knn":
+                            ref = (np.asarray(out[0]), np.asarray(out[1]))
+                        elif n in ("dense", "pruned"):
+                            same[n] &= bool(np.array_equal(np.asarray(out[1]), ref[1])
+                                            and np.array_equal(np.asarray(out[0]), ref[0]))
+                        elif n == "faiss":
+                            faiss_agree.append(float(np.mean(out[1] == ref[1])))
+            stats = [knn.search_stats(jnp.asarray(img), pruned_ix, k, budget=budget, block=block) for img in images]
+            cand = float(np.mean([float(s.get("candidate_fraction", 1.0)) for s in stats]))
+            settled = float(np.mean([float(s.get("pruned_settled", 0.0)) for s in stats]))
+            proven = float(np.mean([float(s["dense_proven"]) for s in stats]))
+            gflop = 2.0 * q_n * m * d / 1e9
+            for n in names:
+                med = statistics.median(times[n])
+                rows.append({"bank": m, "k": k, "method": n, "ms_per_image": med * 1e3,
+                             "ms_min": min(times[n]) * 1e3, "gflops": gflop / med,
+                             "identical": (True if n == "knn" else None if n == "matmul"
+                                           else float(np.mean(faiss_agree)) if n == "faiss" else same[n]),
+                             "pruning_rate": 1.0 - cand if n == "pruned" else None,
+                             "pruned_settled": settled if n == "pruned" else None,
+                             "dense_proven": proven if n in ("knn", "dense") else None,
+                             "rank": rank if n == "pruned" else None,
+                             "n_timed": len(times[n]), "loadavg": [l0, load()]})
+            base = statistics.median(times["knn"])
+            for row in rows[-len(names):]:
+                row["vs_knn"] = row["ms_per_image"] / (base * 1e3)
+        rows.append({"bank": m, "method": "_setup", "coreset_s": t_bank, "prepare_s": t_prep})
+    return rows
+
+
+# ----------------------------------------------------------------------------- coreset
+def coreset_table(train, n, ratio, rounds, seed):
+    import jax
+
+    from pn_jax import coreset
+
+    flat = np.asarray(train[:n], np.float32)
+    key = jax.random.key(seed)
+    methods = {"candidate batching": coreset.greedy_select_stepwise, "deferred batches": coreset.greedy_select}
+    out = {name: [] for name in methods}
+    sel = {}
+    proj_s = []
+    for r in range(rounds):
+        t = time.perf_counter()
+        p = coreset.project_chunked(flat, coreset.random_projection(jax.random.key(1), flat.shape[1], 128))
+        p.block_until_ready()
+        proj_s.append(time.perf_counter() - t)
+        del p
+        for name, select in methods.items():
+            l0 = load()
+            t = time.perf_counter()
+            idx = np.asarray(coreset.coreset_indices(key, flat, ratio, select=select))
+            out[name].append((time.perf_counter() - t, l0, load()))
+            sel[name] = idx
+    first = next(iter(sel.values()))
+    return [{"n": n, "ratio": ratio, "method": name, "s": statistics.median(t for t, _, _ in v),
+             "s_all": [t for t, _, _ in v], "loadavg": [(a, b) for _, a, b in v],
+             "projection_s": statistics.median(proj_s), "n_select": int(len(sel[name])),
+             "identical": bool(np.array_equal(sel[name], first))} for name, v in out.items()]
+
+
+# ----------------------------------------------------------------------------- main
+def fmt_table(knn_rows, core_rows) -> str:
+    lines = []
+    if knn_rows:
+        lines += ["| bank M | k | method | ms / image | min | GFLOP/s | vs knn | identical | pruning rate | settled |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in knn_rows:
+            if r["method"] == "_setup":
+                continue
+            ident = r["identical"]
+            ident = "-" if ident is None else (f"{ident:.4f} agree" if isinstance(ident, float) else str(ident))
+            pr = "-" if r["pruning_rate"] is None else f"{r['pruning_rate']:.2%}"
+            st = "-" if r["pruned_settled"] is None else f"{r['pruned_settled']:.2%}"
+            lines.append(f"| {r['bank']} | {r['k']} | {r['method']} | {r['ms_per_image']:.1f} | {r['ms_min']:.1f} | "
+                         f"{r['gflops']:.0f} | {r['vs_knn']:.2f} | {ident} | {pr} | {st} |")
+    if core_rows:
+        lines += ["", "| coreset N | ratio | method | seconds (median) | projection s | selected | identical |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in core_rows:
+            lines.append(f"| {r['n']} | {r['ratio']} | {r['method']} | {r['s']:.2f} | {r['projection_s']:.2f} | "
+                         f"{r['n_select']} | {r['identical']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--quick", action="store_true", help="small: 60 train / 4 test images, banks 500,2000, "
+                   "coreset 50k points, 2 rounds")
+    p.add_argument("--features", choices=("elpv", "synthetic"), default="elpv")
+    p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/pn_jax/bench_knn")))
+    p.add_argument("--train-images", type=int, default=None, help="ELPV train+holdout images (default 700)")
+    p.add_argument("--test-images", type=int, default=None, help="query images (default 8)")
+    p.add_argument("--banks", default=None, help="bank sizes M (default 2000,7000)")
+    p.add_argument("--ks", default="1,9")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    p.add_argument("--rank", type=int, default=256, help="principal axes of the pruned search")
+    p.add_argument("--budget", type=int, default=None, help="candidates per query (default knn.default_budget)")
+    p.add_argument("--block", type=int, default=8192, help="bank rows per matmul")
+    p.add_argument("--coreset-n", type=int, default=None,
+                   help="points for the coreset timing (default 700416 = 684 images x 1024 patches)")
+    p.add_argument("--coreset-ratio", type=float, default=0.01)
+    p.add_argument("--coreset-rounds", type=int, default=None, help="default 2")
+    p.add_argument("--skip-knn", action="store_true")
+    p.add_argument("--skip-coreset", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    q = a.quick
+    a.train_images = a.train_images or (60 if q else 700)
+    a.test_images = a.test_images or (4 if q else 8)
+    a.banks = [int(x) for x in (a.banks or ("500,2000" if q else "2000,7000")).split(",")]
+    a.ks = [int(x) for x in a.ks.split(",")]
+    a.rounds = a.rounds or (2 if q else 3)
+    a.coreset_n = a.coreset_n or (50 * 1024 if q else 684 * 1024)
+    a.coreset_rounds = a.coreset_rounds or (1 if q else 2)
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    import jax
+
+    if a.features == "elpv":
+        train, test = elpv_features(a.cache, a.train_images, a.test_images)
+    else:
+        train, test = synthetic_features(max(a.coreset_n, a.train_images * 1024), a.test_images)
+    if a.coreset_n > len(train) and not a.skip_coreset:
+        sys.exit(f"bench_knn: --coreset-n {a.coreset_n} > the {len(train)} train patches; "
+                 f"raise --train-images (1024 patches each) or lower --coreset-n")
+    test = test[:a.test_images]
+    knn_rows = [] if a.skip_knn else knn_table(train, test, a.banks, a.ks, rounds=a.rounds, rank=a.rank,
+                                               budget=a.budget, block=a.block, seed=a.seed)
+    core_rows = [] if a.skip_coreset else coreset_table(train, a.coreset_n, a.coreset_ratio, a.coreset_rounds, a.seed)
+    table = fmt_table(knn_rows, core_rows)
+    print(table)
+    doc = {"features": a.features, "n_train_patches": int(len(train)), "n_query_images": int(len(test)),
+           "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+           "machine": {"cpus": n_threads(), "platform": platform.platform()}, "args": {
+               k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+           "knn": knn_rows, "coreset": core_rows, "table": table}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
