@@ -2,8 +2,9 @@
 
 What "exact" means. The distance of record is d(q, b) = sqrt(sum((q - b)^2)) in float32,
 from the residuals (`exact_distances`: no cancellation error). The k neighbours are the k
-smallest (d, index) pairs: exact ties go to the lower bank index. Every path below returns
-these indices and these distances, and proves it per query:
+smallest (d, index) pairs: exact ties go to the lower bank index. d is a per-row computation:
+a pair gets the same bits whatever the shape of the call (tested on XLA:CPU), so every path
+below returns these indices and these distances, bit for bit, and proves it per query:
 
 * Dense (`knn`, `knn_indexed` with rank 0). One matmul per bank block ranks the bank by the
   expanded form T = |b|^2 - 2 q.b (= d^2 - |q|^2) and keeps the n_refine + 1 smallest; the
