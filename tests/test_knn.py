@@ -158,3 +158,17 @@ def test_inside_lax_map_and_batched():
     d2, i2 = knn.knn_batched(f, bank, 4)
     np.testing.assert_array_equal(np.asarray(i1), np.asarray(i2))
     np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+
+
+def test_residual_distance_bits_do_not_depend_on_the_call_shape():
+    # The paths compare distances computed in calls of different shapes; their bits must agree.
+    rng = np.random.default_rng(8)
+    bank = jnp.asarray(decaying(rng, 400, 64))
+    q = jnp.asarray(decaying(rng, 50, 64))
+    idx = jnp.asarray(rng.integers(0, 400, size=(50, 12)).astype(np.int32))
+    full = np.asarray(knn.exact_distances(q, bank, idx))
+    np.testing.assert_array_equal(np.asarray(knn.exact_distances(q, bank, idx[:, 3:5])), full[:, 3:5])
+    np.testing.assert_array_equal(np.asarray(knn.exact_distances(q[7:9], bank, idx[7:9])), full[7:9])
+    one = np.asarray(knn.knn(q[:1], bank, 400)[0])        # every entry, one query: the brute-force shape
+    np.testing.assert_array_equal(np.sort(one[0]), np.sort(np.asarray(knn.exact_distances(
+        q[:1], bank, jnp.arange(400, dtype=jnp.int32)[None]))[0]))
