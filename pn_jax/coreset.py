@@ -232,10 +232,20 @@ def _batch_steps(batch: Batch, sel, t, t1):
     return batch, sel, t
 
 
+def _chunk_size(n: int, chunk: int) -> int:
+    """A chunk of at most `chunk` points (a multiple of 64) that divides n when one >= chunk/4
+    exists (n is usually images x 1024): no tail block to compile a second time."""
+    for c in range(chunk, chunk // 4 - 1, -64):
+        if n % c == 0:
+            return c
+    return chunk
+
+
 def _apply_centres(points, sq, min_d, rows, csq, chunk: int):
     """min_d = min(min_d, distance to the nearest of the centres rows [w, P]), chunk by chunk
     of points so that each [chunk, w] block stays in cache."""
     n = points.shape[0]
+    chunk = _chunk_size(n, chunk)
 
     def apply(x, s, m):
         # min over centres before the sqrt: the same values (sqrt is monotone), one sqrt per point.
@@ -279,9 +289,10 @@ def _flush(points, sq, min_d, batch: Batch, chunk: int = FLUSH_CHUNK):
     return min_d.at[batch.index].set(keep)
 
 
-@functools.partial(jax.jit, static_argnames=("final",), donate_argnums=(1, 2))
-def _deferred_steps(projected, min_d, sel, t0, batch: Batch, t1, final: bool):
-    """Greedy steps t0..t1-1 by deferred batches (traced bounds: one compilation per `final`)."""
+@functools.partial(jax.jit, donate_argnums=(1, 2))
+def _deferred_steps(projected, min_d, sel, t0, batch: Batch, t1):
+    """Greedy steps t0..t1-1 by deferred batches (traced bounds: one compilation). The last
+    batch is never applied: only the selection is returned."""
     sq = jnp.sum(projected * projected, axis=-1)
     c = batch.index.shape[0]
 
@@ -301,8 +312,6 @@ def _deferred_steps(projected, min_d, sel, t0, batch: Batch, t1, final: bool):
         return min_d, sel, t, b
 
     min_d, sel, _, batch = jax.lax.while_loop(cond, body, (min_d, sel, t0, batch))
-    if final:
-        min_d = jax.lax.cond(jnp.any(batch.used), lambda m: _flush(projected, sq, m, batch), lambda m: m, min_d)
     return min_d, sel, batch
 
 
@@ -323,7 +332,7 @@ def greedy_select(projected: jax.Array, starts: jax.Array, n_select: int, progre
     bar = tqdm(total=n_select, desc="coreset", unit="pt", leave=False, disable=not progress)
     for t0 in range(0, n_select, step):
         t1 = min(t0 + step, n_select)
-        min_d, sel, batch = _deferred_steps(projected, min_d, sel, t0, batch, t1, final=t1 == n_select)
+        min_d, sel, batch = _deferred_steps(projected, min_d, sel, t0, batch, t1)
         if progress:
             sel.block_until_ready()
         bar.update(t1 - t0)
