@@ -53,7 +53,7 @@ class BankConfig:
     coreset_ratio: float = 0.01
     coreset_proj_dim: int = 128
     coreset_starts: int = 10
-    knn_block: int = 4096  # bank rows per k-NN block
+    knn_block: int = 8192  # bank rows per k-NN matmul (one block up to M = 8192: measured 5 ms/image faster at M = 7000)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,9 +163,16 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
     def signals(params, bank, dims, stats, feats, exclude=None):
         if on_trace:
             on_trace()
+        main_knn = knn_fn
+        if isinstance(bank, knn_lib.BankIndex):  # a prepared bank: its search skips the per-call bank pass
+            index, bank = bank, bank.bank
+            # The main search is against `bank` itself; the whitened one (`calibrated`) gets a
+            # scaled bank and the plain search.
+            main_knn = lambda f, b: (knn_lib.knn_indexed(f, index, k=n.k, block=cfg.bank.knn_block)  # noqa: E731
+                                     if b is bank else knn_fn(f, b))
         bank_s = influence_lib.bank_columns(bank, dims) if need_influence else None  # once, not per image
         if exclude_extra is None:
-            return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s, knn_fn), feats)
+            return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s, main_knn), feats)
         bank_owner, owners = exclude
 
         def one(a):
@@ -321,7 +328,9 @@ class Scorer:
             return fn(state.params, state.bank, state.dims, state.stats, feats,
                       (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(exclude[1], jnp.int32)))
         if not self._sharded:
-            return self._signals(state.params, state.bank, state.dims, state.stats, feats)
+            if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
+                self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank, rank=0)
+            return self._signals(state.params, self._index, state.dims, state.stats, feats)
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
             sb = sharding.shard_bank(state.bank, mesh)
