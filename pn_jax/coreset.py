@@ -69,7 +69,7 @@ def random_projection(key: jax.Array, dim_in: int, dim_out: int) -> jax.Array:
     return jax.random.normal(key, (dim_in, dim_out), jnp.float32) / np.sqrt(dim_out)
 
 
-def _dist_to(points: jax.Array, sq: jax.Array, centre: jax.Array) -> jax.Array:
+def dist_to(points: jax.Array, sq: jax.Array, centre: jax.Array) -> jax.Array:
     # sqrt(|x|^2 - 2 x.c + |c|^2); clamp before sqrt, as PatchCore does.
     return jnp.sqrt(jnp.maximum(sq - 2.0 * points @ centre + centre @ centre, 0.0))
 
@@ -84,14 +84,14 @@ def first_argmax(v: jax.Array) -> jax.Array:
 @jax.jit
 def _init_min_distance(projected, starts):
     sq = jnp.sum(projected * projected, axis=-1)
-    start_d = jax.vmap(lambda i: _dist_to(projected, sq, projected[i]))(starts)  # [S, N]
+    start_d = jax.vmap(lambda i: dist_to(projected, sq, projected[i]))(starts)  # [S, N]
     return jnp.mean(start_d, axis=0)
 
 
 class Candidates(NamedTuple):
     """A candidate batch: global indices [C] (-1: none), the dot products of each candidate
     with every (local) point [C, n], and the candidates' squared norms [C]. The distance
-    column is formed per step with `_dist_to`'s formula, so it equals the plain loop's."""
+    column is formed per step with `dist_to`'s formula, so it equals the plain loop's."""
     index: jax.Array
     dots: jax.Array
     sq: jax.Array
@@ -121,7 +121,7 @@ def run_candidate_steps(min_d, sel, t, t1, cand: Candidates, sq, refresh, global
             min_d, sel, t, i = c
             pos = jnp.argmax(cand.index == i)
             dot = jax.lax.dynamic_index_in_dim(cand.dots, pos, 0, keepdims=False)
-            col = jnp.sqrt(jnp.maximum(sq - 2.0 * dot + cand.sq[pos], 0.0))  # = _dist_to
+            col = jnp.sqrt(jnp.maximum(sq - 2.0 * dot + cand.sq[pos], 0.0))  # = dist_to
             min_d = jnp.minimum(min_d, col)
             return min_d, sel.at[t].set(i), t + 1, global_argmax(min_d)
 
@@ -171,7 +171,7 @@ class Batch(NamedTuple):
 
 def _sq_block(x, sq, rows, csq):
     """|x|^2 - 2 x.c + |c|^2 for points x [n, P] and centres rows [w, P] -> [n, w], in
-    `_dist_to`'s order of operations. The dots come from an [n, P] x [P, w] product: on
+    `dist_to`'s order of operations. The dots come from an [n, P] x [P, w] product: on
     XLA:CPU its values are bit-identical to the candidate batching's [64, P] x [P, N] for
     any n > 1 and w a multiple of 64 (tested), so both loops select the same points even at
     float32 near-ties (a matrix-vector product rounds differently)."""

@@ -139,7 +139,7 @@ def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh, n_can
         own = (loc >= 0) & (loc < n_local)
         start_rows = jax.lax.psum(
             jnp.where(own[:, None], x[jnp.clip(loc, 0, n_local - 1)], 0.0), axis)
-        start_d = jax.vmap(lambda c: coreset._dist_to(x, sq, c))(start_rows)   # [S, n_local]
+        start_d = jax.vmap(lambda c: coreset.dist_to(x, sq, c))(start_rows)   # [S, n_local]
         min_d = jnp.where(gidx < n_valid, jnp.mean(start_d, axis=0), -jnp.inf)
 
         def global_argmax(min_d):
