@@ -154,18 +154,11 @@ def main(argv=None) -> int:
     from pn_jax import cli
 
     try:
-        if getattr(a, "train_dir", None):
-            raise cli.UsageError("the simulation runs on --dataset/--category, not --train-dir")
         if min(mine.initial, mine.per_round, mine.rounds, mine.pool_max, mine.random_seeds) < 1:
             raise cli.UsageError("--initial, --per-round, --rounds, --pool-max and --random-seeds must be >= 1")
-        cfg = cli.build_config(a)
-        if cfg.noising.method != "propose_noising":
+        if (a.method or "propose_noising") != "propose_noising":
             raise cli.UsageError("uncertainty needs the proposed noise: --method propose_noising")
-        categories = cli.resolve_categories(a, cfg.data.dataset)
-        if len(categories) != 1:
-            raise cli.UsageError(f"the simulation takes one --category, got {categories}")
-        category = categories[0]
-        cli.check_data(cfg, a, categories)
+        cfg, category = cli.one_category(a, "the simulation")
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -678,14 +678,7 @@ def main(argv=None) -> int:
               f"{mine.predictor_steps})", file=sys.stderr)
         return 2
     try:
-        if getattr(a, "train_dir", None):
-            raise cli.UsageError("the influence study runs on --dataset/--category, not --train-dir")
-        cfg = cli.build_config(a)
-        categories = cli.resolve_categories(a, cfg.data.dataset)
-        if len(categories) != 1:
-            raise cli.UsageError(f"the influence study takes one --category, got {categories}")
-        category = categories[0]
-        cli.check_data(cfg, a, categories)
+        cfg, category = cli.one_category(a, "the influence study")
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -304,6 +304,19 @@ def resolve_categories(a, ds: str) -> list[str]:
     return seen
 
 
+def one_category(a, what: str):
+    """(config, category) for a tool that studies one dataset category (influence study,
+    active learning); refuses --train-dir and several categories before any work."""
+    if getattr(a, "train_dir", None):
+        raise UsageError(f"{what} runs on --dataset/--category, not --train-dir")
+    cfg = build_config(a)
+    categories = resolve_categories(a, cfg.data.dataset)
+    if len(categories) != 1:
+        raise UsageError(f"{what} takes one --category, got {categories}")
+    check_data(cfg, a, categories)
+    return cfg, categories[0]
+
+
 def check_data(cfg, a, categories: list[str]) -> None:
     """Fail fast, before any backbone loads, when the data is not there."""
     from pn_jax.data import mvtec
@@ -351,9 +364,8 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
     ds = dataset_of(a)
     categories = resolve_categories(a, ds)
     out = check_writable(a.out or "results/run", "--out")
-    ckpt_root = None
     if a.checkpoint:
-        ckpt_root = check_writable(os.path.dirname(os.path.abspath(a.checkpoint)) or ".", "--checkpoint")
+        check_writable(os.path.dirname(os.path.abspath(a.checkpoint)) or ".", "--checkpoint")
     if a.unified and (a.tune or ds == "folder"):
         raise UsageError("--unified fits one bank over several --category; it does not take --tune or --train-dir")
     if a.tune and cfg.data.holdout_fraction == 0:
@@ -377,7 +389,6 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
                                     n_figures=a.figures, sources=_no_masks(sources, a))
             print(summary_line(e, ck))
             entries.append(e)
-    del ckpt_root
     return report(a, entries, out, t0)
 
 
@@ -458,12 +469,10 @@ def cmd_predict(a) -> int:
     t0 = time.perf_counter()
     overlay_dir = os.path.join(out, "overlays")
     with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "score", "normalized_score", "label", "error"])
+        w = csv.DictWriter(fh, fieldnames=model_lib.CSV_FIELDS)
         w.writeheader()
         for i, rec in enumerate(model.predict_iter(items, maps=not a.no_overlays)):
-            row = {"path": rec["name"], "score": _num(rec["score"]), "normalized_score": _num(rec["normalized"]),
-                   "label": "" if rec["error"] else ("anomalous" if rec["label"] else "normal"),
-                   "error": rec["error"] or ""}
+            row = model_lib.csv_row(rec)
             w.writerow(row)
             if rec["error"]:
                 n_bad += 1
@@ -482,10 +491,6 @@ def cmd_predict(a) -> int:
           f"{(n - n_bad) / max(dt, 1e-9):.2f} images/s; threshold {model.threshold}")
     print(f"predictions: {csv_path}" + ("" if a.no_overlays else f"; overlays: {overlay_dir}"))
     return min(n_bad, 100)
-
-
-def _num(x) -> str:
-    return "" if x is None or not math.isfinite(x) else f"{x:.6g}"
 
 
 def cmd_export(a) -> int:

@@ -84,14 +84,19 @@ class Prediction:
 
     def rows(self) -> list[dict]:
         """One CSV row per input (failures included, with their error)."""
-        return [{"path": n, "score": _fmt(s), "normalized_score": _fmt(z),
-                 "label": "" if n in self.errors else ("anomalous" if lab else "normal"),
-                 "error": self.errors.get(n, "")}
+        return [csv_row({"name": n, "score": s, "normalized": z, "label": lab, "error": self.errors.get(n)})
                 for n, s, z, lab in zip(self.names, self.scores, self.normalized, self.labels)]
 
 
-def _fmt(x) -> str:
-    return "" if not np.isfinite(x) else f"{float(x):.6g}"
+CSV_FIELDS = ("path", "score", "normalized_score", "label", "error")
+
+
+def csv_row(rec: dict) -> dict:
+    """A `predict_iter` record as a predictions.csv row (empty score and label on an error)."""
+    num = lambda x: "" if x is None or not np.isfinite(x) else f"{float(x):.6g}"  # noqa: E731
+    return {"path": rec["name"], "score": num(rec["score"]), "normalized_score": num(rec["normalized"]),
+            "label": "" if rec["error"] else ("anomalous" if rec["label"] else "normal"),
+            "error": rec["error"] or ""}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -180,10 +185,10 @@ class Model:
         return np.concatenate(out)
 
     def scorer(self, variants=(None,), *, single_device: bool = False) -> detector.Scorer:
-        key = (tuple(variants), single_device)
+        cfg = self.cfg.replace(devices=1) if single_device else self.cfg
+        key = (cfg, tuple(variants))  # keyed by the config: a changed model.cfg gets its own Scorer
         if key not in self._scorers:
-            cfg = self.cfg.replace(devices=1) if single_device else self.cfg
-            self._scorers[key] = detector.Scorer(cfg, self.grid, variants=key[0])
+            self._scorers[key] = detector.Scorer(cfg, self.grid, variants=key[1])
         return self._scorers[key]
 
     def score_features(self, feats, variants=(None,), *, exclude=None) -> dict:
@@ -490,7 +495,6 @@ def choose_score(model: Model, *, log: Callable = print) -> None:
 
     choice, table = select.choose(model.validation, select.CANDIDATES)
     model.cfg = select.config_for(model.cfg, choice)
-    model._scorers = {}
     model.calibration["auto"] = {"choice": choice, "validation_auroc": table}
     log(f"--score auto chose {choice} on validation data")
     _store_threshold(model, *model.validation[choice], model.calibration["threshold"]["validation"], log)

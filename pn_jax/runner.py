@@ -322,7 +322,6 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
                 log=print) -> list[dict]:
     """ADer-style multi-class setting: ONE bank over every category's train images, then
     metrics per category on that shared bank."""
-    from pn_jax import data
     from pn_jax import model as model_lib
 
     timer = Timer()
@@ -357,7 +356,6 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
         if ablation:
             entry["ablation"] = {v: allm[("unified", v)] for v in variants[1:]}
         entries.append(entry)
-    del data
     log(f"unified bank over {len(categories)} categories: {model.provenance['bank_size']} entries from "
         f"{model.provenance['train_patches']} patches; total {time.perf_counter() - t_start:.1f}s")
     return entries
