@@ -477,11 +477,14 @@ def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Ar
                     k=cfg.noising.k, extra=exclude_extra(bank_owner), block=cfg.bank.knn_block)
 
 
-def calibration_split(n_images: int, seed: int, max_images: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def calibration_split(n_images: int, seed: int, max_images: int = 32, *,
+                      calibrate: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """Disjoint seeded samples of training images: (calibration, validation), each at most
     `max_images` (32 images = 32k patches at 32x32: the per-dim RMS residual s_j is then an
     average over thousands of roughly independent patches, a few percent of standard error)."""
     perm = np.random.default_rng([seed, 1729]).permutation(n_images)
+    if not calibrate:  # held-out images calibrate: every training image may validate
+        return None, np.sort(perm[:max_images])
     n_cal = min(max_images, max(1, -(-n_images // 2)))
     n_val = min(max_images, n_images - n_cal)
     return np.sort(perm[:n_cal]), np.sort(perm[n_cal:n_cal + n_val])

@@ -461,9 +461,7 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         # Leave-one-image-out: every image serves the bank; disjoint samples of them calibrate
         # (s, dims, statistics; unless held-out images do) and validate (the threshold), each
         # scored without its own entries. Calibration and validation never share an image.
-        calib, val = detector.calibration_split(len(train), cfg.seed)
-        if holdout_feats is not None:
-            calib, val = None, np.sort(np.random.default_rng([cfg.seed, 1729]).permutation(len(train))[:32])
+        calib, val = detector.calibration_split(len(train), cfg.seed, calibrate=holdout_feats is None)
     state, report = detector.fit(cfg, train_feats, holdout_feats, key, calibrate_on=calib)
     timer.update(report.timings)
     model.grid = tuple(model.extractor.grid)
