@@ -131,16 +131,15 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
                    calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None,
-                   rerank: bool = False, n_valid: int | None = None, exclude_extra: int | None = None):
+                   rerank: bool = False, n_valid: int | None = None, loo: bool = False):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted).
 
     `calibrated`: also the whitened-search scores; `rerank`: the calibrated score over the
     Euclidean K-NN. `knn_fn(f, bank) -> (dist, idx)` overrides every K-NN search, the whitened
     one included (sharded banks); `n_valid`: the real rows of a zero-padded bank, so the
-    literal `fd` re-search never picks a pad. `exclude_extra` E: the function takes a sixth
-    argument (bank_owner [M], owners [B]) and scores image b leave-one-image-out: every search
-    returns the K nearest rows not from image owners[b] (exact when no image owns more than E
-    bank rows, see `knn_excluding`)."""
+    literal `fd` re-search never picks a pad. `loo`: the function takes a sixth argument
+    (bank_owner [M], owners [B]) and scores image b leave-one-image-out: every search returns
+    the K nearest rows not from image owners[b] (`knn_excluding`)."""
     n = cfg.noising
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
@@ -171,13 +170,12 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
             main_knn = lambda f, b: (knn_lib.knn_indexed(f, index, k=n.k, block=cfg.bank.knn_block)  # noqa: E731
                                      if b is bank else knn_fn(f, b))
         bank_s = influence_lib.bank_columns(bank, dims) if need_influence else None  # once, not per image
-        if exclude_extra is None:
+        if not loo:
             return jax.lax.map(lambda f: per_image(params, bank, dims, stats, f, bank_s, main_knn), feats)
         bank_owner, owners = exclude
 
         def one(a):
-            knn = lambda q, b: knn_excluding(q, b, bank_owner, a[1], k=n.k, extra=exclude_extra,  # noqa: E731
-                                             block=cfg.bank.knn_block)
+            knn = lambda q, b: knn_excluding(q, b, bank_owner, a[1], k=n.k, block=cfg.bank.knn_block)  # noqa: E731
             return per_image(params, bank, dims, stats, a[0], bank_s, knn)
 
         return jax.lax.map(one, (feats, owners))
@@ -185,28 +183,20 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
     return jax.jit(signals) if jit else signals
 
 
-def knn_excluding(q, bank, bank_owner, owner, *, k: int, extra: int, block: int):
-    """The K nearest bank rows that did not come from image `owner`: one search for K + E
-    neighbours, then the first K not owned, in the search's (distance, index) order. Exact
-    whenever image `owner` owns at most E rows (callers pass E = the largest count)."""
-    kk = min(k + extra, bank.shape[0])
-    # Rank as `knn.knn` does (expanded squared distance), keep the first K rows of other
-    # images, then exact distances and the (distance, index) re-sort for those K only: the
-    # same K and order as `knn.knn` on the bank without the owner's rows.
-    _, idx = knn_lib.knn_sq_ranked(jax.lax.stop_gradient(q), jax.lax.stop_gradient(bank), k=kk, block=block)
-    owned = bank_owner[idx] == owner
-    keep = jnp.argsort(owned * kk + jnp.arange(kk), axis=-1)[:, :k]
-    idx = jnp.take_along_axis(idx, keep, -1)
-    d = knn_lib.exact_distances(q, bank, idx)
-    order = jnp.lexsort((idx, d), axis=-1)
-    return jnp.take_along_axis(d, order, -1), jnp.take_along_axis(idx, order, -1)
+def knn_excluding(q, bank, bank_owner, owner, *, k: int, block: int):
+    """The K nearest bank rows that did not come from image `owner` (exact: `knn.knn` on the
+    bank without that image's rows, same distances, indices into the whole bank)."""
+    return knn_lib.knn_excluding(q, bank, bank_owner == owner, k=k, block=block)
 
 
-def exclude_extra(bank_owner) -> int:
-    """E for `knn_excluding`: the most bank rows any one image owns, rounded up to a power of
-    two (so refits of similar banks share one compiled function)."""
-    most = int(np.bincount(np.asarray(bank_owner)).max()) if len(bank_owner) else 0
-    return 1 << max(most - 1, 0).bit_length()
+def check_loo_bank(bank_owner, owners, k: int) -> None:
+    """Refuse leave-one-image-out scoring where an image leaves fewer than k bank rows."""
+    bank_owner = np.asarray(bank_owner)
+    owned = np.bincount(bank_owner, minlength=int(np.max(owners, initial=0)) + 1)
+    for o in np.unique(np.asarray(owners)):
+        if o >= 0 and len(bank_owner) - owned[o] < k:
+            raise ValueError(f"leave-one-image-out: without training image {o}'s entries the memory bank "
+                             f"has {len(bank_owner) - owned[o]} rows but k={k}; raise --coreset-ratio or lower --k")
 
 
 def default_variant(cfg: Config) -> str:
@@ -320,11 +310,11 @@ class Scorer:
         if exclude is not None:
             if self._sharded:
                 raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
-            extra = exclude_extra(exclude[0])  # static: one function per power of two
+            check_loo_bank(exclude[0], exclude[1], self.cfg.noising.k)
             cfg, flags = self.cfg, self._flags
-            key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())), extra)
+            key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())))
             fn, _ = _shared("signals_loo", key, lambda on_trace: make_signal_fn(
-                cfg, on_trace=on_trace, exclude_extra=extra, **flags))
+                cfg, on_trace=on_trace, loo=True, **flags))
             return fn(state.params, state.bank, state.dims, state.stats, feats,
                       (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(exclude[1], jnp.int32)))
         if not self._sharded:
@@ -464,17 +454,17 @@ class FitReport:
     calibration: dict = dataclasses.field(default_factory=dict)  # what the statistics were fitted on
 
 
-@functools.partial(jax.jit, static_argnames=("k", "extra", "block"))
-def _loo_knn(feats, owners, bank, bank_owner, *, k, extra, block):
-    return jax.lax.map(lambda a: knn_excluding(a[0], bank, bank_owner, a[1], k=k, extra=extra, block=block),
-                       (feats, owners))
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _loo_knn(feats, owners, bank, bank_owner, *, k, block):
+    return jax.lax.map(lambda a: knn_excluding(a[0], bank, bank_owner, a[1], k=k, block=block), (feats, owners))
 
 
 def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
     """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
     against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
+    check_loo_bank(bank_owner, owners, cfg.noising.k)
     return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), bank, jnp.asarray(bank_owner, jnp.int32),
-                    k=cfg.noising.k, extra=exclude_extra(bank_owner), block=cfg.bank.knn_block)
+                    k=cfg.noising.k, block=cfg.bank.knn_block)
 
 
 def calibration_split(n_images: int, seed: int, max_images: int = 32, *,

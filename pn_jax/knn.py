@@ -85,16 +85,18 @@ def pad_bank(bank: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     return bank_p, sq_p
 
 
-def augment_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def augment_rows(x: jax.Array, excluded: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """x [M, D] -> ([-2x, |x|^2, 0 ...] padded with rows [0, +inf, 0 ...] to a multiple of
     GROUP rows: [Mp, D + AUG] float32, and |x|^2 [M]). One pad of -2x (fused) and an
-    in-place column write: a concatenate costs ~3x more on XLA:CPU."""
+    in-place column write: a concatenate costs ~3x more on XLA:CPU. `excluded` [M] bool: those
+    rows get +inf in the norm column too, so every query ranks them last (as pads)."""
     x = x.astype(jnp.float32)
     m, d = x.shape
     sq = jnp.sum(x * x, axis=-1)
     pad = -m % GROUP
     aug = jnp.pad(-2.0 * x, ((0, pad), (0, AUG)))
-    col = jnp.pad(sq, (0, pad), constant_values=jnp.inf)
+    col = sq if excluded is None else jnp.where(excluded, jnp.inf, sq)
+    col = jnp.pad(col, (0, pad), constant_values=jnp.inf)
     return aug.at[:, d].set(col), sq
 
 
@@ -205,7 +207,7 @@ def _first_k(d: jax.Array, idx: jax.Array, k: int):
             jnp.sum(jnp.where(hit, idx[:, :, None], 0), axis=1))
 
 
-def _bruteforce_rows(q, bank, idx, ok, k):
+def _bruteforce_rows(q, bank, idx, ok, k, excluded=None):
     """Residual brute force for the rows with ok == False, one query at a time (rare)."""
     rows = jnp.nonzero(~ok, size=ok.shape[0], fill_value=0)[0]
 
@@ -213,6 +215,8 @@ def _bruteforce_rows(q, bank, idx, ok, k):
         t, idx = c
         r = bank.astype(jnp.float32) - q[rows[t]]
         d = jnp.sqrt(jnp.einsum("md,md->m", r, r, precision=HIGHEST))  # = exact_distances
+        if excluded is not None:
+            d = jnp.where(excluded, jnp.inf, d)
         _, j = _top_k(-d, k)  # ties -> lower index
         return t + 1, idx.at[rows[t]].set(j.astype(idx.dtype))
 
@@ -220,15 +224,19 @@ def _bruteforce_rows(q, bank, idx, ok, k):
 
 
 def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.Array,
-                  k: int, block: int) -> tuple[jax.Array, jax.Array]:
+                  k: int, block: int, excluded: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Exact k-NN indices by the dense path: (idx [Q, k], proven [Q]); `proven` marks the
     queries settled by the expanded-form bound (the others went through the brute force).
 
-    q [Q, D] float32 (no gradient); aug = augment_rows(bank)[0]; max_norm >= max |b|."""
+    q [Q, D] float32 (no gradient); aug = augment_rows(bank, excluded)[0]; max_norm >= max |b|.
+    `excluded` [M] bool: rows no query may return (their T is +inf in `aug`)."""
     m, d = bank.shape
     nr = min(n_refine(k), m)
     t, cand = ranked_candidates(q, aug, min(nr + 1, m), block)
-    dk, idx = _first_k(exact_distances(q, bank, cand[:, :nr]), cand[:, :nr], k)
+    dc = exact_distances(q, bank, cand[:, :nr])
+    if excluded is not None:  # fewer than nr rows left: excluded rows (T = +inf) reach the list
+        dc = jnp.where(jnp.isinf(t[:, :nr]), jnp.inf, dc)
+    dk, idx = _first_k(dc, cand[:, :nr], k)
     if nr == m:
         return idx, jnp.ones(q.shape[:1], bool)
     # Every entry outside the refined ones has S = |q|^2 + T >= |q|^2 + t_(nr+1), and its
@@ -240,7 +248,7 @@ def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.A
     t_out = jnp.max(t, axis=1)
     bound = (1.0 - _delta(d)) * jnp.sqrt(jnp.maximum(q_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
     ok = dk[:, k - 1] < bound
-    return _bruteforce_rows(q, bank, idx, ok, k), ok
+    return _bruteforce_rows(q, bank, idx, ok, k, excluded), ok
 
 
 def _finish(queries, bank, idx):
@@ -264,6 +272,21 @@ def knn(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096):
     aug, sq = augment_rows(b)
     idx, _ = dense_indices(q, b, aug, _max_norm(sq, b.shape[1]), k, block)
     return _finish(queries, bank, idx)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def knn_excluding(queries: jax.Array, bank: jax.Array, excluded: jax.Array, k: int, block: int = 4096):
+    """Exact k-NN among the bank rows with excluded == False ([M] bool): the same (distances,
+    indices into `bank`) as `knn` on the bank without those rows. The excluded rows are ranked
+    last by an infinite norm, so the search, its proof and its cost are `knn`'s. Needs at least
+    k rows not excluded (else the last distances are +inf)."""
+    _check_k(k, bank.shape[0])
+    q = jax.lax.stop_gradient(queries).astype(jnp.float32)
+    b = jax.lax.stop_gradient(bank)
+    aug, sq = augment_rows(b, excluded)
+    idx, _ = dense_indices(q, b, aug, _max_norm(sq, b.shape[1]), k, block, excluded)
+    d, idx = _finish(queries, bank, idx)
+    return jnp.where(excluded[idx], jnp.inf, d), idx
 
 
 def knn_batched(features: jax.Array, bank: jax.Array, k: int, block: int = 4096):

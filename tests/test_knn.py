@@ -172,3 +172,42 @@ def test_residual_distance_bits_do_not_depend_on_the_call_shape():
     one = np.asarray(knn.knn(q[:1], bank, 400)[0])        # every entry, one query: the brute-force shape
     np.testing.assert_array_equal(np.sort(one[0]), np.sort(np.asarray(knn.exact_distances(
         q[:1], bank, jnp.arange(400, dtype=jnp.int32)[None]))[0]))
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "near_ties", "few_left"])
+def test_knn_excluding_equals_the_search_of_the_remaining_rows(case):
+    """Leave-one-image-out search: the same distances and (mapped) indices as `knn` on the bank
+    with the excluded rows deleted, including ties across the cut, near-ties that need the
+    brute force (with excluded rows nearer than every kept one) and fewer than n_refine rows left."""
+    rng = np.random.default_rng(7)
+    k = 3
+    if case == "near_ties":
+        d = 16
+        q = np.full((2, d), 1000.0, np.float32)
+        dirs = rng.normal(size=(30, d))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        bank = (q[0] + dirs * (1.0 + 1e-4 * rng.permutation(30))[:, None]).astype(np.float32)
+        bank = np.concatenate([bank, q[:1] + 1e-3, (rng.normal(size=(60, d)) * 5 + 1000).astype(np.float32)])
+        excluded = np.zeros(len(bank), bool)
+        excluded[[0, 3, 30]] = True  # the query's own copy (nearest of all) is excluded
+    else:
+        bank = decaying(rng, 200, 12)
+        q = decaying(rng, 20, 12)
+        excluded = rng.random(200) < 0.3
+        if case == "ties":
+            bank[50] = bank[10]
+            excluded[10], excluded[50] = True, False   # the tie's lower index is excluded
+            q[0] = bank[10]
+            bank[120:130] = bank[60]                  # a tie among kept rows
+            excluded[120:130] = False
+            q[1] = bank[60]
+        if case == "few_left":
+            excluded[:] = True
+            excluded[[5, 90, 150, 199]] = False       # 4 rows left < n_refine(3) = 6
+    d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), jnp.asarray(bank), jnp.asarray(excluded), k=k, block=64)
+    kept = np.flatnonzero(~excluded)
+    d_ref, i_ref = knn.knn(jnp.asarray(q), jnp.asarray(bank[kept]), k=k, block=64)
+    np.testing.assert_array_equal(np.asarray(i_ex), kept[np.asarray(i_ref)])
+    np.testing.assert_array_equal(np.asarray(d_ex), np.asarray(d_ref))
+    _, i_bf = reference.knn_bruteforce(q, bank[kept], k)
+    np.testing.assert_array_equal(np.asarray(i_ex), kept[i_bf])
