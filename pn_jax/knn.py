@@ -67,6 +67,26 @@ def n_refine(k: int) -> int:
     return k + 3
 
 
+def n_refine_low(k: int) -> int:
+    """n_refine for the bfloat16 ranking, whose bound is ~10x looser: k + 3 + k // 2 (ELPV
+    poly test features, bank 6778: 100% proven for k = 1 at 4, 99.9% for k = 9 at 16)."""
+    return k + 3 + k // 2
+
+
+# Relative error of one coordinate of bf16(fl(x - mean)): bfloat16 keeps 8 significant bits.
+EPS_LOW = 1.01 * 2.0 ** -9
+LOW = jnp.bfloat16
+
+# Ranking in bfloat16 (then residual distances in float32 and the proof, as below) where it
+# was measured faster: XLA:CPU's bf16 x bf16 -> f32 matmul runs at 2x the float32 rate on
+# AVX512-BF16 (827 vs 419 GFLOP/s at [1024, 1032] x [1032, 7008]). Elsewhere unmeasured.
+DEFAULT_LOW: dict[str, bool] = {"cpu": True}
+
+
+def default_low(backend: str | None = None) -> bool:
+    return DEFAULT_LOW.get(backend or jax.default_backend(), False)
+
+
 def _check_k(k: int, m: int):
     if k > m:
         raise ValueError(f"k={k} nearest neighbours requested but the memory bank has only {m} entries")
@@ -100,8 +120,41 @@ def augment_rows(x: jax.Array, excluded: jax.Array | None = None) -> tuple[jax.A
     return aug.at[:, d].set(col), sq
 
 
-def _augment_queries(q: jax.Array) -> jax.Array:
-    return jnp.pad(q, ((0, 0), (0, AUG))).at[:, q.shape[1]].set(1.0)
+def _augment_queries(q: jax.Array, ones: int = 1) -> jax.Array:
+    return jnp.pad(q, ((0, 0), (0, AUG))).at[:, q.shape[1]:q.shape[1] + ones].set(1.0)
+
+
+class LowBank(NamedTuple):
+    """The bank for the bfloat16 ranking (`low_indices`): y~ = bf16(b - mean) stored as
+    [-2y~, h, m, l, 0 ...] (bf16 [Mp, D + AUG]) where h + m + l = |y~|^2 to float32 accuracy
+    (three bf16 pieces; a single bf16 norm would err by ~|y|^2 / 256), with rows [0, +inf, 0 ...]
+    padding to a multiple of GROUP and for excluded rows."""
+    aug: jax.Array       # [Mp, D + AUG] bfloat16
+    mean: jax.Array      # [D] float32
+    max_norm: jax.Array  # () >= max |b - mean| (real arithmetic)
+
+
+def augment_low(bank: jax.Array, mean: jax.Array, excluded: jax.Array | None = None) -> LowBank:
+    b = bank.astype(jnp.float32)
+    m, d = b.shape
+    yf = b - mean
+    y = yf.astype(LOW)
+    y32 = y.astype(jnp.float32)
+    sq = jnp.einsum("md,md->m", y32, y32, precision=HIGHEST)
+    hi = sq.astype(LOW)
+    mid = (sq - hi.astype(jnp.float32)).astype(LOW)
+    lo = (sq - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(LOW)
+    if excluded is not None:
+        hi = jnp.where(excluded, jnp.inf, hi)
+        mid = jnp.where(excluded, 0, mid)
+        lo = jnp.where(excluded, 0, lo)
+    pad = -m % GROUP
+    cols = jnp.stack([hi, mid, lo], axis=1)
+    cols = jnp.pad(cols, ((0, pad), (0, AUG - 3)))
+    cols = cols.at[m:, 0].set(jnp.inf)
+    aug = jnp.concatenate([jnp.pad(-2 * y, ((0, pad), (0, 0))), cols], axis=1)
+    y_sq = jnp.einsum("md,md->m", yf, yf, precision=HIGHEST)
+    return LowBank(aug, mean.astype(jnp.float32), _max_norm(y_sq, d) * (1.0 + 4 * U32))
 
 
 def _top_k(x: jax.Array, n: int, barrier: bool = True):
@@ -153,10 +206,13 @@ def ranked_candidates(q: jax.Array, aug: jax.Array, n: int, block: int, barrier:
     """The n smallest T = |b|^2 - 2 q.b (the expanded squared distance less the query's |q|^2)
     over an augmented bank [Mp, D + AUG] (`augment_rows`), in blocks of at most `block` rows:
     (T [Q, n] ascending, idx [Q, n]); ties -> lower index."""
-    qa = _augment_queries(q)
+    qa = _augment_queries(q, 1 if aug.dtype == jnp.float32 else 3).astype(aug.dtype)
     vals, idxs = [], []
     for s0, s1 in _block_bounds(aug.shape[0], block):
-        t = jnp.matmul(qa, aug[s0:s1].T, precision=HIGHEST)
+        # dot_general on the stored [rows, D] layout: jnp.matmul(qa, aug.T) materialises the
+        # transpose for bf16 on XLA:CPU (38 vs 17 ms at [1024, 1032] x [6784, 1032]).
+        t = jax.lax.dot_general(qa, aug[s0:s1], (((1,), (1,)), ((), ())), precision=HIGHEST,
+                                preferred_element_type=jnp.float32)
         v, i = smallest(t, min(n, s1 - s0), barrier=barrier)
         vals.append(v)
         idxs.append(i + s0)
@@ -251,6 +307,72 @@ def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.A
     return _bruteforce_rows(q, bank, idx, ok, k, excluded), ok
 
 
+def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
+                aug: jax.Array, max_norm: jax.Array, excluded: jax.Array | None = None,
+                chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+    """Exact k-NN indices with the ranking matmul in bfloat16: (idx [Q, k], proven [Q]);
+    `proven` marks the queries settled by the bf16 bound, the others took `dense_indices`
+    (float32, `aug`/`max_norm` as there) in compacted chunks.
+
+    The bound. With x = q - mean, y = b - mean (exact) and their bf16 roundings x~, y~
+    (|x~_i - x_i| <= EPS_LOW |x_i|), d(q, b) = |x - y| >= |x~ - y~| - EPS_LOW (|x| + |y|).
+    The matmul returns T~ = |y~|^2 - 2 x~.y~ with products exact in float32 and a float32 sum,
+    so S = |x~|^2 + T~ is within err = 2 gamma (|x~| + |y~|)^2 of |x~ - y~|^2. Every entry
+    outside the n_refine_low(k) refined ones has T~ >= t_out (the largest of the n + 1 kept), so
+        d >= LB = sqrt(|x~|^2 + t_out - err) - EPS_LOW (|x| + max |y|),
+    and d_(k) < (1 - delta) LB proves the k refined ones are the answer (delta: the residual
+    distance's own rounding, as in the float32 path)."""
+    m, d = bank.shape
+    nr = min(n_refine_low(k), m)
+    xf = q - low.mean
+    xl = xf.astype(LOW)
+    t, cand = ranked_candidates(xl, low.aug, min(nr + 1, m), block)
+    dc = exact_distances(q, bank, cand[:, :nr])
+    if excluded is not None:  # fewer than nr rows left: excluded rows (T = +inf) reach the list
+        dc = jnp.where(jnp.isinf(t[:, :nr]), jnp.inf, dc)
+    dk, idx = _first_k(dc, cand[:, :nr], k)
+    if nr == m:
+        return idx, jnp.ones(q.shape[:1], bool)
+    x32 = xl.astype(jnp.float32)
+    xl_sq = jnp.einsum("qd,qd->q", x32, x32, precision=HIGHEST)
+    x_norm = jnp.sqrt(jnp.einsum("qd,qd->q", xf, xf, precision=HIGHEST)) * (1.0 + _gamma(d)) * (1.0 + 4 * U32)
+    yl_max = low.max_norm * (1.0 + EPS_LOW)
+    g = _gamma(d + AUG)
+    err = 2.0 * g * (jnp.sqrt(xl_sq) * (1.0 + g) + yl_max) ** 2 + g * xl_sq
+    t_out = jnp.max(t, axis=1)
+    lb = (jnp.sqrt(jnp.maximum(xl_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
+          - EPS_LOW * (x_norm + low.max_norm) * (1.0 + 8 * U32))
+    ok = dk[:, k - 1] < (1.0 - _delta(d)) * lb * (1.0 - 8 * U32)
+    return _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk), ok
+
+
+def _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk):
+    """`dense_indices` for the rows with ok == False, `chunk` rows at a time (compacted)."""
+    n_q = q.shape[0]
+    chunk = min(chunk, n_q)
+    rows = jnp.nonzero(~ok, size=n_q + chunk, fill_value=n_q)[0]
+
+    def body(c):
+        t, idx = c
+        r = jax.lax.dynamic_slice_in_dim(rows, t, chunk)
+        got, _ = dense_indices(q[jnp.minimum(r, n_q - 1)], bank, aug, max_norm, k, block, excluded)
+        return t + chunk, idx.at[r].set(got.astype(idx.dtype), mode="drop")
+
+    return jax.lax.while_loop(lambda c: c[0] < jnp.sum(~ok), body, (jnp.int32(0), idx))[1]
+
+
+def _search(queries, bank, k, block, excluded=None, low=None):
+    """(idx [Q, k], proven [Q]) of the exact search, the bank prepared in this call."""
+    q = jax.lax.stop_gradient(queries).astype(jnp.float32)
+    b = jax.lax.stop_gradient(bank)
+    aug, sq = augment_rows(b, excluded)
+    max_norm = _max_norm(sq, b.shape[1])
+    if default_low() if low is None else low:
+        lb = augment_low(b, jnp.mean(b.astype(jnp.float32), axis=0), excluded)
+        return low_indices(q, b, lb, k, block, aug, max_norm, excluded)
+    return dense_indices(q, b, aug, max_norm, k, block, excluded)
+
+
 def _finish(queries, bank, idx):
     """Distances of record for the k indices, sorted by (distance, index); differentiable."""
     return _first_k(exact_distances(queries, bank, idx), idx, idx.shape[1])
@@ -260,31 +382,27 @@ def _max_norm(sq: jax.Array, d: int) -> jax.Array:
     return jnp.sqrt(jnp.max(sq)) * (1.0 + _gamma(d))  # >= max |b| despite the norms' rounding
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block"))
-def knn(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096):
+@functools.partial(jax.jit, static_argnames=("k", "block", "low"))
+def knn(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096, low: bool | None = None):
     """Exact k-NN: (distances [Q,k] ascending, indices [Q,k]). `block` caps the bank rows per
     matmul ([Q, block] float32 scores are held at once). For repeated searches of one bank,
-    `prepare_bank` + `knn_indexed` skip the per-call bank preparation (one pass over it)."""
+    `prepare_bank` + `knn_indexed` skip the per-call bank preparation (one pass over it).
+    `low`: rank in bfloat16 (`low_indices`; same answer); None = `default_low()`."""
     _check_k(k, bank.shape[0])
     # Ranking needs no gradient; distances below are differentiable through the gather.
-    q = jax.lax.stop_gradient(queries).astype(jnp.float32)
-    b = jax.lax.stop_gradient(bank)
-    aug, sq = augment_rows(b)
-    idx, _ = dense_indices(q, b, aug, _max_norm(sq, b.shape[1]), k, block)
+    idx, _ = _search(queries, bank, k, block, low=low)
     return _finish(queries, bank, idx)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block"))
-def knn_excluding(queries: jax.Array, bank: jax.Array, excluded: jax.Array, k: int, block: int = 4096):
+@functools.partial(jax.jit, static_argnames=("k", "block", "low"))
+def knn_excluding(queries: jax.Array, bank: jax.Array, excluded: jax.Array, k: int, block: int = 4096,
+                  low: bool | None = None):
     """Exact k-NN among the bank rows with excluded == False ([M] bool): the same (distances,
     indices into `bank`) as `knn` on the bank without those rows. The excluded rows are ranked
     last by an infinite norm, so the search, its proof and its cost are `knn`'s. Needs at least
     k rows not excluded (else the last distances are +inf)."""
     _check_k(k, bank.shape[0])
-    q = jax.lax.stop_gradient(queries).astype(jnp.float32)
-    b = jax.lax.stop_gradient(bank)
-    aug, sq = augment_rows(b, excluded)
-    idx, _ = dense_indices(q, b, aug, _max_norm(sq, b.shape[1]), k, block, excluded)
+    idx, _ = _search(queries, bank, k, block, excluded, low)
     d, idx = _finish(queries, bank, idx)
     return jnp.where(excluded[idx], jnp.inf, d), idx
 
@@ -311,6 +429,7 @@ class BankIndex(NamedTuple):
     max_proj: jax.Array     # () >= max |proj|
     max_centred: jax.Array  # () >= max |b - mean|
     axes_norm: jax.Array    # () >= ||axes||_2 (of the float32 axes, in exact arithmetic)
+    low: LowBank            # the bf16 ranking's bank (aug [0, D + AUG] when not used)
 
     @property
     def rank(self) -> int:
@@ -347,12 +466,13 @@ def _bank_tables(bank, mean, axes):
     return aug, _max_norm(sq, d), proj_aug, _max_norm(proj_sq, axes.shape[1]), _max_norm(c_sq, d)
 
 
-def prepare_bank(bank, rank: int | None = None) -> BankIndex:
+def prepare_bank(bank, rank: int | None = None, low: bool | None = None) -> BankIndex:
     """The search index of a bank [M, D], built once per bank (not jitted: a float64 eigen-
     decomposition on the host when rank > 0, ~0.5 s for D = 1024).
 
     rank: principal axes for the lower bounds; None = `default_rank()` for this backend,
-    0 = no pruning (the dense path, bank prepared once)."""
+    0 = no pruning (the dense path, bank prepared once). low: rank the dense path in bfloat16
+    (`low_indices`); None = `default_low()` for this backend."""
     bank = jnp.asarray(bank)
     m, d = bank.shape
     rank = default_rank() if rank is None else int(rank)
@@ -365,12 +485,23 @@ def prepare_bank(bank, rank: int | None = None) -> BankIndex:
         axes = np.ascontiguousarray(vecs[:, ::-1][:, :rank]).astype(np.float32)
         axes_norm = float(np.linalg.norm(axes.astype(np.float64), 2)) * (1.0 + 1e-9)
     else:
-        mean = jnp.zeros((d,), jnp.float32)
+        mean = _bank_mean(bank)
         axes = np.zeros((d, 0), np.float32)
         axes_norm = 1.0
     aug, max_norm, proj_aug, max_proj, max_centred = _bank_tables(bank, mean, jnp.asarray(axes))
+    use_low = default_low() if low is None else low
+    lb = (_augment_low_jit(bank, mean) if use_low else
+          LowBank(jnp.zeros((0, d + AUG), LOW), mean, jnp.float32(0.0)))
     return BankIndex(bank, aug, max_norm, mean, jnp.asarray(axes), proj_aug, max_proj,
-                     max_centred, jnp.float32(axes_norm))
+                     max_centred, jnp.float32(axes_norm), lb)
+
+
+_augment_low_jit = jax.jit(augment_low)
+
+
+@jax.jit
+def _bank_mean(bank):
+    return jnp.mean(bank.astype(jnp.float32), axis=0)
 
 
 def default_budget(k: int) -> int:
@@ -474,7 +605,8 @@ def knn_indexed(queries: jax.Array, index: BankIndex, k: int, budget: int | None
     ix = jax.tree.map(jax.lax.stop_gradient, index)
     budget = default_budget(k) if budget is None else budget
     if index.rank == 0 or m <= budget:
-        idx, _ = dense_indices(q, ix.bank, ix.aug, ix.max_norm, k, block)
+        idx, _ = (low_indices(q, ix.bank, ix.low, k, block, ix.aug, ix.max_norm) if index.low.aug.shape[0]
+                  else dense_indices(q, ix.bank, ix.aug, ix.max_norm, k, block))
     else:
         idx = pruned_indices(q, ix, k, budget, block)[0]
     return _finish(queries, bank, idx)
@@ -488,6 +620,8 @@ def search_stats(queries: jax.Array, index: BankIndex, k: int, budget: int | Non
     candidate count as a fraction of the bank (the pruning rate is 1 minus that)."""
     q = queries.astype(jnp.float32)
     out = {"dense_proven": dense_indices(q, index.bank, index.aug, index.max_norm, k, block)[1].mean()}
+    if index.low.aug.shape[0]:
+        out["low_proven"] = low_indices(q, index.bank, index.low, k, block, index.aug, index.max_norm)[1].mean()
     budget = default_budget(k) if budget is None else budget
     if index.rank and index.bank.shape[0] > budget:
         _, settled, count = pruned_indices(q, index, k, budget, block)

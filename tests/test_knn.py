@@ -17,8 +17,10 @@ def decaying(rng, n, d, offset=3.0, decay=0.85):
 def all_paths(q, bank, k, budget=None, block=4096):
     """(dist, idx) of the dense search, the prepared dense search and the pruned search."""
     q, bank = jnp.asarray(q), jnp.asarray(bank)
-    out = {"knn": knn.knn(q, bank, k=k, block=block),
-           "indexed": knn.knn_indexed(q, knn.prepare_bank(bank, rank=0), k=k, block=block)}
+    out = {"knn": knn.knn(q, bank, k=k, block=block, low=False),
+           "knn_low": knn.knn(q, bank, k=k, block=block, low=True),
+           "indexed": knn.knn_indexed(q, knn.prepare_bank(bank, rank=0, low=False), k=k, block=block),
+           "indexed_low": knn.knn_indexed(q, knn.prepare_bank(bank, rank=0, low=True), k=k, block=block)}
     for r in (4, 16):
         out[f"pruned{r}"] = knn.knn_indexed(q, knn.prepare_bank(bank, rank=r), k=k, budget=budget, block=block)
     return {name: (np.asarray(d), np.asarray(i)) for name, (d, i) in out.items()}
@@ -86,9 +88,10 @@ def test_near_ties_beyond_the_expanded_form_take_the_fallback():
     radii = 1.0 + 1e-4 * rng.permutation(30)
     bank = (q + dirs * radii[:, None]).astype(np.float32)
     bank = np.concatenate([(rng.normal(size=(100, d)) * 5 + 1000).astype(np.float32), bank])
-    idx = knn.prepare_bank(jnp.asarray(bank), rank=0)
-    proven = knn.search_stats(jnp.asarray(q), idx, 5)["dense_proven"]
-    assert float(proven) == 0.0                                        # the fallback ran
+    idx = knn.prepare_bank(jnp.asarray(bank), rank=0, low=True)
+    stats = knn.search_stats(jnp.asarray(q), idx, 5)
+    assert float(stats["dense_proven"]) == 0.0                         # the fallback ran
+    assert float(stats["low_proven"]) == 0.0                           # (both of them)
     paths = all_paths(q, bank, 5, budget=40)
     assert_identical(paths)
     np.testing.assert_array_equal(paths["knn"][1], reference.knn_bruteforce(q, bank, 5)[1])
@@ -204,10 +207,42 @@ def test_knn_excluding_equals_the_search_of_the_remaining_rows(case):
         if case == "few_left":
             excluded[:] = True
             excluded[[5, 90, 150, 199]] = False       # 4 rows left < n_refine(3) = 6
-    d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), jnp.asarray(bank), jnp.asarray(excluded), k=k, block=64)
     kept = np.flatnonzero(~excluded)
-    d_ref, i_ref = knn.knn(jnp.asarray(q), jnp.asarray(bank[kept]), k=k, block=64)
+    d_ref, i_ref = knn.knn(jnp.asarray(q), jnp.asarray(bank[kept]), k=k, block=64, low=False)
+    for low in (False, True):
+        d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), jnp.asarray(bank), jnp.asarray(excluded), k=k, block=64,
+                                       low=low)
+        np.testing.assert_array_equal(np.asarray(i_ex), kept[np.asarray(i_ref)])
+        np.testing.assert_array_equal(np.asarray(d_ex), np.asarray(d_ref))
     np.testing.assert_array_equal(np.asarray(i_ex), kept[np.asarray(i_ref)])
     np.testing.assert_array_equal(np.asarray(d_ex), np.asarray(d_ref))
     _, i_bf = reference.knn_bruteforce(q, bank[kept], k)
     np.testing.assert_array_equal(np.asarray(i_ex), kept[i_bf])
+
+
+def test_bf16_ranking_misorders_yet_the_answer_is_exact():
+    """Neighbours closer together than bfloat16 can resolve: the bf16 ranking puts them in the
+    wrong order (checked), the proof fails for those queries, and the float32 chunks answer;
+    queries with a clear nearest neighbour are proven by the bf16 bound alone."""
+    rng = np.random.default_rng(3)
+    d = 32
+    centre = (rng.normal(size=d) * 10).astype(np.float32)
+    dirs = rng.normal(size=(40, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    shell = (centre + dirs * (5.0 + 1e-3 * rng.permutation(40))[:, None]).astype(np.float32)
+    far = (rng.normal(size=(400, d)) * 10).astype(np.float32)
+    bank = np.concatenate([far, shell])
+    q = np.concatenate([centre[None], far[:70] + 0.01 * rng.normal(size=(70, d))]).astype(np.float32)
+    ranks = np.argsort(np.asarray(jnp.sum((jnp.asarray(q[:1]).astype(jnp.bfloat16).astype(jnp.float32)
+                                            - jnp.asarray(bank).astype(jnp.bfloat16).astype(jnp.float32)) ** 2, -1)))
+    exact = reference.knn_bruteforce(q[:1], bank, 5)[1][0]
+    assert list(ranks[:5]) != list(exact)                               # bf16 alone gets it wrong
+    stats = knn.search_stats(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), rank=0, low=True), 5)
+    assert 0.0 < float(stats["low_proven"]) < 1.0
+    paths = all_paths(q, bank, 5, budget=40)
+    assert_identical(paths)
+    np.testing.assert_array_equal(paths["knn"][1], reference.knn_bruteforce(q, bank, 5)[1])
+    ex = rng.random(len(bank)) < 0.2
+    d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), jnp.asarray(bank), jnp.asarray(ex), k=5, low=True)
+    kept = np.flatnonzero(~ex)
+    np.testing.assert_array_equal(np.asarray(i_ex), kept[reference.knn_bruteforce(q, bank[kept], 5)[1]])
