@@ -354,14 +354,15 @@ class Scorer:
 
 # ----------------------------------------------------------------------------- fit
 @functools.partial(jax.jit, static_argnames=("k", "block"))
-def _holdout_knn(feats, bank, *, k, block):
-    return jax.lax.map(lambda f: knn_lib.knn(f, bank, k=k, block=block), feats)
+def _holdout_knn(feats, index, *, k, block):
+    return jax.lax.map(lambda f: knn_lib.knn_indexed(f, index, k=k, block=block), feats)
 
 
 def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax.Array]:
     """The K-NN of every held-out patch, searched once for all fit-time statistics:
-    (dist [h,N,K], idx [h,N,K])."""
-    return _holdout_knn(jnp.asarray(holdout_feats), bank, k=cfg.noising.k, block=cfg.bank.knn_block)
+    (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image)."""
+    return _holdout_knn(jnp.asarray(holdout_feats), knn_lib.prepare_bank(bank, rank=0), k=cfg.noising.k,
+                        block=cfg.bank.knn_block)
 
 
 def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None, neighbours=None) -> jax.Array:
