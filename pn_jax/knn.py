@@ -280,21 +280,20 @@ def _bruteforce_rows(q, bank, idx, ok, k, excluded=None):
 
 
 def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.Array,
-                  k: int, block: int, excluded: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  k: int, block: int, excluded: jax.Array | None = None, dist_from=None):
     """Exact k-NN indices by the dense path: (idx [Q, k], proven [Q]); `proven` marks the
     queries settled by the expanded-form bound (the others went through the brute force).
 
     q [Q, D] float32 (no gradient); aug = augment_rows(bank, excluded)[0]; max_norm >= max |b|.
-    `excluded` [M] bool: rows no query may return (their T is +inf in `aug`)."""
+    `excluded` [M] bool: rows no query may return (their T is +inf in `aug`). `dist_from`:
+    (queries, bank) to differentiate; then also returns the refined distances [Q, k] (those
+    of record, sorted, where `proven`)."""
     m, d = bank.shape
     nr = min(n_refine(k), m)
     t, cand = ranked_candidates(q, aug, min(nr + 1, m), block)
-    dc = exact_distances(q, bank, cand[:, :nr])
-    if excluded is not None:  # fewer than nr rows left: excluded rows (T = +inf) reach the list
-        dc = jnp.where(jnp.isinf(t[:, :nr]), jnp.inf, dc)
-    dk, idx = _first_k(dc, cand[:, :nr], k)
+    dk, idx = _refined(q, bank, t, cand, nr, k, excluded, dist_from)
     if nr == m:
-        return idx, jnp.ones(q.shape[:1], bool)
+        return _found(idx, jnp.ones(q.shape[:1], bool), dk, dist_from)
     # Every entry outside the refined ones has S = |q|^2 + T >= |q|^2 + t_(nr+1), and its
     # true d^2 >= S - err (err also covers the rounding of the sum below). t_(nr+1) is the
     # largest of the nr + 1 candidates: a max, since slicing top_k's values makes XLA:CPU
@@ -304,12 +303,12 @@ def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.A
     t_out = jnp.max(t, axis=1)
     bound = (1.0 - _delta(d)) * jnp.sqrt(jnp.maximum(q_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
     ok = dk[:, k - 1] < bound
-    return _bruteforce_rows(q, bank, idx, ok, k, excluded), ok
+    return _found(_bruteforce_rows(q, bank, idx, ok, k, excluded), ok, dk, dist_from)
 
 
 def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
                 aug: jax.Array, max_norm: jax.Array, excluded: jax.Array | None = None,
-                chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+                chunk: int = 64, dist_from=None):
     """Exact k-NN indices with the ranking matmul in bfloat16: (idx [Q, k], proven [Q]);
     `proven` marks the queries settled by the bf16 bound, the others took `dense_indices`
     (float32, `aug`/`max_norm` as there) in compacted chunks.
@@ -321,18 +320,15 @@ def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
     outside the n_refine_low(k) refined ones has T~ >= t_out (the largest of the n + 1 kept), so
         d >= LB = sqrt(|x~|^2 + t_out - err) - EPS_LOW (|x| + max |y|),
     and d_(k) < (1 - delta) LB proves the k refined ones are the answer (delta: the residual
-    distance's own rounding, as in the float32 path)."""
+    distance's own rounding, as in the float32 path). `dist_from` as in `dense_indices`."""
     m, d = bank.shape
     nr = min(n_refine_low(k), m)
     xf = q - low.mean
     xl = xf.astype(LOW)
     t, cand = ranked_candidates(xl, low.aug, min(nr + 1, m), block)
-    dc = exact_distances(q, bank, cand[:, :nr])
-    if excluded is not None:  # fewer than nr rows left: excluded rows (T = +inf) reach the list
-        dc = jnp.where(jnp.isinf(t[:, :nr]), jnp.inf, dc)
-    dk, idx = _first_k(dc, cand[:, :nr], k)
+    dk, idx = _refined(q, bank, t, cand, nr, k, excluded, dist_from)
     if nr == m:
-        return idx, jnp.ones(q.shape[:1], bool)
+        return _found(idx, jnp.ones(q.shape[:1], bool), dk, dist_from)
     x32 = xl.astype(jnp.float32)
     xl_sq = jnp.einsum("qd,qd->q", x32, x32, precision=HIGHEST)
     x_norm = jnp.sqrt(jnp.einsum("qd,qd->q", xf, xf, precision=HIGHEST)) * (1.0 + _gamma(d)) * (1.0 + 4 * U32)
@@ -343,7 +339,39 @@ def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
     lb = (jnp.sqrt(jnp.maximum(xl_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
           - EPS_LOW * (x_norm + low.max_norm) * (1.0 + 8 * U32))
     ok = dk[:, k - 1] < (1.0 - _delta(d)) * lb * (1.0 - 8 * U32)
-    return _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk), ok
+    return _found(_dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk), ok, dk, dist_from)
+
+
+def _refined(q, bank, t, cand, nr, k, excluded, dist_from):
+    """The k smallest (residual distance, index) of the first nr candidates, sorted."""
+    qd, bd = dist_from if dist_from is not None else (q, bank)
+    dc = exact_distances(qd, bd, cand[:, :nr])
+    if excluded is not None:  # fewer than nr rows left: excluded rows (T = +inf) reach the list
+        dc = jnp.where(jnp.isinf(t[:, :nr]), jnp.inf, dc)
+    return _first_k(dc, cand[:, :nr], k)
+
+
+def _found(idx, ok, dk, dist_from):
+    return (idx, ok) if dist_from is None else (idx, ok, dk)
+
+
+def _settle(queries, bank, found, chunk: int = 64):
+    """(distances of record, indices) from a search's (idx, proven, refined distances): the
+    refined distances of the proven queries (no second gather of their k rows), `_finish` for
+    the others (the few that took a fallback: compacted, `chunk` at a time; all of them when
+    more). Differentiable."""
+    idx, ok, dk = found
+    n_q = idx.shape[0]
+    chunk = min(chunk, n_q)
+    n_bad = jnp.sum(~ok)
+
+    def few():
+        rows = jnp.nonzero(~ok, size=chunk, fill_value=n_q)[0]  # fill: dropped by the scatter
+        d_r, i_r = _finish(queries[jnp.minimum(rows, n_q - 1)], bank, idx[jnp.minimum(rows, n_q - 1)])
+        return dk.at[rows].set(d_r, mode="drop"), idx.at[rows].set(i_r, mode="drop")
+
+    return jax.lax.cond(n_bad == 0, lambda: (dk, idx),
+                        lambda: jax.lax.cond(n_bad <= chunk, few, lambda: _finish(queries, bank, idx)))
 
 
 def _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk):
@@ -362,15 +390,16 @@ def _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk):
 
 
 def _search(queries, bank, k, block, excluded=None, low=None):
-    """(idx [Q, k], proven [Q]) of the exact search, the bank prepared in this call."""
+    """(idx [Q, k], proven [Q], refined distances [Q, k]) of the exact search, the bank
+    prepared in this call."""
     q = jax.lax.stop_gradient(queries).astype(jnp.float32)
     b = jax.lax.stop_gradient(bank)
     aug, sq = augment_rows(b, excluded)
     max_norm = _max_norm(sq, b.shape[1])
     if default_low() if low is None else low:
         lb = augment_low(b, jnp.mean(b.astype(jnp.float32), axis=0), excluded)
-        return low_indices(q, b, lb, k, block, aug, max_norm, excluded)
-    return dense_indices(q, b, aug, max_norm, k, block, excluded)
+        return low_indices(q, b, lb, k, block, aug, max_norm, excluded, dist_from=(queries, bank))
+    return dense_indices(q, b, aug, max_norm, k, block, excluded, dist_from=(queries, bank))
 
 
 def _finish(queries, bank, idx):
@@ -390,8 +419,7 @@ def knn(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096, low: boo
     `low`: rank in bfloat16 (`low_indices`; same answer); None = `default_low()`."""
     _check_k(k, bank.shape[0])
     # Ranking needs no gradient; distances below are differentiable through the gather.
-    idx, _ = _search(queries, bank, k, block, low=low)
-    return _finish(queries, bank, idx)
+    return _settle(queries, bank, _search(queries, bank, k, block, low=low))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "low"))
@@ -402,8 +430,7 @@ def knn_excluding(queries: jax.Array, bank: jax.Array, excluded: jax.Array, k: i
     last by an infinite norm, so the search, its proof and its cost are `knn`'s. Needs at least
     k rows not excluded (else the last distances are +inf)."""
     _check_k(k, bank.shape[0])
-    idx, _ = _search(queries, bank, k, block, excluded, low)
-    d, idx = _finish(queries, bank, idx)
+    d, idx = _settle(queries, bank, _search(queries, bank, k, block, excluded, low))
     return jnp.where(excluded[idx], jnp.inf, d), idx
 
 
@@ -605,8 +632,10 @@ def knn_indexed(queries: jax.Array, index: BankIndex, k: int, budget: int | None
     ix = jax.tree.map(jax.lax.stop_gradient, index)
     budget = default_budget(k) if budget is None else budget
     if index.rank == 0 or m <= budget:
-        idx, _ = (low_indices(q, ix.bank, ix.low, k, block, ix.aug, ix.max_norm) if index.low.aug.shape[0]
-                  else dense_indices(q, ix.bank, ix.aug, ix.max_norm, k, block))
+        dist_from = (queries, index.bank)
+        return _settle(queries, bank, low_indices(q, ix.bank, ix.low, k, block, ix.aug, ix.max_norm,
+                                                  dist_from=dist_from) if index.low.aug.shape[0]
+                       else dense_indices(q, ix.bank, ix.aug, ix.max_norm, k, block, dist_from=dist_from))
     else:
         idx = pruned_indices(q, ix, k, budget, block)[0]
     return _finish(queries, bank, idx)

@@ -246,3 +246,9 @@ def test_bf16_ranking_misorders_yet_the_answer_is_exact():
     d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), jnp.asarray(bank), jnp.asarray(ex), k=5, low=True)
     kept = np.flatnonzero(~ex)
     np.testing.assert_array_equal(np.asarray(i_ex), kept[reference.knn_bruteforce(q, bank[kept], 5)[1]])
+    # Gradients flow through both kinds of query (proven by bf16, and settled by the fallback).
+    g = jax.grad(lambda x: knn.knn(x, jnp.asarray(bank), k=5, low=True)[0].sum())(jnp.asarray(q))
+    nb = bank[paths["knn"][1]]                                          # [Q, 5, D]
+    diff = q[:, None, :].astype(np.float64) - nb
+    ref = (diff / np.linalg.norm(diff, axis=-1, keepdims=True)).sum(1)
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-5)
