@@ -162,7 +162,7 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
     def signals(params, bank, dims, stats, feats, exclude=None):
         if on_trace:
             on_trace()
-        main_knn = knn_fn
+        main_knn, index = knn_fn, None
         if isinstance(bank, knn_lib.BankIndex):  # a prepared bank: its search skips the per-call bank pass
             index, bank = bank, bank.bank
             # The main search is against `bank` itself; the whitened one (`calibrated`) gets a
@@ -175,7 +175,9 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
         bank_owner, owners = exclude
 
         def one(a):
-            knn = lambda q, b: knn_excluding(q, b, bank_owner, a[1], k=n.k, block=cfg.bank.knn_block)  # noqa: E731
+            # The main search uses the prepared index (when given); the whitened one its own bank.
+            knn = lambda q, b: knn_excluding(q, index if (b is bank and index is not None) else b,  # noqa: E731
+                                             bank_owner, a[1], k=n.k, block=cfg.bank.knn_block)
             return per_image(params, bank, dims, stats, a[0], bank_s, knn)
 
         return jax.lax.map(one, (feats, owners))
@@ -185,7 +187,8 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
 
 def knn_excluding(q, bank, bank_owner, owner, *, k: int, block: int):
     """The K nearest bank rows that did not come from image `owner` (exact: `knn.knn` on the
-    bank without that image's rows, same distances, indices into the whole bank)."""
+    bank without that image's rows, same distances, indices into the whole bank). `bank`: an
+    array or a prepared `knn.BankIndex`."""
     return knn_lib.knn_excluding(q, bank, bank_owner == owner, k=k, block=block)
 
 
@@ -315,12 +318,10 @@ class Scorer:
             key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())))
             fn, _ = _shared("signals_loo", key, lambda on_trace: make_signal_fn(
                 cfg, on_trace=on_trace, loo=True, **flags))
-            return fn(state.params, state.bank, state.dims, state.stats, feats,
+            return fn(state.params, self._prepared(state), state.dims, state.stats, feats,
                       (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(exclude[1], jnp.int32)))
         if not self._sharded:
-            if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
-                self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank, rank=0)
-            return self._signals(state.params, self._index, state.dims, state.stats, feats)
+            return self._signals(state.params, self._prepared(state), state.dims, state.stats, feats)
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
             sb = sharding.shard_bank(state.bank, mesh)
@@ -328,6 +329,11 @@ class Scorer:
         if self._n_valid not in self._sharded_fns:
             self._sharded_fns[self._n_valid] = self._build_sharded(self._n_valid)
         return self._sharded_fns[self._n_valid](state.params, self._bank_rows, state.dims, state.stats, feats)
+
+    def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
+        if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
+            self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank, rank=0)
+        return self._index
 
     def maps(self, patch) -> jax.Array:
         return self._maps(patch)
@@ -464,7 +470,8 @@ def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Ar
     """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
     against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
     check_loo_bank(bank_owner, owners, cfg.noising.k)
-    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), bank, jnp.asarray(bank_owner, jnp.int32),
+    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), knn_lib.prepare_bank(bank, rank=0),
+                    jnp.asarray(bank_owner, jnp.int32),
                     k=cfg.noising.k, block=cfg.bank.knn_block)
 
 
