@@ -15,7 +15,11 @@ queries are test images, one image (Q = 1024) per call, as `detector.Scorer` map
 Contenders, interleaved image by image for --rounds rounds:
   * matmul      q @ bank.T alone (float32, HIGHEST): the rate ceiling of any dense search;
   * knn         `knn.knn(q, bank, k, block)`: exact, bank prepared on every call;
-  * dense       `knn.knn_indexed` on `knn.prepare_bank(bank, rank=0)`;
+  * matmul_bf16 the same product in bfloat16 with float32 accumulation (dot_general on the
+                stored layout): the ceiling of the bf16 ranking;
+  * dense       `knn.knn_indexed` on `knn.prepare_bank(bank, rank=0, low=False)` (float32);
+  * dense_bf16  `knn.knn_indexed` on `knn.prepare_bank(bank, rank=0, low=True)`: ranking in
+                bfloat16, proof and residual distances in float32 (the CPU default);
   * pruned      `knn.knn_indexed` on `knn.prepare_bank(bank, rank=--rank)`;
   * faiss       faiss-cpu's exact IndexFlatL2 (when importable; never a pn_jax dependency),
                 with as many threads as the process may use.
@@ -131,7 +135,8 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
         bank = jnp.asarray(bank_np)
         t_bank = time.perf_counter() - t0
         t0 = time.perf_counter()
-        dense_ix = knn.prepare_bank(bank, rank=0)
+        dense_ix = knn.prepare_bank(bank, rank=0, low=False)
+        low_ix = knn.prepare_bank(bank, rank=0, low=True)
         pruned_ix = knn.prepare_bank(bank, rank=rank)
         t_prep = time.perf_counter() - t0
         fidx = None
@@ -141,11 +146,17 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
         q_n, d = images[0].shape
         for k in ks:
             hi = jax.lax.Precision.HIGHEST
+            bf = jnp.bfloat16
+            nk = (((1,), (1,)), ((), ()))
             fns = {"matmul": jax.jit(lambda q, b: jnp.matmul(q, b.T, precision=hi)),
+                   "matmul_bf16": jax.jit(lambda q, b: jax.lax.dot_general(
+                       q.astype(bf), b, nk, preferred_element_type=jnp.float32)),
                    "knn": jax.jit(lambda q, b, k=k: knn.knn(q, b, k, block)),
                    "dense": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, block=block)),
+                   "dense_bf16": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, block=block)),
                    "pruned": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, budget=budget, block=block))}
-            arg = {"matmul": bank, "knn": bank, "dense": dense_ix, "pruned": pruned_ix}
+            arg = {"matmul": bank, "matmul_bf16": bank.astype(bf), "knn": bank, "dense": dense_ix,
+                   "dense_bf16": low_ix, "pruned": pruned_ix}
             names = list(fns) + (["faiss"] if fidx is not None else [])
             times = {n: [] for n in names}
             same = {n: True for n in names}
@@ -164,7 +175,7 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
                         times[n].append(time.perf_counter() - t)
                         if n == "knn":
                             ref = (np.asarray(out[0]), np.asarray(out[1]))
-                        elif n in ("dense", "pruned"):
+                        elif n in ("dense", "dense_bf16", "pruned"):
                             same[n] &= bool(np.array_equal(np.asarray(out[1]), ref[1])
                                             and np.array_equal(np.asarray(out[0]), ref[0]))
                         elif n == "faiss":
@@ -173,16 +184,19 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
             cand = float(np.mean([float(s.get("candidate_fraction", 1.0)) for s in stats]))
             settled = float(np.mean([float(s.get("pruned_settled", 0.0)) for s in stats]))
             proven = float(np.mean([float(s["dense_proven"]) for s in stats]))
+            low_stats = [knn.search_stats(jnp.asarray(img), low_ix, k, block=block) for img in images]
+            low_proven = float(np.mean([float(s["low_proven"]) for s in low_stats]))
             gflop = 2.0 * q_n * m * d / 1e9
             for n in names:
                 med = statistics.median(times[n])
                 rows.append({"bank": m, "k": k, "method": n, "ms_per_image": med * 1e3,
                              "ms_min": min(times[n]) * 1e3, "gflops": gflop / med,
-                             "identical": (True if n == "knn" else None if n == "matmul"
+                             "identical": (True if n == "knn" else None if n.startswith("matmul")
                                            else float(np.mean(faiss_agree)) if n == "faiss" else same[n]),
                              "pruning_rate": 1.0 - cand if n == "pruned" else None,
                              "pruned_settled": settled if n == "pruned" else None,
-                             "dense_proven": proven if n in ("knn", "dense") else None,
+                             "dense_proven": (proven if n in ("knn", "dense")
+                                              else low_proven if n == "dense_bf16" else None),
                              "rank": rank if n == "pruned" else None,
                              "n_timed": len(times[n]), "loadavg": [l0, load()]})
             base = statistics.median(times["knn"])
@@ -227,8 +241,8 @@ def coreset_table(train, n, ratio, rounds, seed):
 def fmt_table(knn_rows, core_rows) -> str:
     lines = []
     if knn_rows:
-        lines += ["| bank M | k | method | ms / image | min | GFLOP/s | vs knn | identical | pruning rate | settled |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| bank M | k | method | ms / image | min | GFLOP/s | vs knn | identical | pruning rate | settled "
+                  "| proven by the bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in knn_rows:
             if r["method"] == "_setup":
                 continue
@@ -237,7 +251,8 @@ def fmt_table(knn_rows, core_rows) -> str:
             pr = "-" if r["pruning_rate"] is None else f"{r['pruning_rate']:.2%}"
             st = "-" if r["pruned_settled"] is None else f"{r['pruned_settled']:.2%}"
             lines.append(f"| {r['bank']} | {r['k']} | {r['method']} | {r['ms_per_image']:.1f} | {r['ms_min']:.1f} | "
-                         f"{r['gflops']:.0f} | {r['vs_knn']:.2f} | {ident} | {pr} | {st} |")
+                         f"{r['gflops']:.0f} | {r['vs_knn']:.2f} | {ident} | {pr} | {st} | "
+                         f"{'-' if r['dense_proven'] is None else format(r['dense_proven'], '.2%')} |")
     if core_rows:
         lines += ["", "| coreset N | ratio | method | seconds (median) | projection s | selected | identical |",
                   "|---|---|---|---|---|---|---|"]
