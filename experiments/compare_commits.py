@@ -44,6 +44,32 @@ def metrics_of(res: dict) -> dict:
             for c, e in res["categories"].items()}
 
 
+STAGES = ("extract_train_s", "extract_holdout_s", "coreset_s", "stats_s", "threshold_s", "checkpoint_s",
+          "extract_test_s", "score_s", "metrics_s")
+
+
+def stage_medians(runs: dict) -> dict:
+    """{run name: {stage: median over rounds of the stage's seconds summed over categories}}."""
+    import numpy as np
+
+    out = {}
+    for name, rs in runs.items():
+        per_round = [{st: sum((e.get("timings") or {}).get(st, 0.0) for e in x["results"]["categories"].values())
+                      for st in STAGES} for x in rs]
+        out[name] = {st: float(np.median([r[st] for r in per_round])) for st in STAGES}
+    return out
+
+
+def stage_table(stages: dict, med: dict, base: str) -> str:
+    lines = [f"| stage (all categories, median of rounds) | {base[:8]} s | this checkout s |", "|---|---:|---:|"]
+    for st in STAGES:
+        b, h = stages["base"][st], stages["head"][st]
+        if b or h:
+            lines.append(f"| {st[:-2]} | {b:.1f} | {h:.1f} |")
+    lines.append(f"| **wall (fresh process, median)** | **{med['base']:.1f}** | **{med['head']:.1f}** |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" in argv:
@@ -80,11 +106,13 @@ def main(argv=None) -> int:
     med = {k: float(np.median([x["wall_s"] for x in v])) for k, v in runs.items()}
     same = all(metrics_of(x["results"]) == metrics_of(runs["base"][0]["results"]) for x in runs["base"]) and \
         all(metrics_of(x["results"]) == metrics_of(runs["base"][0]["results"]) for x in runs["head"])
+    stages = stage_medians(runs)
     doc = {"base": a.base, "args": passed, "median_wall_s": med, "speedup": med["base"] / med["head"],
            "metrics_identical": same, "metrics": {k: metrics_of(v[0]["results"]) for k, v in runs.items()},
            "runs": {k: [{kk: vv for kk, vv in x.items() if kk != "results"} for x in v] for k, v in runs.items()},
            "stages": {k: {c: e.get("timings") for c, e in v[0]["results"]["categories"].items()}
-                      for k, v in runs.items()}}
+                      for k, v in runs.items()},
+           "stage_medians": stages}
     with open(os.path.join(a.out, "compare.json"), "w") as fh:
         json.dump(doc, fh, indent=2)
     import matplotlib
@@ -100,6 +128,7 @@ def main(argv=None) -> int:
     ax.set_title(f"speed-up {doc['speedup']:.2f}x; metrics identical: {same}", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "compare.png"), dpi=100)
+    print(stage_table(stages, med, a.base))
     print(f"median wall: base {med['base']:.1f}s, this checkout {med['head']:.1f}s -> {doc['speedup']:.2f}x; "
           f"metrics identical: {same}; {os.path.join(a.out, 'compare.json')}")
     return 0
