@@ -16,6 +16,11 @@ below returns these indices and these distances, bit for bit, and proves it per 
   (delta bounds the residual distance's own rounding). Queries without that proof (ties
   spread over more than n_refine entries; none in 40k ELPV queries) get a residual brute
   force over the whole bank.
+* Dense, bfloat16 ranking (`low_indices`; `prepare_bank(low=True)`, the CPU default). The
+  same, with the ranking matmul on bf16(q - mean) and bf16(b - mean) (float32 accumulation,
+  the norms in three bf16 pieces): twice the float32 rate on AVX512-BF16. Its bound adds the
+  bf16 rounding of both sides (EPS_LOW |x| per coordinate); it refines n_refine_low(k) entries,
+  and the few unproven queries take the float32 dense path in compacted chunks.
 * Pruned (`prepare_bank(rank=r)` + `knn_indexed`). Lower bounds from an orthonormal
   projection onto the bank's top-r principal axes (||P^T (q - b)|| <= s ||q - b||,
   s = ||P||_2 ~ 1), with their own float32 error bounds. The n_refine entries nearest in
@@ -25,7 +30,10 @@ below returns these indices and these distances, bit for bit, and proves it per 
   the k. Queries with more than `budget` candidates take the dense path, in compacted
   chunks. All shapes are static: one compilation per (bank shape, k).
 
-Two measured CPU choices (XLA:CPU, 2 cores, Q = 1024, M = 7000, D = 1024):
+Leave-one-image-out (`knn_excluding`): excluded rows get +inf in the norm column, so they
+rank last on every path and the proofs hold unchanged.
+
+Measured CPU choices (XLA:CPU, 2 cores, Q = 1024, M = 7000, D = 1024):
 * The bank is stored augmented, [-2b, |b|^2, 0...] (exact: -2b only shifts the exponent),
   and the query as [q, 1, 0...], so the matmul itself returns T. With a separate
   `|b|^2 - 2 q.b` epilogue, XLA:CPU adds one or two unfused passes over [Q, M] (20-60 ms
@@ -626,22 +634,7 @@ def pruned_indices(q: jax.Array, index: BankIndex, k: int, budget: int, block: i
     _, pos = _top_k(-dc, k)  # candidates in index order: ties -> lower index
     idx = jnp.take_along_axis(cand, pos, axis=-1)
     ok = count <= budget
-    return _dense_chunks(q, index, idx, ok, k, block, chunk), ok, count
-
-
-def _dense_chunks(q, index: BankIndex, idx, ok, k, block, chunk):
-    """The dense path for the rows with ok == False, `chunk` rows at a time (compacted)."""
-    n_q = q.shape[0]
-    chunk = min(chunk, n_q)
-    rows = jnp.nonzero(~ok, size=n_q + chunk, fill_value=n_q)[0]
-
-    def body(c):
-        t, idx = c
-        r = jax.lax.dynamic_slice_in_dim(rows, t, chunk)
-        got, _ = dense_indices(q[jnp.minimum(r, n_q - 1)], index.bank, index.aug, index.max_norm, k, block)
-        return t + chunk, idx.at[r].set(got.astype(idx.dtype), mode="drop")
-
-    return jax.lax.while_loop(lambda c: c[0] < jnp.sum(~ok), body, (jnp.int32(0), idx))[1]
+    return _dense_rows(q, bank, index.aug, index.max_norm, idx, ok, k, block, None, chunk), ok, count
 
 
 @functools.partial(jax.jit, static_argnames=("k", "budget", "block"))
