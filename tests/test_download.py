@@ -67,8 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         cut = srv.cut.get(name)
         sent = body if cut is None else body[: max(cut - start, 0)]
-        self.wfile.write(sent)
+        # Recorded before the write: the client may finish reading (and the test check `sent`)
+        # before this thread runs again after the last byte goes out.
         srv.sent.append((name, len(sent)))
+        self.wfile.write(sent)
 
     def log_message(self, *args):
         pass
