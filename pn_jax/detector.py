@@ -462,8 +462,8 @@ class FitReport:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block"))
-def _loo_knn(feats, owners, bank, bank_owner, *, k, block):
-    return jax.lax.map(lambda a: knn_excluding(a[0], bank, bank_owner, a[1], k=k, block=block), (feats, owners))
+def _loo_knn(feats, owners, index, bank_owner, *, k, block):
+    return jax.lax.map(lambda a: knn_excluding(a[0], index, bank_owner, a[1], k=k, block=block), (feats, owners))
 
 
 def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:

@@ -136,7 +136,7 @@ class LowBank(NamedTuple):
     """The bank for the bfloat16 ranking (`low_indices`): y~ = bf16(b - mean) stored as
     [-2y~, h, m, l, 0 ...] (bf16 [Mp, D + AUG]) where h + m + l = |y~|^2 to float32 accuracy
     (three bf16 pieces; a single bf16 norm would err by ~|y|^2 / 256), with rows [0, +inf, 0 ...]
-    padding to a multiple of GROUP and for excluded rows."""
+    padding to a multiple of GROUP; an excluded row has h = +inf."""
     aug: jax.Array       # [Mp, D + AUG] bfloat16
     mean: jax.Array      # [D] float32
     max_norm: jax.Array  # () >= max |b - mean| (real arithmetic)
@@ -152,10 +152,8 @@ def augment_low(bank: jax.Array, mean: jax.Array, excluded: jax.Array | None = N
     hi = sq.astype(LOW)
     mid = (sq - hi.astype(jnp.float32)).astype(LOW)
     lo = (sq - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(LOW)
-    if excluded is not None:
+    if excluded is not None:  # T = +inf whatever m and l are
         hi = jnp.where(excluded, jnp.inf, hi)
-        mid = jnp.where(excluded, 0, mid)
-        lo = jnp.where(excluded, 0, lo)
     pad = -m % GROUP
     cols = jnp.stack([hi, mid, lo], axis=1)
     cols = jnp.pad(cols, ((0, pad), (0, AUG - 3)))
@@ -289,19 +287,19 @@ def _bruteforce_rows(q, bank, idx, ok, k, excluded=None):
 
 def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.Array,
                   k: int, block: int, excluded: jax.Array | None = None, dist_from=None):
-    """Exact k-NN indices by the dense path: (idx [Q, k], proven [Q]); `proven` marks the
-    queries settled by the expanded-form bound (the others went through the brute force).
+    """Exact k-NN indices by the dense path: (idx [Q, k], proven [Q], refined distances
+    [Q, k]); `proven` marks the queries settled by the expanded-form bound (the others went
+    through the brute force), and for them the refined distances are those of record, sorted.
 
     q [Q, D] float32 (no gradient); aug = augment_rows(bank, excluded)[0]; max_norm >= max |b|.
     `excluded` [M] bool: rows no query may return (their T is +inf in `aug`). `dist_from`:
-    (queries, bank) to differentiate; then also returns the refined distances [Q, k] (those
-    of record, sorted, where `proven`)."""
+    the (queries, bank) the refined distances are computed from (to differentiate them)."""
     m, d = bank.shape
     nr = min(n_refine(k), m)
     t, cand = ranked_candidates(q, aug, min(nr + 1, m), block)
     dk, idx = _refined(q, bank, t, cand, nr, k, excluded, dist_from)
     if nr == m:
-        return _found(idx, jnp.ones(q.shape[:1], bool), dk, dist_from)
+        return idx, jnp.ones(q.shape[:1], bool), dk
     # Every entry outside the refined ones has S = |q|^2 + T >= |q|^2 + t_(nr+1), and its
     # true d^2 >= S - err (err also covers the rounding of the sum below). t_(nr+1) is the
     # largest of the nr + 1 candidates: a max, since slicing top_k's values makes XLA:CPU
@@ -311,15 +309,16 @@ def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.A
     t_out = jnp.max(t, axis=1)
     bound = (1.0 - _delta(d)) * jnp.sqrt(jnp.maximum(q_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
     ok = dk[:, k - 1] < bound
-    return _found(_bruteforce_rows(q, bank, idx, ok, k, excluded), ok, dk, dist_from)
+    return _bruteforce_rows(q, bank, idx, ok, k, excluded), ok, dk
 
 
 def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
                 aug: jax.Array, max_norm: jax.Array, excluded: jax.Array | None = None,
                 chunk: int = 64, dist_from=None):
-    """Exact k-NN indices with the ranking matmul in bfloat16: (idx [Q, k], proven [Q]);
-    `proven` marks the queries settled by the bf16 bound, the others took `dense_indices`
-    (float32, `aug`/`max_norm` as there) in compacted chunks.
+    """Exact k-NN indices with the ranking matmul in bfloat16: (idx [Q, k], proven [Q],
+    refined distances [Q, k]) as `dense_indices`; `proven` marks the queries settled by the
+    bf16 bound, the others took `dense_indices` (float32, `aug`/`max_norm` as there) in
+    compacted chunks.
 
     The bound. With x = q - mean, y = b - mean (exact) and their bf16 roundings x~, y~
     (|x~_i - x_i| <= EPS_LOW |x_i|), d(q, b) = |x - y| >= |x~ - y~| - EPS_LOW (|x| + |y|).
@@ -336,7 +335,7 @@ def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
     t, cand = ranked_candidates(xl, low.aug, min(nr + 1, m), block)
     dk, idx = _refined(q, bank, t, cand, nr, k, excluded, dist_from)
     if nr == m:
-        return _found(idx, jnp.ones(q.shape[:1], bool), dk, dist_from)
+        return idx, jnp.ones(q.shape[:1], bool), dk
     x32 = xl.astype(jnp.float32)
     xl_sq = jnp.einsum("qd,qd->q", x32, x32, precision=HIGHEST)
     x_norm = jnp.sqrt(jnp.einsum("qd,qd->q", xf, xf, precision=HIGHEST)) * (1.0 + _gamma(d)) * (1.0 + 4 * U32)
@@ -347,7 +346,7 @@ def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
     lb = (jnp.sqrt(jnp.maximum(xl_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
           - EPS_LOW * (x_norm + low.max_norm) * (1.0 + 8 * U32))
     ok = dk[:, k - 1] < (1.0 - _delta(d)) * lb * (1.0 - 8 * U32)
-    return _found(_dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk), ok, dk, dist_from)
+    return _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk), ok, dk
 
 
 def _refined(q, bank, t, cand, nr, k, excluded, dist_from):
@@ -357,10 +356,6 @@ def _refined(q, bank, t, cand, nr, k, excluded, dist_from):
     if excluded is not None:  # fewer than nr rows left: excluded rows (T = +inf) reach the list
         dc = jnp.where(jnp.isinf(t[:, :nr]), jnp.inf, dc)
     return _first_k(dc, cand[:, :nr], k)
-
-
-def _found(idx, ok, dk, dist_from):
-    return (idx, ok) if dist_from is None else (idx, ok, dk)
 
 
 def _settle(queries, bank, found, chunk: int = 64):
@@ -391,7 +386,7 @@ def _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk):
     def body(c):
         t, idx = c
         r = jax.lax.dynamic_slice_in_dim(rows, t, chunk)
-        got, _ = dense_indices(q[jnp.minimum(r, n_q - 1)], bank, aug, max_norm, k, block, excluded)
+        got = dense_indices(q[jnp.minimum(r, n_q - 1)], bank, aug, max_norm, k, block, excluded)[0]
         return t + chunk, idx.at[r].set(got.astype(idx.dtype), mode="drop")
 
     return jax.lax.while_loop(lambda c: c[0] < jnp.sum(~ok), body, (jnp.int32(0), idx))[1]
@@ -403,11 +398,8 @@ def _search(queries, bank, k, block, excluded=None, low=False):
     q = jax.lax.stop_gradient(queries).astype(jnp.float32)
     b = jax.lax.stop_gradient(bank)
     aug, sq = augment_rows(b, excluded)
-    max_norm = _max_norm(sq, b.shape[1])
-    if low:
-        lb = augment_low(b, jnp.mean(b.astype(jnp.float32), axis=0), excluded)
-        return low_indices(q, b, lb, k, block, aug, max_norm, excluded, dist_from=(queries, bank))
-    return dense_indices(q, b, aug, max_norm, k, block, excluded, dist_from=(queries, bank))
+    lb = augment_low(b, jnp.mean(b.astype(jnp.float32), axis=0), excluded) if low else None
+    return _dense_search(q, b, aug, _max_norm(sq, b.shape[1]), lb, k, block, excluded, (queries, bank))
 
 
 def _indexed(queries, index: "BankIndex", k, block, excluded=None):
@@ -422,10 +414,15 @@ def _indexed(queries, index: "BankIndex", k, block, excluded=None):
         aug = aug.at[:m, d].set(jnp.where(excluded, jnp.inf, aug[:m, d]))
         if low.aug.shape[0]:
             low = low._replace(aug=low.aug.at[:m, d].set(jnp.where(excluded, jnp.inf, low.aug[:m, d])))
-    dist_from = (queries, index.bank)
-    if low.aug.shape[0]:
-        return low_indices(q, ix.bank, low, k, block, aug, ix.max_norm, excluded, dist_from=dist_from)
-    return dense_indices(q, ix.bank, aug, ix.max_norm, k, block, excluded, dist_from=dist_from)
+    return _dense_search(q, ix.bank, aug, ix.max_norm, low if low.aug.shape[0] else None, k, block, excluded,
+                         (queries, index.bank))
+
+
+def _dense_search(q, bank, aug, max_norm, low: LowBank | None, k, block, excluded, dist_from):
+    """The dense search on prepared tables: bf16 ranking when `low` is given, else float32."""
+    if low is not None:
+        return low_indices(q, bank, low, k, block, aug, max_norm, excluded, dist_from=dist_from)
+    return dense_indices(q, bank, aug, max_norm, k, block, excluded, dist_from=dist_from)
 
 
 def _finish(queries, bank, idx):
