@@ -327,17 +327,23 @@ def greedy_select(projected: jax.Array, starts: jax.Array, n_select: int, progre
     c = int(max(1, min(n_cand, n)))
     min_d = _init_min_distance(projected, jnp.asarray(starts))
     sel = jnp.zeros((n_select,), jnp.int32)
-    batch = _empty_batch(c, p)
+    return _in_chunks(_deferred_steps, projected, (min_d, sel, _empty_batch(c, p)), n_select, chunks, progress)
+
+
+def _in_chunks(steps, projected, carry, n_select: int, chunks: int, progress: bool) -> jax.Array:
+    """Greedy steps [0, n_select) in `chunks` pieces, a progress bar advancing between them:
+    steps(projected, min_d, sel, t0, state, t1) -> (min_d, sel, state), carry = the first
+    (min_d, sel, state) (`_deferred_steps` or `_greedy_steps`). Returns sel."""
     step = max(1, -(-n_select // chunks))
     bar = tqdm(total=n_select, desc="coreset", unit="pt", leave=False, disable=not progress)
     for t0 in range(0, n_select, step):
         t1 = min(t0 + step, n_select)
-        min_d, sel, batch = _deferred_steps(projected, min_d, sel, t0, batch, t1)
+        carry = steps(projected, carry[0], carry[1], t0, carry[2], t1)
         if progress:
-            sel.block_until_ready()
+            carry[1].block_until_ready()
         bar.update(t1 - t0)
     bar.close()
-    return sel
+    return carry[1]
 
 
 def greedy_select_stepwise(projected: jax.Array, starts: jax.Array, n_select: int, progress: bool = False,
@@ -352,17 +358,7 @@ def greedy_select_stepwise(projected: jax.Array, starts: jax.Array, n_select: in
     c = n_candidates(n, n_cand)
     min_d = _init_min_distance(projected, jnp.asarray(starts))
     sel = jnp.zeros((n_select,), jnp.int32)
-    cand = empty_candidates(c, n)
-    step = max(1, -(-n_select // chunks))
-    bar = tqdm(total=n_select, desc="coreset", unit="pt", leave=False, disable=not progress)
-    for t0 in range(0, n_select, step):
-        t1 = min(t0 + step, n_select)
-        min_d, sel, cand = _greedy_steps(projected, min_d, sel, t0, cand, t1)
-        if progress:
-            sel.block_until_ready()
-        bar.update(t1 - t0)
-    bar.close()
-    return sel
+    return _in_chunks(_greedy_steps, projected, (min_d, sel, empty_candidates(c, n)), n_select, chunks, progress)
 
 
 def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim: int = 128,
