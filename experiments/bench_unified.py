@@ -13,18 +13,11 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from experiments.bench import timed_run
 from pn_jax import viz
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def distinct_categories(root: str, cats: list[str]) -> int:
@@ -43,29 +36,19 @@ def run_point(n: int, a) -> dict:
     cats = [f"synthetic_{i}" for i in range(n)]
     out = os.path.join(a.out, f"n{n}")
     data_root = os.path.join(a.out, "data")
-    cmd = [sys.executable, "-m", "experiments.run", "--dataset", "synthetic", "--data-root", data_root,
-           "--category", *cats, "--unified", "--image-size", str(a.image_size), "--figures", "0",
-           "--out", out, "--coreset-ratio", str(a.coreset_ratio), "--no-download"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    l0 = load()
-    with open(out + ".log", "w") as fh:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"unified run with {n} categories failed:\n{open(out + '.log').read()[-3000:]}")
+    argv = ["--dataset", "synthetic", "--data-root", data_root, "--category", *cats, "--unified",
+            "--image-size", str(a.image_size), "--figures", "0", "--out", out,
+            "--coreset-ratio", str(a.coreset_ratio), "--no-download"]
+    run = timed_run(argv, Path(out + ".log"), label=f"unified run with {n} categories")
     res = json.load(open(os.path.join(out, "results.json")))
     first = next(iter(res["categories"].values()))
     t = first["timings"]
     fit_s = sum(v for k, v in t.items() if k.startswith("shared_") and k != "shared_total_s")
-    cpu = ru.ru_utime + ru.ru_stime
     return {"categories": n, "distinct_categories": distinct_categories(data_root, cats),
             "train_images": first["counts"]["train"], "bank": first["counts"]["bank"],
             "train_patches": first["counts"]["train_patches"], "fit_s": fit_s,
-            "coreset_s": t.get("shared_coreset_s"), "wall_s": wall, "cpu_percent": 100 * cpu / wall,
-            "peak_rss_gb": ru.ru_maxrss * 1024 / 1e9, "loadavg": [l0, load()],
+            "coreset_s": t.get("shared_coreset_s"), "wall_s": run["wall_s"], "cpu_percent": run["cpu_percent"],
+            "peak_rss_gb": run["peak_rss_gb"], "loadavg": run["loadavg"],
             "mean_image_auroc": res["mean"]["mAUROC_sp_max"]}
 
 
