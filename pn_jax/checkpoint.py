@@ -48,6 +48,10 @@ COMPAT_FIELDS = (
     "model.backbone",
     "model.weights",  # only when both name a file (None: the standard location); see weights_sha256
     "model.layers", "model.pretrain_embed_dimension", "model.target_embed_dimension", "model.patchsize",
+    # The bank holds features computed under this precision policy; scoring under another would
+    # compare features of two arithmetics (on an accelerator). A checkpoint from before the field
+    # loads as "highest" (config.ModelConfig.precision says why that is right).
+    "model.precision",
     "bank.coreset_ratio",
     "noising.influence_ratio", "noising.dim_selection",  # the fitted dims S (not for patchcore)
 )

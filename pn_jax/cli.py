@@ -32,7 +32,8 @@ DEFAULT_BACKBONE = {"mvtec_ad": "wide_resnet50_2", "visa": "wide_resnet50_2", "e
 # Config flags default to None so a checkpoint's config can tell which ones a user typed.
 DEFAULTS = dict(image_size=256, resize_mode="resize", embed_dim=1024, coreset_ratio=0.01, k=9,
                 method="propose_noising", influence="fd_fixed", influence_ratio=0.1, dim_selection="random",
-                eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.0, seed=0, batch_size=8, devices="1")
+                eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.0, seed=0, batch_size=8, devices="1",
+                precision="highest")
 
 
 class UsageError(ValueError):
@@ -86,6 +87,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resize-mode", choices=C.RESIZE_MODES, default=None)
     g.add_argument("--embed-dim", type=_int("--embed-dim", 1, 65536), default=None,
                    help="pretrain and target embedding dimension (default 1024)")
+    g.add_argument("--precision", choices=C.PRECISIONS, default=None,
+                   help="matmuls and convolutions: highest = float32 on every backend, the same metrics on "
+                        "CPU, GPU and TPU (default); fast = the backend's default (TF32 / bf16 passes on "
+                        "accelerators, other digits)")
     g.add_argument("--coreset-ratio", type=_float("--coreset-ratio", 0, 1), default=None, help="default 0.01")
     g.add_argument("--k", type=_int("--k", 1, 1024), default=None, help="K nearest neighbours (default 9; 1 for --method patchcore)")
     g.add_argument("--method", choices=C.METHODS, default=None)
@@ -227,7 +232,8 @@ def build_config(a):
             data={"dataset": ds, "root": root, "image_size": v["image_size"],
                   "resize_mode": v["resize_mode"], "holdout_fraction": v["holdout_fraction"]},
             model={"backbone": backbone, "weights": a.weights, "layers": layers,
-                   "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"]},
+                   "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"],
+                   "precision": v["precision"]},
             bank={"coreset_ratio": v["coreset_ratio"]}, noising=noising, seed=v["seed"],
             batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr)
     except ValueError as e:
@@ -256,9 +262,9 @@ def n_devices(flag: str) -> int:
     return n
 
 
-CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "embed_dim", "coreset_ratio", "k",
-                "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm", "score_weights",
-                "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
+CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "embed_dim", "precision",
+                "coreset_ratio", "k", "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm",
+                "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
 
 
 # ----------------------------------------------------------------------------- checks before work
@@ -509,7 +515,8 @@ def cmd_export(a) -> int:
 def banner(cfg) -> str:
     return (f"pn_jax | dataset={cfg.data.dataset} backbone={cfg.model.backbone} layers={','.join(cfg.model.layers)} "
             f"method={cfg.noising.method} score={cfg.noising.score} influence={cfg.noising.influence} "
-            f"k={cfg.noising.k} coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed}")
+            f"k={cfg.noising.k} coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed} "
+            f"precision={cfg.model.precision}")
 
 
 def summary_line(e: dict, ck) -> str:

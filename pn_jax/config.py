@@ -23,6 +23,10 @@ FIT_SCORES = SCORES + ("auto",)
 # ADer's sp_max) or the raw max over patches (the note's literal "max over patches").
 IMAGE_SCORES = ("blurred_max", "patch_max")
 RESIZE_MODES = ("resize", "patchcore")  # resize: WxW no crop; patchcore: shorter side, centre crop
+# Matmul/convolution precision (SPEC 2.9, pn_jax/precision.py): "highest" pins every matmul and
+# convolution of the model path to float32 (lax.Precision.HIGHEST); "fast" leaves the backend
+# default (TF32 on NVIDIA GPUs, one bf16 pass on TPUs; the same float32 as "highest" on a CPU).
+PRECISIONS = ("highest", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,9 @@ class ModelConfig:
     pretrain_embed_dimension: int = 1024
     target_embed_dimension: int = 1024
     patchsize: int = 3
+    # One of PRECISIONS. A checkpoint written before this field existed loads as "highest": it was
+    # fitted at the backend's default precision, which for float32 on a CPU is float32 anyway.
+    precision: str = "highest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +164,7 @@ def validate(cfg: Config) -> None:
         (0 < b.coreset_ratio <= 1, f"bank.coreset_ratio must be in (0, 1], got {b.coreset_ratio}"),
         (b.coreset_starts >= 1 and b.coreset_proj_dim >= 1, "bank.coreset_starts and coreset_proj_dim must be >= 1"),
         (len(m.layers) >= 1, "model.layers must name at least one layer"),
+        (m.precision in PRECISIONS, f"model.precision must be one of {PRECISIONS}, got {m.precision!r}"),
         (d.resize_mode in RESIZE_MODES, f"data.resize_mode must be one of {RESIZE_MODES}"),
         (d.image_size >= 32, f"data.image_size must be >= 32, got {d.image_size}"),
         (0 <= d.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),

@@ -32,6 +32,10 @@ only 17% actually change. The FLOP floor of the exact loop is n_select * N * 2 *
 
 The loop is a `lax.while_loop` on the device, in a few chunks so that a progress bar can
 move; nothing but the chunk bounds crosses to the host.
+
+Every matmul takes `precision` (`pn_jax.precision`): HIGHEST by default, float32 on every
+backend; None (the "fast" policy) leaves TF32 / bf16 passes to an accelerator, where the two
+loops' dot products may then round differently.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ CAND_BYTES = 256 << 20
 N_BATCH = 256
 FLUSH_CHUNK = 8192
 FLUSH_WIDTH = 64  # see _sq_block
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def n_coreset(n: int, ratio: float) -> int:
@@ -69,9 +74,10 @@ def random_projection(key: jax.Array, dim_in: int, dim_out: int) -> jax.Array:
     return jax.random.normal(key, (dim_in, dim_out), jnp.float32) / np.sqrt(dim_out)
 
 
-def dist_to(points: jax.Array, sq: jax.Array, centre: jax.Array) -> jax.Array:
+def dist_to(points: jax.Array, sq: jax.Array, centre: jax.Array, precision=HIGHEST) -> jax.Array:
     # sqrt(|x|^2 - 2 x.c + |c|^2); clamp before sqrt, as PatchCore does.
-    return jnp.sqrt(jnp.maximum(sq - 2.0 * points @ centre + centre @ centre, 0.0))
+    return jnp.sqrt(jnp.maximum(sq - 2.0 * jnp.matmul(points, centre, precision=precision)
+                                + jnp.dot(centre, centre, precision=precision), 0.0))
 
 
 def first_argmax(v: jax.Array) -> jax.Array:
@@ -81,10 +87,10 @@ def first_argmax(v: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(v == jnp.max(v), iota, v.shape[0])).astype(jnp.int32)
 
 
-@jax.jit
-def _init_min_distance(projected, starts):
+@functools.partial(jax.jit, static_argnames=("precision",))
+def _init_min_distance(projected, starts, precision=HIGHEST):
     sq = jnp.sum(projected * projected, axis=-1)
-    start_d = jax.vmap(lambda i: dist_to(projected, sq, projected[i]))(starts)  # [S, N]
+    start_d = jax.vmap(lambda i: dist_to(projected, sq, projected[i], precision))(starts)  # [S, N]
     return jnp.mean(start_d, axis=0)
 
 
@@ -97,9 +103,9 @@ class Candidates(NamedTuple):
     sq: jax.Array
 
 
-def candidates_for(index: jax.Array, centres: jax.Array, points: jax.Array) -> Candidates:
+def candidates_for(index: jax.Array, centres: jax.Array, points: jax.Array, precision=HIGHEST) -> Candidates:
     """The batch for centre rows [C, P] (one matmul over the points [n, P])."""
-    return Candidates(index, centres @ points.T, jnp.sum(centres * centres, -1))
+    return Candidates(index, jnp.matmul(centres, points.T, precision=precision), jnp.sum(centres * centres, -1))
 
 
 def empty_candidates(c: int, n: int) -> Candidates:
@@ -142,14 +148,14 @@ def run_candidate_steps(min_d, sel, t, t1, cand: Candidates, sq, refresh, global
     return min_d, sel, cand
 
 
-@functools.partial(jax.jit, donate_argnums=(1, 2, 4))
-def _greedy_steps(projected, min_d, sel, t0, cand, t1):
+@functools.partial(jax.jit, donate_argnums=(1, 2, 4), static_argnames=("precision",))
+def _greedy_steps(projected, min_d, sel, t0, cand, t1, precision=HIGHEST):
     """Greedy steps t0..t1-1 (traced bounds: one compilation serves every chunk)."""
     sq = jnp.sum(projected * projected, axis=-1)
 
     def refresh(min_d):
         _, c = jax.lax.top_k(min_d, cand.index.shape[0])  # ties -> smaller index first
-        return candidates_for(c.astype(jnp.int32), projected[c], projected)
+        return candidates_for(c.astype(jnp.int32), projected[c], projected, precision)
 
     return run_candidate_steps(min_d, sel, t0, t1, cand, sq, refresh)
 
@@ -169,13 +175,13 @@ class Batch(NamedTuple):
     spent: jax.Array
 
 
-def _sq_block(x, sq, rows, csq):
+def _sq_block(x, sq, rows, csq, precision=HIGHEST):
     """|x|^2 - 2 x.c + |c|^2 for points x [n, P] and centres rows [w, P] -> [n, w], in
     `dist_to`'s order of operations. The dots come from an [n, P] x [P, w] product: on
     XLA:CPU its values are bit-identical to the candidate batching's [64, P] x [P, N] for
     any n > 1 and w a multiple of 64 (tested), so both loops select the same points even at
     float32 near-ties (a matrix-vector product rounds differently)."""
-    return sq[:, None] - 2.0 * jnp.matmul(x, rows.T) + csq[None, :]
+    return sq[:, None] - 2.0 * jnp.matmul(x, rows.T, precision=precision) + csq[None, :]
 
 
 def _empty_batch(c: int, p: int) -> Batch:
@@ -185,7 +191,7 @@ def _empty_batch(c: int, p: int) -> Batch:
                  jnp.bool_(True))
 
 
-def _new_batch(points, sq, min_d, c: int) -> Batch:
+def _new_batch(points, sq, min_d, c: int, precision=HIGHEST) -> Batch:
     n = points.shape[0]
     # The top c, descending, ties -> smaller index first (= top_k). XLA:CPU's top_k over [N]
     # sorts the whole vector (65 ms at N = 645k); `knn.smallest` looks at group minima first.
@@ -196,7 +202,7 @@ def _new_batch(points, sq, min_d, c: int) -> Batch:
     bound = jnp.max(min_d.at[idx].set(-jnp.inf)) if c < n else jnp.float32(-jnp.inf)
     rows = points[idx]
     csq = sq[idx]
-    cols = jnp.sqrt(jnp.maximum(_sq_block(rows, csq, rows, csq), 0.0))  # [i, j] = d(cand i, cand j)
+    cols = jnp.sqrt(jnp.maximum(_sq_block(rows, csq, rows, csq, precision), 0.0))  # [i, j] = d(cand i, cand j)
     return Batch(idx, rows, csq, vals, cols, bound, jnp.zeros((c,), bool), jnp.bool_(False))
 
 
@@ -241,7 +247,7 @@ def _chunk_size(n: int, chunk: int) -> int:
     return chunk
 
 
-def _apply_centres(points, sq, min_d, rows, csq, chunk: int):
+def _apply_centres(points, sq, min_d, rows, csq, chunk: int, precision=HIGHEST):
     """min_d = min(min_d, distance to the nearest of the centres rows [w, P]), chunk by chunk
     of points so that each [chunk, w] block stays in cache."""
     n = points.shape[0]
@@ -249,7 +255,7 @@ def _apply_centres(points, sq, min_d, rows, csq, chunk: int):
 
     def apply(x, s, m):
         # min over centres before the sqrt: the same values (sqrt is monotone), one sqrt per point.
-        return jnp.minimum(m, jnp.sqrt(jnp.maximum(jnp.min(_sq_block(x, s, rows, csq), axis=1), 0.0)))
+        return jnp.minimum(m, jnp.sqrt(jnp.maximum(jnp.min(_sq_block(x, s, rows, csq, precision), axis=1), 0.0)))
 
     n_full = n // chunk
     if n_full:
@@ -267,7 +273,7 @@ def _apply_centres(points, sq, min_d, rows, csq, chunk: int):
     return min_d
 
 
-def _flush(points, sq, min_d, batch: Batch, chunk: int = FLUSH_CHUNK):
+def _flush(points, sq, min_d, batch: Batch, chunk: int = FLUSH_CHUNK, precision=HIGHEST):
     """Apply the batch's selected centres to every point; the candidates then take the
     min-distances tracked in the batch (the same formula: the steps' argmax and the stored
     vector agree bit for bit).
@@ -279,7 +285,7 @@ def _flush(points, sq, min_d, batch: Batch, chunk: int = FLUSH_CHUNK):
     order = jnp.argsort(~batch.used, stable=True)                # selected first
     rows, csq = batch.rows[order], jnp.where(batch.used, batch.sq, jnp.inf)[order]
     widths = sorted({min(c, w) for w in range(FLUSH_WIDTH, c + FLUSH_WIDTH, FLUSH_WIDTH)})
-    branches = [functools.partial(lambda w, m: _apply_centres(points, sq, m, rows[:w], csq[:w], chunk), w)
+    branches = [functools.partial(lambda w, m: _apply_centres(points, sq, m, rows[:w], csq[:w], chunk, precision), w)
                 for w in widths]
     n_used = jnp.sum(batch.used)
     which = jnp.searchsorted(jnp.asarray(widths), n_used)  # first width >= n_used
@@ -289,8 +295,8 @@ def _flush(points, sq, min_d, batch: Batch, chunk: int = FLUSH_CHUNK):
     return min_d.at[batch.index].set(keep)
 
 
-@functools.partial(jax.jit, donate_argnums=(1, 2))
-def _deferred_steps(projected, min_d, sel, t0, batch: Batch, t1):
+@functools.partial(jax.jit, donate_argnums=(1, 2), static_argnames=("precision",))
+def _deferred_steps(projected, min_d, sel, t0, batch: Batch, t1, precision=HIGHEST):
     """Greedy steps t0..t1-1 by deferred batches (traced bounds: one compilation). The last
     batch is never applied: only the selection is returned."""
     sq = jnp.sum(projected * projected, axis=-1)
@@ -304,8 +310,9 @@ def _deferred_steps(projected, min_d, sel, t0, batch: Batch, t1):
 
         def renew(args):
             md, bb = args
-            md = jax.lax.cond(jnp.any(bb.used), lambda m: _flush(projected, sq, m, bb), lambda m: m, md)
-            return md, _new_batch(projected, sq, md, c)
+            md = jax.lax.cond(jnp.any(bb.used), lambda m: _flush(projected, sq, m, bb, precision=precision),
+                              lambda m: m, md)
+            return md, _new_batch(projected, sq, md, c, precision)
 
         min_d, b = jax.lax.cond(b.spent, renew, lambda a: a, (min_d, b))
         b, sel, t = _batch_steps(b, sel, t, t1)
@@ -316,7 +323,7 @@ def _deferred_steps(projected, min_d, sel, t0, batch: Batch, t1):
 
 
 def greedy_select(projected: jax.Array, starts: jax.Array, n_select: int, progress: bool = False,
-                  chunks: int = 8, n_cand: int = N_BATCH) -> jax.Array:
+                  chunks: int = 8, n_cand: int = N_BATCH, precision=HIGHEST) -> jax.Array:
     """projected [N, P], starts [S] indices -> selected indices [n_select] (int32), by deferred
     batches of `n_cand` candidates (see the module docstring).
 
@@ -325,9 +332,10 @@ def greedy_select(projected: jax.Array, starts: jax.Array, n_select: int, progre
     projected = jnp.asarray(projected, jnp.float32)
     n, p = projected.shape
     c = int(max(1, min(n_cand, n)))
-    min_d = _init_min_distance(projected, jnp.asarray(starts))
+    min_d = _init_min_distance(projected, jnp.asarray(starts), precision)
     sel = jnp.zeros((n_select,), jnp.int32)
-    return _in_chunks(_deferred_steps, projected, (min_d, sel, _empty_batch(c, p)), n_select, chunks, progress)
+    steps = functools.partial(_deferred_steps, precision=precision)
+    return _in_chunks(steps, projected, (min_d, sel, _empty_batch(c, p)), n_select, chunks, progress)
 
 
 def _in_chunks(steps, projected, carry, n_select: int, chunks: int, progress: bool) -> jax.Array:
@@ -347,7 +355,7 @@ def _in_chunks(steps, projected, carry, n_select: int, chunks: int, progress: bo
 
 
 def greedy_select_stepwise(projected: jax.Array, starts: jax.Array, n_select: int, progress: bool = False,
-                  chunks: int = 20, n_cand: int = N_CAND) -> jax.Array:
+                  chunks: int = 20, n_cand: int = N_CAND, precision=HIGHEST) -> jax.Array:
     """Candidate batching (see the module docstring): the same indices as `greedy_select`.
 
     projected [N, P], starts [S] indices -> selected indices [n_select] (int32). The loop runs
@@ -356,42 +364,45 @@ def greedy_select_stepwise(projected: jax.Array, starts: jax.Array, n_select: in
     projected = jnp.asarray(projected, jnp.float32)
     n = projected.shape[0]
     c = n_candidates(n, n_cand)
-    min_d = _init_min_distance(projected, jnp.asarray(starts))
+    min_d = _init_min_distance(projected, jnp.asarray(starts), precision)
     sel = jnp.zeros((n_select,), jnp.int32)
-    return _in_chunks(_greedy_steps, projected, (min_d, sel, empty_candidates(c, n)), n_select, chunks, progress)
+    steps = functools.partial(_greedy_steps, precision=precision)
+    return _in_chunks(steps, projected, (min_d, sel, empty_candidates(c, n)), n_select, chunks, progress)
 
 
 def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim: int = 128,
-                    n_starts: int = 10, progress: bool = False, select=None) -> jax.Array:
+                    n_starts: int = 10, progress: bool = False, select=None, precision=HIGHEST) -> jax.Array:
     """Indices of the approximate greedy coreset of features [N, D]. `select`: the greedy
-    loop (default `greedy_select`; `greedy_select_stepwise` picks the same points)."""
+    loop (default `greedy_select`; `greedy_select_stepwise` picks the same points).
+    `precision`: of the projection and every distance matmul (`pn_jax.precision`)."""
     n, d = features.shape
     n_select = n_coreset(n, ratio)
     if n_select >= n:
         return jnp.arange(n, dtype=jnp.int32)
     k_proj, k_start = jax.random.split(key)
-    projected = project_chunked(features, random_projection(k_proj, d, proj_dim)) if proj_dim < d \
-        else jnp.asarray(features, jnp.float32)
+    projected = project_chunked(features, random_projection(k_proj, d, proj_dim), precision=precision) \
+        if proj_dim < d else jnp.asarray(features, jnp.float32)
     starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
-    return (select or greedy_select)(projected, starts, n_select, progress=progress)
+    return (select or greedy_select)(projected, starts, n_select, progress=progress, precision=precision)
 
 
-@jax.jit
-def project(features: jax.Array, proj: jax.Array) -> jax.Array:
-    return features.astype(jnp.float32) @ proj
+@functools.partial(jax.jit, static_argnames=("precision",))
+def project(features: jax.Array, proj: jax.Array, precision=HIGHEST) -> jax.Array:
+    return jnp.matmul(features.astype(jnp.float32), proj, precision=precision)
 
 
-def project_chunked(features, proj: jax.Array, chunk: int = 32768) -> jax.Array:
+def project_chunked(features, proj: jax.Array, chunk: int = 32768, precision=HIGHEST) -> jax.Array:
     """Project host features chunk by chunk, so only the [N, proj_dim] result lives on device.
 
     On the CPU backend, host features are projected by numpy's BLAS, which is ~2x faster than
     XLA's dot for this tall-skinny shape on a CPU (0.40 vs 0.77 s for [192512,1024]x[1024,128],
-    measured) and needs no host-to-device copy of the features."""
+    measured) and needs no host-to-device copy of the features. numpy's sgemm is float32 whatever
+    `precision` says (a CPU computes the same float32 under both policies anyway)."""
     if isinstance(features, np.ndarray) and jax.default_backend() == "cpu":
         p = np.asarray(proj, np.float32)
         out = np.empty((len(features), p.shape[1]), np.float32)
         for i in range(0, len(features), chunk):
             np.matmul(features[i:i + chunk].astype(np.float32, copy=False), p, out=out[i:i + chunk])
         return jnp.asarray(out)
-    parts = [project(jnp.asarray(features[i:i + chunk]), proj) for i in range(0, len(features), chunk)]
+    parts = [project(jnp.asarray(features[i:i + chunk]), proj, precision) for i in range(0, len(features), chunk)]
     return jnp.concatenate(parts, axis=0)

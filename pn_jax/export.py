@@ -81,10 +81,15 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
     {"scores" [B], "normalized" [B], "labels" [B] bool, "anomaly_maps" [B, S, S],
     "threshold" []} (the threshold comes back so the loader can check the metadata's)."""
     from pn_jax import backbones, detector, features, maps
+    from pn_jax import precision as precision_lib
 
     m = cfg.model
     info = backbones.info(m.backbone)
-    backbone = backbone_fn or backbones.create(m.backbone, weights=m.weights, layers=tuple(m.layers))
+    # The model's precision policy is baked into the artifact: under "highest" every matmul and
+    # convolution is lowered with precision=HIGHEST, float32 on every platform it runs on.
+    prec = precision_lib.of(cfg)
+    backbone = backbone_fn or backbones.create(m.backbone, weights=m.weights, layers=tuple(m.layers),
+                                               precision=prec)
     variant = variant or detector.default_variant(cfg)
     need = detector.needs(cfg, (variant,))
     signals = detector.make_signal_fn(cfg, need_influence=need.influence, calibrated=need.calibrated,
@@ -109,7 +114,8 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
         if tuple(fmaps[0].shape[1:3]) != grid:
             raise ExportError(f"the backbone's feature grid at {size[0]} px is {tuple(fmaps[0].shape[1:3])}, "
                               f"but the fitted state was made on grid {grid}: the config and state disagree")
-        feats = features.aggregate(fmaps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize)
+        feats = features.aggregate(fmaps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize,
+                                   precision=prec)
         sig = signals(state.params, state.bank, state.dims, state.stats, feats)
         patch = detector.patch_score(cfg, sig, state.stats, variant)
         amap = maps.to_pixel_maps(patch, grid, size, sigma)
@@ -222,6 +228,9 @@ def export_model(cfg, state, grid, threshold: float, meta: dict | None, path, *,
         "score": {"variant": variant, "method": cfg.noising.method, "image_score": "max of the blurred map",
                   "blur_sigma": cfg.noising.blur_sigma},
         "backbone": {"name": cfg.model.backbone, "layers": list(cfg.model.layers)},
+        # "highest": float32 matmuls and convolutions (lax.Precision.HIGHEST) on every platform;
+        # "fast": the platform's default (pn_jax/precision.py). Applied inside the artifact.
+        "precision": cfg.model.precision,
         "grid": [int(g) for g in grid],
         "bank_size": int(state.bank.shape[0]),
         "versions": _versions(),

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+HIGHEST = jax.lax.Precision.HIGHEST  # the pooling matmuls in float32 on every backend (pn_jax.precision)
+
 
 def adaptive_pool_plan(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     """Gather indices [out, w] and weights [out, w] of torch's adaptive_avg_pool1d.
@@ -36,7 +38,7 @@ def adaptive_pool_plan(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(idx, length - 1).astype(np.int32), weights.astype(np.float32)
 
 
-def adaptive_avg_pool_last(x: jax.Array, out: int) -> jax.Array:
+def adaptive_avg_pool_last(x: jax.Array, out: int, precision=HIGHEST) -> jax.Array:
     """torch.nn.functional.adaptive_avg_pool1d over the last axis, exact bins.
 
     With g = gcd(L, out), L = g*a and out = g*b, bin i = b*m + j lies inside input block m
@@ -47,17 +49,17 @@ def adaptive_avg_pool_last(x: jax.Array, out: int) -> jax.Array:
     if length == out:
         return x
     g, a, b, small = _pool_matrix(length, out)
-    y = _group_matmul(x.reshape(x.shape[:-1] + (g, a)), small)
+    y = _group_matmul(x.reshape(x.shape[:-1] + (g, a)), small, precision)
     return y.reshape(x.shape[:-1] + (out,))
 
 
-def _group_matmul(x: jax.Array, small: np.ndarray) -> jax.Array:
+def _group_matmul(x: jax.Array, small: np.ndarray, precision=HIGHEST) -> jax.Array:
     """x [..., g, a] @ small [a, b] -> [..., g, b]. For a tiny matrix (WRN50's last pooling is
     a = 2, b = 1) the products are written out so XLA fuses them into one elementwise loop;
     a dot with a contraction of 2 is several times slower on a CPU."""
     a, b = small.shape
     if a * b > 32:
-        return jnp.einsum("...ga,ab->...gb", x, jnp.asarray(small, x.dtype), precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("...ga,ab->...gb", x, jnp.asarray(small, x.dtype), precision=precision)
     cols = []
     for j in range(b):
         terms = [x[..., i] * float(small[i, j]) for i in range(a) if small[i, j] != 0.0]
@@ -113,7 +115,7 @@ def _pool_matrix(length: int, out: int):
     return g, a, b, small
 
 
-def unfold_pool(x: jax.Array, out: int, patchsize: int = 3) -> jax.Array:
+def unfold_pool(x: jax.Array, out: int, patchsize: int = 3, precision=HIGHEST) -> jax.Array:
     """adaptive_avg_pool_last(unfold3x3(x), out) without materialising the unfolded map.
 
     When the pooling reduces (out <= C*p*p) and each group spans whole channels' p*p taps
@@ -125,7 +127,7 @@ def unfold_pool(x: jax.Array, out: int, patchsize: int = 3) -> jax.Array:
     b_, h, w, c = x.shape
     g, a, b, small = _pool_matrix(c * p * p, out)
     if a % (p * p) or b > a:  # upsampling pools (b > a) are cheaper on the unfolded map
-        return adaptive_avg_pool_last(unfold3x3(x, p), out)
+        return adaptive_avg_pool_last(unfold3x3(x, p), out, precision)
     cpg = a // (p * p)  # channels per group
     pad = (p - 1) // 2
     xp = jnp.pad(x, ((0, 0), (pad, p - 1 - pad), (pad, p - 1 - pad), (0, 0)))
@@ -135,15 +137,16 @@ def unfold_pool(x: jax.Array, out: int, patchsize: int = 3) -> jax.Array:
         dy, dx = divmod(t, p)
         view = xp[:, dy:dy + h, dx:dx + w, :].reshape(b_, h, w, g, cpg)
         y = y + jnp.einsum("...gc,cj->...gj", view, jnp.asarray(taps[:, t, :], x.dtype),
-                           precision=jax.lax.Precision.HIGHEST)
+                           precision=precision)
     return y.reshape(b_, h, w, out)
 
 
 def aggregate(feature_maps: Sequence[jax.Array], pretrain_dim: int, target_dim: int,
-              patchsize: int = 3) -> jax.Array:
-    """Layer maps (first = reference grid) -> patch features [B, h0*w0, target_dim]."""
+              patchsize: int = 3, precision=HIGHEST) -> jax.Array:
+    """Layer maps (first = reference grid) -> patch features [B, h0*w0, target_dim].
+    `precision`: of the pooling matmuls (`pn_jax.precision`; None = the backend's default)."""
     ref = feature_maps[0].shape[1:3]
-    pooled = [unfold_pool(fmap, pretrain_dim, patchsize) for fmap in feature_maps]
+    pooled = [unfold_pool(fmap, pretrain_dim, patchsize, precision) for fmap in feature_maps]
     n_layers = len(pooled)
     _, a, _, _ = _pool_matrix(n_layers * pretrain_dim, target_dim)
     if pretrain_dim % a == 0:
@@ -151,9 +154,10 @@ def aggregate(feature_maps: Sequence[jax.Array], pretrain_dim: int, target_dim: 
         # -> 1024), so it commutes with the upsampling: pool each layer to its share (the same
         # [a, b] bin matrix restricted to the layer), then upsample the smaller map, concatenate.
         share = target_dim // n_layers
-        out = jnp.concatenate([upsample_bilinear(adaptive_avg_pool_last(p, share), ref) for p in pooled], -1)
+        out = jnp.concatenate([upsample_bilinear(adaptive_avg_pool_last(p, share, precision), ref)
+                               for p in pooled], -1)
     else:
         stacked = jnp.concatenate([upsample_bilinear(p, ref) for p in pooled], axis=-1)  # == torch's stack(dim=1).reshape(N, 1, -1)
-        out = adaptive_avg_pool_last(stacked, target_dim)
+        out = adaptive_avg_pool_last(stacked, target_dim, precision)
     b, h, w, d = out.shape
     return out.reshape(b, h * w, d)

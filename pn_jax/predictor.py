@@ -55,11 +55,13 @@ class InfluencePredictor(nnx.Module):
 
     def __init__(self, n_dims: int, k: int, hidden: int = 16, *, rngs: nnx.Rngs):
         s = n_dims
-        self.inp = nnx.Linear(2 * s + k, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, s, rngs=rngs)
+        # float32 matmuls on every backend under either precision policy: the layers are tiny.
+        hi = jax.lax.Precision.HIGHEST
+        self.inp = nnx.Linear(2 * s + k, hidden, precision=hi, rngs=rngs)
+        self.out = nnx.Linear(hidden, s, precision=hi, rngs=rngs)
         self.skip = nnx.Param(jnp.zeros((s,), jnp.float32))  # a: per-dim weight of the k=1 term
         # G: log-linear in a few per-patch statistics (starts at a constant, set by fit_predictor)
-        self.level = nnx.Linear(k + 1, 1, kernel_init=nnx.initializers.zeros, rngs=rngs)
+        self.level = nnx.Linear(k + 1, 1, kernel_init=nnx.initializers.zeros, precision=hi, rngs=rngs)
         self.r_rms = InputStat(jnp.ones((s,), jnp.float32))
         self.u_rms = InputStat(jnp.ones((s,), jnp.float32))
         self.logd_mean = InputStat(jnp.zeros((k,), jnp.float32))

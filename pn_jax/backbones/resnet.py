@@ -22,6 +22,7 @@ from pn_jax.backbones.base import BackboneInfo, StageInfo
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BN_EPS = 1e-5
+HIGHEST = jax.lax.Precision.HIGHEST  # float32 convolutions on every backend (pn_jax.precision)
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 # name -> (block kind, blocks per stage, width of the 3x3 conv per unit of `planes`)
@@ -190,8 +191,9 @@ def _max_pool_3x3_s2(x):
     )
 
 
-def forward(name: str, params, x, layers: Sequence[str], precision=None) -> dict[str, jax.Array]:
-    """x: [B, H, W, 3] normalised images -> {layer: [B, h, w, C]} for the requested layers."""
+def forward(name: str, params, x, layers: Sequence[str], precision=HIGHEST) -> dict[str, jax.Array]:
+    """x: [B, H, W, 3] normalised images -> {layer: [B, h, w, C]} for the requested layers.
+    `precision`: of every convolution (`pn_jax.precision`; None = the backend's default)."""
     deepest = max(STAGES.index(l) for l in layers)
     conv = functools.partial(_conv, precision=precision)
     x = jax.nn.relu(conv(x, params["conv1"], 2, 3))
@@ -214,7 +216,7 @@ def forward(name: str, params, x, layers: Sequence[str], precision=None) -> dict
 class ResNetBackbone:
     """Callable feature extractor: images [B, H, W, 3] -> {layer: [B, h, w, C]} (jitted)."""
 
-    def __init__(self, name: str, params, layers: Sequence[str] | None = None, precision=None):
+    def __init__(self, name: str, params, layers: Sequence[str] | None = None, precision=HIGHEST):
         layers = tuple(layers) if layers else STAGES
         unknown = [l for l in layers if l not in STAGES]
         if unknown:
@@ -246,13 +248,13 @@ def build(
     weights: str | None = None,
     layers: Sequence[str] | None = None,
     state_dict: Mapping[str, np.ndarray] | None = None,
-    precision=None,
+    precision=HIGHEST,
 ) -> Callable:
     """ResNet feature extractor from a torchvision weights file or an in-memory state dict.
 
     `weights`: a path, None (the torchvision file from the torch hub cache, downloaded
     there when absent and allowed), or "random" (seeded `random_state_dict`, for benchmarks
-    and smoke tests only).
+    and smoke tests only). `precision`: of every convolution (None = the backend's default).
     """
     if name not in _ARCH:
         raise KeyError(f"unknown ResNet {name!r}; known: {sorted(_ARCH)}")
