@@ -20,7 +20,8 @@ longer bit-exact on an accelerator).
 
 `unpinned(jaxpr)` lists every dot_general and conv_general_dilated, in a jaxpr and all its
 sub-jaxprs (jit, while, cond, scan, custom_jvp/vjp, ...), that does not carry (HIGHEST,
-HIGHEST); `tests/test_precision.py` runs it on every traced path.
+HIGHEST); `unpinned_stablehlo` does the same on an exported artifact's StableHLO.
+`tests/test_precision.py` runs them on every traced path.
 """
 from __future__ import annotations
 
@@ -91,3 +92,11 @@ def unpinned(jaxpr) -> list[str]:
     """Descriptions of the matmuls and convolutions in `jaxpr` that are not pinned to HIGHEST
     (empty: every one is float32 on every backend)."""
     return [describe(p, e) for p, e in matmul_eqns(jaxpr) if not is_highest(e)]
+
+
+def unpinned_stablehlo(mlir_text: str) -> list[str]:
+    """The same audit on lowered StableHLO text (`jax.export.Exported.mlir_module()`): the
+    dot_general and convolution ops without HIGHEST on both operands."""
+    ops = ("stablehlo.dot_general", "stablehlo.convolution")
+    return [line.strip()[:200] for line in mlir_text.splitlines()
+            if any(op in line for op in ops) and line.count("HIGHEST") < 2]
