@@ -26,6 +26,7 @@ from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
 from pn_jax import maps as maps_lib
 from pn_jax import noising
+from pn_jax import precision as precision_lib
 from pn_jax.config import Config
 
 
@@ -66,17 +67,18 @@ class FeatureExtractor:
         m = cfg.model
         self.layers = tuple(m.layers)
         if backbone_fn is None:
-            key = ("backbone", m.backbone, m.weights, self.layers)
+            key = ("backbone", m.backbone, m.weights, self.layers, m.precision)
             if key not in _EXTRACTORS:
                 from pn_jax import backbones
 
-                _EXTRACTORS[key] = backbones.create(m.backbone, weights=m.weights, layers=self.layers)
+                _EXTRACTORS[key] = backbones.create(m.backbone, weights=m.weights, layers=self.layers,
+                                                    precision=precision_lib.of(cfg))
             backbone_fn = _EXTRACTORS[key]
         self.backbone = backbone_fn
-        key = ("aggregate", m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize)
+        key = ("aggregate", m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize, m.precision)
         if key not in _EXTRACTORS:
             _EXTRACTORS[key] = jax.jit(lambda maps: features_lib.aggregate(
-                maps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize))
+                maps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize, precision_lib.of(cfg)))
         self._aggregate = _EXTRACTORS[key]
         self.grid: tuple[int, int] | None = None
         self.dim = m.target_embed_dimension
@@ -144,9 +146,9 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
               std_range=(n.noise_std_min, n.noise_std_max), block=cfg.bank.knn_block,
-              calibrated=calibrated, rerank=rerank, n_valid=n_valid)
+              calibrated=calibrated, rerank=rerank, n_valid=n_valid, precision=precision_lib.of(cfg))
 
-    def per_image(params, bank, dims, stats, f, bank_s, knn):
+    def per_image(params, bank, dims, stats, f, bank_s, knn, excluded=None):
         if not need_influence:
             dist, idx = knn(f, bank)
             z = jnp.zeros(f.shape[:1], jnp.float32)
@@ -157,7 +159,8 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
             if rerank:
                 sig.update(calibration.rerank_signals(f, bank, params["noise_scale"], idx))
             return sig
-        return noising.patch_signals(params, bank, dims, f, stats, bank_s=bank_s, knn_fn=knn, **kw)
+        return noising.patch_signals(params, bank, dims, f, stats, bank_s=bank_s, knn_fn=knn, excluded=excluded,
+                                     **kw)
 
     def signals(params, bank, dims, stats, feats, exclude=None):
         if on_trace:
@@ -175,10 +178,11 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
         bank_owner, owners = exclude
 
         def one(a):
+            excluded = bank_owner == a[1]  # the same rows for every search, fd's re-search included
             # The main search uses the prepared index (when given); the whitened one its own bank.
-            knn = lambda q, b: knn_excluding(q, index if (b is bank and index is not None) else b,  # noqa: E731
-                                             bank_owner, a[1], k=n.k, block=cfg.bank.knn_block)
-            return per_image(params, bank, dims, stats, a[0], bank_s, knn)
+            knn = lambda q, b: knn_lib.knn_excluding(  # noqa: E731
+                q, index if (b is bank and index is not None) else b, excluded, k=n.k, block=cfg.bank.knn_block)
+            return per_image(params, bank, dims, stats, a[0], bank_s, knn, excluded)
 
         return jax.lax.map(one, (feats, owners))
 
@@ -285,7 +289,7 @@ class Scorer:
 
             self._build_sharded, self._sharded_fns = build, {}
         else:
-            key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())))
+            key = (cfg.noising, cfg.bank.knn_block, cfg.model.precision, tuple(sorted(flags.items())))
             self._signals, self._sig_counter = _shared(
                 "signals", key, lambda on_trace: make_signal_fn(cfg, on_trace=on_trace, **flags))
         self._flags = flags
@@ -315,7 +319,7 @@ class Scorer:
                 raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
             check_loo_bank(exclude[0], exclude[1], self.cfg.noising.k)
             cfg, flags = self.cfg, self._flags
-            key = (cfg.noising, cfg.bank.knn_block, tuple(sorted(flags.items())))
+            key = (cfg.noising, cfg.bank.knn_block, cfg.model.precision, tuple(sorted(flags.items())))
             fn, _ = _shared("signals_loo", key, lambda on_trace: make_signal_fn(
                 cfg, on_trace=on_trace, loo=True, **flags))
             return fn(state.params, self._prepared(state), state.dims, state.stats, feats,
@@ -412,30 +416,42 @@ def _importance(f, bank, dist, idx, eps, chunk: int = IMPORTANCE_CHUNK):
     return total / p
 
 
-def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighbours=None) -> noising.Stats:
+def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighbours=None, *,
+              exclude=None) -> noising.Stats:
     """Normalisation statistics from held-out normal images (never the batch being scored).
-    `neighbours`: their (dist, idx) from `holdout_neighbours`, when already searched."""
+    `neighbours`: their (dist, idx) from `holdout_neighbours`, when already searched.
+    `exclude`: (bank_owner [M], owners [h]) when the images are training images scored
+    leave-one-image-out (`loo_neighbours`): image i's search, `fd`'s re-search included, then
+    never returns the bank rows that came from training image owners[i]."""
     if holdout_feats is None or len(holdout_feats) == 0:
         return noising.identity_stats()
     n = cfg.noising
+    if exclude is not None and neighbours is None:
+        neighbours = loo_neighbours(cfg, bank, exclude[0], holdout_feats, exclude[1])
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
+    owner_of = (None, None) if exclude is None else (jnp.asarray(exclude[0], jnp.int32),
+                                                     jnp.asarray(exclude[1], jnp.int32))
     infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
-                              method=n.influence, eps=n.eps)
+                              *owner_of, method=n.influence, eps=n.eps, precision=precision_lib.of(cfg))
     # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
     # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
     return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
 
 
-@functools.partial(jax.jit, static_argnames=("method", "eps"))
-def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, *, method, eps):
+@functools.partial(jax.jit, static_argnames=("method", "eps", "precision"))
+def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owner, owners, *, method, eps,
+                       precision=precision_lib.HIGHEST):
     bank_s = influence_lib.bank_columns(bank, dims)
     if method == "predictor":
         from pn_jax import predictor
 
         return jax.lax.map(lambda a: predictor.influence(predictor_params, a[0], bank, a[1], a[2], dims, eps, bank_s),
                            (feats, dist, idx))
-    return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps, bank_s),
-                       (feats, dist, idx))
+    # owners None: held-out images, nothing excluded
+    return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps, bank_s,
+                                                         excluded=None if a[3] is None else bank_owner == a[3],
+                                                         precision=precision),
+                       (feats, dist, idx, owners))
 
 
 @functools.partial(jax.jit, static_argnames=("std_range",))
@@ -506,7 +522,8 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
                                                cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, mesh)
     else:
         idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
-                                          cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True)
+                                          cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True,
+                                          precision=precision_lib.of(cfg))
     idx = np.asarray(idx)
     bank = jnp.asarray(flat[idx])
     bank_owner = (idx // n_patch).astype(np.int32)
@@ -557,7 +574,8 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
                                      block=cfg.bank.knn_block)
         params["predictor"] = pf.params
         info["predictor"] = {**pf.info, "val_loss_before": pf.val_loss_init, "val_loss_after": pf.val_loss}
-    stats = fit_stats(cfg, params, bank, dims, calib_feats, neighbours)
+    loo = (bank_owner, np.asarray(calibrate_on)) if info["source"] == "leave-one-image-out" else None
+    stats = fit_stats(cfg, params, bank, dims, calib_feats, neighbours, exclude=loo)
     t_stats = time.perf_counter() - t0
     state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)
     return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},

@@ -4,8 +4,9 @@
 
 (the learnable per-dim weight w_d is applied by the caller). Four estimators:
 
-  fd        the note's literal form: perturb, re-run the k-NN search over the whole bank,
-            compare the new sorted K distances rank by rank with the old ones.
+  fd        the note's literal form: perturb, re-run the k-NN search over the rows the first
+            search could return (not pads, not a left-out image's entries), compare the new
+            sorted K distances rank by rank with the old ones.
   fd_fixed  the same with the K neighbours held fixed, in closed form from the residuals
             r_k = f - m_k:  dist_k' - dist_k = (2 eps r_kd + eps^2) / (dist_k' + dist_k).
   grad      eps * |d dist_k / d f_d| from reverse-mode autodiff (jax.grad); = eps |r_kd| / dist_k
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from pn_jax import knn as knn_lib
+
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _stable_delta(r_d, dist, eps):
@@ -95,27 +98,38 @@ def jvp(f, bank, dist, idx, dims, eps, bank_s=None):
     return eps * jnp.mean(jnp.abs(d), axis=-1).T
 
 
-def fd(f, bank, dist, idx, dims, eps, bank_s=None, n_valid=None):
-    """The literal form: perturb dim d, search the whole bank again, compare rank by rank.
+def fd(f, bank, dist, idx, dims, eps, bank_s=None, n_valid=None, excluded=None, precision=HIGHEST):
+    """The literal form: perturb dim d, search the bank again, compare rank by rank.
 
     The re-search ranks all M entries by d2(m) + 2 eps (f_d - m_d) + eps^2, which is exactly
     the perturbed squared distance (only coordinate d moved). The K winners' distances are
-    then recomputed from residuals. `n_valid`: only the first n_valid rows are bank entries
-    (a sharded bank is zero-padded to a multiple of the device count; pads must never win).
+    then recomputed from residuals. Rows that the first search could not return can never
+    win the re-search either (+inf): `n_valid`, only the first n_valid rows are bank entries
+    (a sharded bank is zero-padded to a multiple of the device count); `excluded` [M] bool,
+    the rows `knn.knn_excluding` left out (leave-one-image-out: the scored image's own entries).
+    `precision`: of the re-search's matmul (`pn_jax.precision`; the winners' distances are
+    recomputed from residuals either way).
     """
     k = idx.shape[-1]
     f32 = f.astype(jnp.float32)
     bank32 = bank.astype(jnp.float32)
     m = bank.shape[0]
-    valid = None if n_valid is None or n_valid >= m else jnp.arange(m) < n_valid
+    keep = None if n_valid is None or n_valid >= m else jnp.arange(m) < n_valid
+    if excluded is not None:
+        keep = ~excluded if keep is None else keep & ~excluded
     # Squared distances to every bank entry, in the expanded form the search uses, but about
-    # the bank mean: centring shrinks |q|^2 and |m|^2 and with them the float32 rounding that
-    # otherwise shows up as false neighbour switches between near-tied entries.
-    mu = jnp.mean(bank32, axis=0) if valid is None else jnp.sum(bank32, axis=0) / n_valid  # pads are 0
+    # the mean of the searchable rows: centring shrinks |q|^2 and |m|^2 and with them the
+    # float32 rounding that otherwise shows up as false neighbour switches between near-tied
+    # entries (the same centre as a search of the bank without the other rows).
+    if keep is None:
+        mu = jnp.mean(bank32, axis=0)
+    else:
+        mu = jnp.sum(jnp.where(keep[:, None], bank32, 0.0), axis=0) / jnp.maximum(jnp.sum(keep), 1)
     fc, bc = f32 - mu, bank32 - mu
-    d2_all = (jnp.sum(fc * fc, -1, keepdims=True) - 2.0 * fc @ bc.T + jnp.sum(bc * bc, -1)[None, :])
-    if valid is not None:
-        d2_all = jnp.where(valid[None, :], d2_all, jnp.inf)
+    d2_all = (jnp.sum(fc * fc, -1, keepdims=True) - 2.0 * jnp.matmul(fc, bc.T, precision=precision)
+              + jnp.sum(bc * bc, -1)[None, :])
+    if keep is not None:
+        d2_all = jnp.where(keep[None, :], d2_all, jnp.inf)
 
     def one_dim(d):
         shift = 2.0 * eps * (f32[:, d][:, None] - bank32[:, d][None, :]) + eps * eps
@@ -135,15 +149,19 @@ def fd(f, bank, dist, idx, dims, eps, bank_s=None, n_valid=None):
 METHODS = {"fd": fd, "fd_fixed": fd_fixed, "grad": grad, "jvp": jvp}
 
 
-def influence(method: str, f, bank, dist, idx, dims, eps, bank_s=None, n_valid=None):
+def influence(method: str, f, bank, dist, idx, dims, eps, bank_s=None, n_valid=None, excluded=None,
+              precision=HIGHEST):
     """Dispatch; f [Q,D], dist/idx [Q,K] (from the k-NN search), dims [S] -> [Q,S].
-    `n_valid`: the bank's real rows (the rest are pads); only `fd` searches the bank again."""
+    `n_valid` (the bank's real rows, the rest are pads) and `excluded` ([M] bool, the rows the
+    search left out) say which rows the search could return. Every estimator takes them; only
+    `fd` searches the bank again, the others use the K neighbours they are given. `precision`:
+    of fd's re-search matmul (`pn_jax.precision`); the other estimators have no matmul."""
     try:
         fn = METHODS[method]
     except KeyError:
         raise ValueError(f"unknown influence method {method!r}; choose from {sorted(METHODS)}") from None
     if method == "fd":
-        return fd(f, bank, dist, idx, dims, eps, bank_s, n_valid=n_valid)
+        return fd(f, bank, dist, idx, dims, eps, bank_s, n_valid=n_valid, excluded=excluded, precision=precision)
     return fn(f, bank, dist, idx, dims, eps, bank_s)
 
 

@@ -53,7 +53,7 @@ def propose_noise(infl_w, dist_signal, distance_weight, stats: Stats, std_range)
 
 def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, eps, std_range,
                   block, calibrated: bool = False, rerank: bool = False, knn_fn=None, bank_s=None,
-                  n_valid=None):
+                  n_valid=None, excluded=None, precision=jax.lax.Precision.HIGHEST):
     """features [N, D] of ONE image -> dict of per-patch signals [N].
 
     With `calibrated`, also the whitened-space scores of the calibrated noise model
@@ -61,7 +61,9 @@ def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, e
     `rerank`, the calibrated score over the Euclidean K-NN (no second search). `bank_s`: the
     bank's columns S (`influence.bank_columns`), when the caller shares them across images.
     `knn_fn(features, bank) -> (dist, idx)` replaces both searches (e.g. a sharded bank); with
-    a padded bank, `n_valid` (its real rows) keeps the pads out of the literal `fd` re-search."""
+    a padded bank, `n_valid` (its real rows) keeps the pads out of the literal `fd` re-search, and
+    `excluded` ([M] bool: the rows `knn_fn` leaves out, e.g. the scored image's own) keeps them out too.
+    `precision`: of the influence's matmuls (`pn_jax.precision`; the k-NN searches pin their own)."""
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=k, block=block))
     dist, idx = knn_fn(features, bank)
     if influence == "predictor":  # learned at fit time from grad influence (pn_jax/predictor.py)
@@ -69,7 +71,8 @@ def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, e
 
         infl = predictor.influence(params["predictor"], features, bank, dist, idx, dims, eps, bank_s)
     else:
-        infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps, bank_s, n_valid)
+        infl = influence_lib.influence(influence, features, bank, dist, idx, dims, eps, bank_s, n_valid,
+                                       excluded=excluded, precision=precision)
     out, noise = signals_from(params, dims, stats, dist, infl, std_range)
     if rerank:
         out.update(calibration.rerank_signals(features, bank, params["noise_scale"], idx))
@@ -107,11 +110,12 @@ class AdaptiveNoisingModule(nnx.Module):
     """
 
     def __init__(self, feature_dim: int, *, k: int = 9, influence: str = "fd_fixed",
-                 eps: float = 1e-3, std_range=(0.01, 0.5), block: int = 4096):
+                 eps: float = 1e-3, std_range=(0.01, 0.5), block: int = 4096,
+                 precision=jax.lax.Precision.HIGHEST):
         self.influence_weight = nnx.Param(jnp.ones((feature_dim,), jnp.float32))
         self.distance_weight = nnx.Param(jnp.ones((1,), jnp.float32))
         self.k, self.influence, self.eps = k, influence, eps
-        self.std_range, self.block = tuple(std_range), block
+        self.std_range, self.block, self.precision = tuple(std_range), block, precision
 
     def params(self):
         return {"influence_weight": self.influence_weight[...],
@@ -125,7 +129,8 @@ class AdaptiveNoisingModule(nnx.Module):
         """[B,N,D] -> weighted influence [B,N,S]."""
         b, n, d = features.shape
         raw = influence_lib.influence(self.influence, features.reshape(b * n, d), bank,
-                                      dist.reshape(b * n, -1), idx.reshape(b * n, -1), dims, self.eps)
+                                      dist.reshape(b * n, -1), idx.reshape(b * n, -1), dims, self.eps,
+                                      precision=self.precision)
         return raw.reshape(b, n, -1) * self.influence_weight[...][dims]
 
     def propose_adaptive_noise(self, infl_w, dist, stats: Stats):
