@@ -8,19 +8,20 @@ below returns these indices and these distances, bit for bit, and proves it per 
 
 * Dense (`knn`, `knn_indexed` with rank 0). One matmul per bank block ranks the bank by the
   expanded form T = |b|^2 - 2 q.b (= d^2 - |q|^2) and keeps the n_refine + 1 smallest; the
-  n_refine best get residual distances. A float32 dot product of length D errs by at most
-  gamma_D |q||b| in any summation order, so S = |q|^2 + T is within
-  err = gamma_D (|q| + max|b|)^2 of d^2 for every entry, and no entry outside the refined
-  ones can beat the k-th refined distance when
-      d_(k) < (1 - delta) * sqrt(S_(n_refine + 1) - err)
+  n_refine best get residual distances. No entry outside the refined ones can beat the k-th
+  refined distance when
+      d_(k) < (1 - delta) * sqrt(S_(n_refine + 1) - err),    S = |q|^2 + T,
   (delta bounds the residual distance's own rounding). Queries without that proof (ties
   spread over more than n_refine entries; none in 40k ELPV queries) get a residual brute
-  force over the whole bank.
-* Dense, bfloat16 ranking (`low_indices`; `prepare_bank(low=True)`, the CPU default). The
-  same, with the ranking matmul on bf16(q - mean) and bf16(b - mean) (float32 accumulation,
-  the norms in three bf16 pieces): twice the float32 rate on AVX512-BF16. Its bound adds the
-  bf16 rounding of both sides (EPS_LOW |x| per coordinate); it refines n_refine_low(k) entries,
-  and the few unproven queries take the float32 dense path in compacted chunks.
+  force over the whole bank. The bound is derived under "The bounds" below.
+* Dense, bfloat16 ranking (`low_indices`; `prepare_bank(low=True)`, the default on CPUs with
+  native bf16 dot products: `pn_jax.hardware`). The same, with the ranking matmul on
+  bf16(q - mean) and bf16(b - mean) (float32 accumulation, the norms in three bf16 pieces):
+  twice the float32 rate on AVX512-BF16. It refines n_refine_low(k) entries, and the few
+  unproven queries take the float32 dense path in compacted chunks. Its bound assumes IEEE
+  float32 accumulation of exact bf16 products, which holds on XLA:CPU; GPU tensor cores and
+  TPU MXUs accumulate differently (an H200 returned a wrong neighbour set), so it is refused
+  on every other backend.
 * Pruned (`prepare_bank(rank=r)` + `knn_indexed`). Lower bounds from an orthonormal
   projection onto the bank's top-r principal axes (||P^T (q - b)|| <= s ||q - b||,
   s = ||P||_2 ~ 1), with their own float32 error bounds. The n_refine entries nearest in
@@ -29,6 +30,45 @@ below returns these indices and these distances, bit for bit, and proves it per 
   and gets a residual distance. An entry outside has d_hat > u >= d_(k), so it is not among
   the k. Queries with more than `budget` candidates take the dense path, in compacted
   chunks. All shapes are static: one compilation per (bank shape, k).
+
+The bounds. U = 2^-24 is float32's unit roundoff (round to nearest); gamma_n = n U / (1 - n U)
+bounds the relative error of a float32 sum of n products in any order (Higham, Thm 3.1);
+`_gamma(n)` is 1.05 (n + 8) U: the 1.05 covers 1 / (1 - n U) and the +8 absorbs the handful
+of single roundings around each sum (one or two U each; named where they occur).
+
+* Float32 dense path. Three float32 quantities meet in S:
+    - the stored norm column sq_b = fl(|b|^2), within gamma_D |b|^2 (`augment_rows`);
+    - T = fl(sq_b * 1 + sum_i q_i (-2 b_i)), a dot of length D + 1 (-2 b is exact and the
+      zero columns add exact zeros), within gamma_(D+1) (sq_b + 2 |q||b|) of sq_b - 2 q.b;
+    - |q|^2 = fl(sum q_i^2), within gamma_D |q|^2.
+  Adding them, |S - d^2| <= g (1 + g) ((|q| + |b|)^2 + |q|^2 + |b|^2) <= 2 g (1 + g) (|q| + |b|)^2
+  with g = gamma_(D + AUG), so with B >= max |b| (`_max_norm`, which rounds upwards)
+      err = (2 g + 4 U) (|q| + B)^2,
+  where 4 U (|q| + B)^2 covers the float32 evaluation of |q|^2 + t - err itself (each of its
+  two roundings is at most U (|q| + B)^2, and 2 g (1 + g) <= 2 g + U). The sqrt and the
+  products of the final comparison are covered by its (1 - 8 U) factor.
+* Residual distance (`_delta`): r = fl(q - b) errs by U |q_i - b_i| per coordinate, the dot of
+  length D by gamma_D, the sqrt by U: |d_hat - d| <= (D / 2 + 2) U d / (1 - ...) <= delta d.
+* bfloat16 ranking. x = q - mean and y = b - mean are formed in float32 (xf, yf: U |x_i| per
+  coordinate) and rounded to bfloat16 (xl, yl). bfloat16 keeps 8 significant bits, so round
+  to nearest errs by at most 2^-8 of the value (1 + 2^-8 is the midpoint between 1 and the next
+  bf16 number 1 + 2^-7); below bf16's normal range (2^-126) it errs by at most 2^-126 absolute
+  (whether or not subnormals are flushed). Hence
+      |(xl - yl) - (q - b)| <= EPS_LOW (|xf| + |yf|) + 2 sqrt(D) 2^-126,
+  EPS_LOW = 2^-8 + 2^-23 (the 2^-23 = 2 U covers the float32 centring, (1 + U) U <= 2 U).
+  The products xl_i yl_i are exact in float32 (8 + 8 significant bits), so the ranking
+  matmul T~ = (h + m + l) - 2 xl.yl errs as a float32 dot of length D + 3, and the three bf16
+  pieces h + m + l equal fl(|yl|^2) to within U |yl|^2 (the last piece's rounding). As above,
+  S~ = |xl|^2 + T~ is within err = 2 g (|xl| + |yl|)^2 + g |xl|^2 of |xl - yl|^2, and
+      d(q, b) >= sqrt(S~ - err) - EPS_LOW (|xf| + max |yf|) - 2 sqrt(D) 2^-126.
+* Pruned path: the same expanded-form error in r dimensions (projected norm column, |pq|^2
+  and the sum: 2 gamma_(r + AUG) + 4 U), plus the projection's own error rho (see
+  `pruned_indices`).
+
+Tests (tests/test_knn.py) build inputs at these edges: coordinates just above bf16 rounding
+midpoints against bf16-exact decoys (a bound of 2^-9 is fooled there), near-ties far from the
+origin where the norm column's rounding exceeds the gaps, and exact ties; every path is
+compared with a float64 brute force.
 
 Leave-one-image-out (`knn_excluding`): excluded rows get +inf in the norm column, so they
 rank last on every path and the proofs hold unchanged.
@@ -81,18 +121,29 @@ def n_refine_low(k: int) -> int:
     return k + 3 + k // 2
 
 
-# Relative error of one coordinate of bf16(fl(x - mean)): bfloat16 keeps 8 significant bits.
-EPS_LOW = 1.01 * 2.0 ** -9
+# Relative error of one coordinate of bf16(fl(q - mean)) against q - mean: bfloat16 rounds to
+# nearest with 8 significant bits (2^-8), after a float32 subtraction (2 U; module docstring).
+EPS_LOW = 2.0 ** -8 + 2.0 ** -23
+# Absolute error of a coordinate below bfloat16's (= float32's) normal range, flushed or not.
+TINY_LOW = 2.0 ** -126
 LOW = jnp.bfloat16
-
-# Ranking in bfloat16 (then residual distances in float32 and the proof, as below) where it
-# was measured faster: XLA:CPU's bf16 x bf16 -> f32 matmul runs at 2x the float32 rate on
-# AVX512-BF16 (827 vs 419 GFLOP/s at [1024, 1032] x [1032, 7008]). Elsewhere unmeasured.
-DEFAULT_LOW: dict[str, bool] = {"cpu": True}
 
 
 def default_low(backend: str | None = None) -> bool:
-    return DEFAULT_LOW.get(backend or jax.default_backend(), False)
+    """Rank in bfloat16 by default? Only on a CPU with native bf16 dot products
+    (`pn_jax.hardware.knn_ranking`, where the choice and its reason are recorded)."""
+    from pn_jax import hardware
+    return hardware.knn_ranking(backend)["bfloat16"]
+
+
+def check_low(backend: str | None = None):
+    """Refuse the bfloat16 ranking where its bound does not hold (every backend but the CPU)."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        raise ValueError(
+            f"the bfloat16 k-NN ranking (low=True) is proven only for XLA:CPU's float32 "
+            f"accumulation of bf16 products; {backend} accumulates differently (tensor cores / "
+            f"MXU), so it is refused there: use low=False (the exact float32 search)")
 
 
 def _check_k(k: int, m: int):
@@ -269,7 +320,7 @@ def _first_k(d: jax.Array, idx: jax.Array, k: int):
             jnp.sum(jnp.where(hit, idx[:, :, None], 0), axis=1))
 
 
-def _bruteforce_rows(q, bank, idx, ok, k, excluded=None):
+def _bruteforce_rows(q, bank, idx, ok, k, excluded=None, barrier: bool = True):
     """Residual brute force for the rows with ok == False, one query at a time (rare)."""
     rows = jnp.nonzero(~ok, size=ok.shape[0], fill_value=0)[0]
 
@@ -279,24 +330,26 @@ def _bruteforce_rows(q, bank, idx, ok, k, excluded=None):
         d = jnp.sqrt(jnp.einsum("md,md->m", r, r, precision=HIGHEST))  # = exact_distances
         if excluded is not None:
             d = jnp.where(excluded, jnp.inf, d)
-        _, j = _top_k(-d, k)  # ties -> lower index
+        _, j = _top_k(-d, k, barrier)  # ties -> lower index
         return t + 1, idx.at[rows[t]].set(j.astype(idx.dtype))
 
     return jax.lax.while_loop(lambda c: c[0] < jnp.sum(~ok), body, (jnp.int32(0), idx))[1]
 
 
 def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.Array,
-                  k: int, block: int, excluded: jax.Array | None = None, dist_from=None):
+                  k: int, block: int, excluded: jax.Array | None = None, dist_from=None,
+                  barrier: bool = True):
     """Exact k-NN indices by the dense path: (idx [Q, k], proven [Q], refined distances
     [Q, k]); `proven` marks the queries settled by the expanded-form bound (the others went
     through the brute force), and for them the refined distances are those of record, sorted.
 
     q [Q, D] float32 (no gradient); aug = augment_rows(bank, excluded)[0]; max_norm >= max |b|.
     `excluded` [M] bool: rows no query may return (their T is +inf in `aug`). `dist_from`:
-    the (queries, bank) the refined distances are computed from (to differentiate them)."""
+    the (queries, bank) the refined distances are computed from (to differentiate them).
+    barrier=False inside shard_map (see `_top_k`)."""
     m, d = bank.shape
     nr = min(n_refine(k), m)
-    t, cand = ranked_candidates(q, aug, min(nr + 1, m), block)
+    t, cand = ranked_candidates(q, aug, min(nr + 1, m), block, barrier)
     dk, idx = _refined(q, bank, t, cand, nr, k, excluded, dist_from)
     if nr == m:
         return idx, jnp.ones(q.shape[:1], bool), dk
@@ -304,12 +357,37 @@ def dense_indices(q: jax.Array, bank: jax.Array, aug: jax.Array, max_norm: jax.A
     # true d^2 >= S - err (err also covers the rounding of the sum below). t_(nr+1) is the
     # largest of the nr + 1 candidates: a max, since slicing top_k's values makes XLA:CPU
     # replace the top_k by a full sort (50 ms on [1024, 512]).
+    ok = dk[:, k - 1] < (1.0 - _delta(d)) * dense_lower_bound(q, jnp.max(t, axis=1), max_norm)
+    return _bruteforce_rows(q, bank, idx, ok, k, excluded, barrier), ok, dk
+
+
+def dense_lower_bound(q: jax.Array, t: jax.Array, max_norm: jax.Array) -> jax.Array:
+    """A lower bound on d(q, b) for every bank row b whose float32 ranking value T (`aug`'s
+    matmul) is >= t: sqrt(|q|^2 + t - err) (module docstring, "The bounds"). q [Q, D], t [Q]
+    or [Q, n] (one bound per entry)."""
+    d = q.shape[-1]
     q_sq = jnp.sum(q * q, -1)
-    err = _gamma(d) * (jnp.sqrt(q_sq) + max_norm) ** 2
-    t_out = jnp.max(t, axis=1)
-    bound = (1.0 - _delta(d)) * jnp.sqrt(jnp.maximum(q_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
-    ok = dk[:, k - 1] < bound
-    return _bruteforce_rows(q, bank, idx, ok, k, excluded), ok, dk
+    if t.ndim == 2:
+        q_sq = q_sq[:, None]
+    err = _expanded_err(d, jnp.sqrt(q_sq) * (1.0 + _gamma(d)), max_norm)
+    return jnp.sqrt(jnp.maximum(q_sq + t - err, 0.0)) * (1.0 - 8 * U32)
+
+
+def low_lower_bound(xf: jax.Array, t: jax.Array, low: LowBank) -> jax.Array:
+    """A lower bound on d(q, b) for every bank row b whose bfloat16 ranking value T~ is >= t;
+    xf = q - low.mean in float32 [Q, D], t [Q] or [Q, n] (module docstring, "The bounds")."""
+    d = xf.shape[-1]
+    x32 = xf.astype(LOW).astype(jnp.float32)
+    xl_sq = jnp.einsum("qd,qd->q", x32, x32, precision=HIGHEST)
+    x_norm = jnp.sqrt(jnp.einsum("qd,qd->q", xf, xf, precision=HIGHEST)) * (1.0 + _gamma(d)) * (1.0 + 4 * U32)
+    if t.ndim == 2:
+        xl_sq, x_norm = xl_sq[:, None], x_norm[:, None]
+    yl_max = low.max_norm * (1.0 + EPS_LOW)
+    g = _gamma(d + AUG)
+    err = 2.0 * g * (jnp.sqrt(xl_sq) * (1.0 + g) + yl_max) ** 2 + g * xl_sq
+    tiny = 2.0 * math.sqrt(d) * TINY_LOW
+    return (jnp.sqrt(jnp.maximum(xl_sq + t - err, 0.0)) * (1.0 - 8 * U32)
+            - (EPS_LOW * (x_norm + low.max_norm) + tiny) * (1.0 + 8 * U32))
 
 
 def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
@@ -320,12 +398,12 @@ def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
     bf16 bound, the others took `dense_indices` (float32, `aug`/`max_norm` as there) in
     compacted chunks.
 
-    The bound. With x = q - mean, y = b - mean (exact) and their bf16 roundings x~, y~
-    (|x~_i - x_i| <= EPS_LOW |x_i|), d(q, b) = |x - y| >= |x~ - y~| - EPS_LOW (|x| + |y|).
+    The bound (module docstring, "The bounds"). With xf = fl(q - mean), yf = fl(b - mean) and
+    their bf16 roundings x~, y~, d(q, b) >= |x~ - y~| - EPS_LOW (|xf| + |yf|) - 2 sqrt(D) TINY_LOW.
     The matmul returns T~ = |y~|^2 - 2 x~.y~ with products exact in float32 and a float32 sum,
-    so S = |x~|^2 + T~ is within err = 2 gamma (|x~| + |y~|)^2 of |x~ - y~|^2. Every entry
+    so S = |x~|^2 + T~ is within err = 2 g (|x~| + |y~|)^2 + g |x~|^2 of |x~ - y~|^2. Every entry
     outside the n_refine_low(k) refined ones has T~ >= t_out (the largest of the n + 1 kept), so
-        d >= LB = sqrt(|x~|^2 + t_out - err) - EPS_LOW (|x| + max |y|),
+        d >= LB = sqrt(|x~|^2 + t_out - err) - EPS_LOW (|xf| + max |yf|) - 2 sqrt(D) TINY_LOW,
     and d_(k) < (1 - delta) LB proves the k refined ones are the answer (delta: the residual
     distance's own rounding, as in the float32 path). `dist_from` as in `dense_indices`."""
     m, d = bank.shape
@@ -336,15 +414,7 @@ def low_indices(q: jax.Array, bank: jax.Array, low: LowBank, k: int, block: int,
     dk, idx = _refined(q, bank, t, cand, nr, k, excluded, dist_from)
     if nr == m:
         return idx, jnp.ones(q.shape[:1], bool), dk
-    x32 = xl.astype(jnp.float32)
-    xl_sq = jnp.einsum("qd,qd->q", x32, x32, precision=HIGHEST)
-    x_norm = jnp.sqrt(jnp.einsum("qd,qd->q", xf, xf, precision=HIGHEST)) * (1.0 + _gamma(d)) * (1.0 + 4 * U32)
-    yl_max = low.max_norm * (1.0 + EPS_LOW)
-    g = _gamma(d + AUG)
-    err = 2.0 * g * (jnp.sqrt(xl_sq) * (1.0 + g) + yl_max) ** 2 + g * xl_sq
-    t_out = jnp.max(t, axis=1)
-    lb = (jnp.sqrt(jnp.maximum(xl_sq + t_out - err, 0.0)) * (1.0 - 8 * U32)
-          - EPS_LOW * (x_norm + low.max_norm) * (1.0 + 8 * U32))
+    lb = low_lower_bound(xf, jnp.max(t, axis=1), low)
     ok = dk[:, k - 1] < (1.0 - _delta(d)) * lb * (1.0 - 8 * U32)
     return _dense_rows(q, bank, aug, max_norm, idx, ok, k, block, excluded, chunk), ok, dk
 
@@ -397,6 +467,8 @@ def _search(queries, bank, k, block, excluded=None, low=False):
     prepared in this call."""
     q = jax.lax.stop_gradient(queries).astype(jnp.float32)
     b = jax.lax.stop_gradient(bank)
+    if low:
+        check_low()
     aug, sq = augment_rows(b, excluded)
     lb = augment_low(b, jnp.mean(b.astype(jnp.float32), axis=0), excluded) if low else None
     return _dense_search(q, b, aug, _max_norm(sq, b.shape[1]), lb, k, block, excluded, (queries, bank))
@@ -431,7 +503,15 @@ def _finish(queries, bank, idx):
 
 
 def _max_norm(sq: jax.Array, d: int) -> jax.Array:
-    return jnp.sqrt(jnp.max(sq)) * (1.0 + _gamma(d))  # >= max |b| despite the norms' rounding
+    """>= max |b| from float32 squared norms (each within gamma_d of |b|^2): sqrt(1 - g) (1 + g + 4 U)
+    (1 - U)^2 >= 1 covers the norms, the sqrt and the product."""
+    return jnp.sqrt(jnp.max(sq)) * (1.0 + _gamma(d) + 4 * U32)
+
+
+def _expanded_err(d: int, q_norm, b_norm):
+    """Bound on |S - d^2| for the float32 expanded form S = fl|q|^2 + fl(fl|b|^2 - 2 q.b) in d
+    dimensions, q_norm >= |q|, b_norm >= |b| (module docstring, "The bounds")."""
+    return (2.0 * _gamma(d + AUG) + 4 * U32) * (q_norm + b_norm) ** 2
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "low"))
@@ -545,7 +625,9 @@ def prepare_bank(bank, rank: int | None = None, low: bool | None = None) -> Bank
         axes = np.zeros((d, 0), np.float32)
         axes_norm = 1.0
     aug, max_norm, proj_aug, max_proj, max_centred = _bank_tables(bank, mean, jnp.asarray(axes))
-    use_low = default_low() if low is None else low
+    use_low = default_low() if low is None else bool(low)
+    if use_low:
+        check_low()
     lb = (_augment_low_jit(bank, mean) if use_low else
           LowBank(jnp.zeros((0, d + AUG), LOW), mean, jnp.float32(0.0)))
     return BankIndex(bank, aug, max_norm, mean, jnp.asarray(axes), proj_aug, max_proj,
@@ -614,14 +696,14 @@ def pruned_indices(q: jax.Array, index: BankIndex, k: int, budget: int, block: i
     u = jnp.max(_first_k(exact_distances(q, bank, c0), c0, k)[0], axis=-1)
     # Lower bound of d(q, b): ||P^T (q - b)|| <= s ||q - b||. The computed projections err by
     # at most rho * |x| each (a length-D dot per coordinate, plus the centring), and the
-    # expanded form in r dims by err = gamma_r (|pq| + max|proj|)^2, so
+    # expanded form in r dims by err (`_expanded_err`: norm column, |pq|^2 and the sum), so
     #     lb = (sqrt(max(|pq|^2 + l2 - err, 0)) - rho * (|xq| + max|b - mean|)) / s.
     # An entry outside the candidates has d_hat >= (1 - delta) d >= (1 - delta) lb > u >= d_(k)
     # once lb > u / (1 - delta); solved for l2 this is one threshold per query (each rounding
     # pushed towards more candidates, which is always safe).
     xn = jnp.sqrt(jnp.sum(xq * xq, axis=-1)) * (1.0 + _gamma(d))
     rho = index.axes_norm * (math.sqrt(r) * _gamma(d) + 3 * U32)
-    err = _gamma(r) * (jnp.sqrt(pq_sq) + index.max_proj) ** 2
+    err = _expanded_err(r, jnp.sqrt(pq_sq) * (1.0 + _gamma(r)), index.max_proj)
     a = (u / (1.0 - _delta(d)) * index.axes_norm + rho * (xn + index.max_centred)) * (1.0 + 16 * U32)
     thr = (a * a + err) * (1.0 + 16 * U32)
     thr = (thr - pq_sq) + 4 * U32 * (thr + pq_sq)

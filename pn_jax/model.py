@@ -378,6 +378,7 @@ def provenance(cfg: Config, *, dataset: str | None = None, category: str | None 
     import importlib.metadata
 
     import pn_jax
+    from pn_jax import hardware
 
     def version(pkg):
         try:
@@ -389,7 +390,7 @@ def provenance(cfg: Config, *, dataset: str | None = None, category: str | None 
             "orbax": version("orbax-checkpoint"), "backbone": cfg.model.backbone,
             "weights_sha256": weights_sha256(cfg), "dataset": dataset or cfg.data.dataset,
             "category": category, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"), **extra}
+                timespec="seconds"), "knn_ranking": hardware.knn_ranking(), **extra}
 
 
 def choose_threshold(normal_scores, anomaly_scores=None, *, fpr: float | None = None) -> tuple[float, dict]:

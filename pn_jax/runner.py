@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import metrics, viz
+from pn_jax import hardware, metrics, viz
 from pn_jax.config import Config
 
 # Score variants of the ablation, all computed from one pass on the same bank.
@@ -276,7 +276,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
             with timer("checkpoint_s"):
                 models[main_key].save(checkpoint_dir)
     entry = {"category": category, "mode": mode, "threshold": models[main_key].threshold,
-             "calibration": models[main_key].calibration, "provenance": models[main_key].provenance}
+             "calibration": models[main_key].calibration, "provenance": models[main_key].provenance,
+             "knn_ranking": hardware.knn_ranking()}  # this run's search (the fit's is in provenance)
     test_src = sources.get("test")
     if test_src is not None and len(test_src):
         masks = has_masks(cfg, test_src)

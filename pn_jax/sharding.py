@@ -4,13 +4,21 @@ The bank [M, D] (or the coreset's projected points [N, P]) is split along its ro
 1-D device mesh. Each device works on its own rows inside `jax.shard_map`; the small
 per-shard results are all-gathered and merged, so the answers equal the single-device
 `knn.knn` / `coreset.greedy_select` ones: the same formulas per row, the same tie rule
-(smallest global index). One limit: XLA's row reductions and matmuls round differently for
-different array shapes (last ulp), so where two candidates are equal to within float
-rounding (e.g. duplicated feature vectors) either may win, on one device as on several.
+(smallest global index).
+
+k-NN: each shard runs the exact search (`knn.dense_indices`, with its per-query proof) over
+its rows and returns its k nearest by the distance of record; the shards merge on (distance,
+global index). The global k nearest are among the union of the shards' k nearest, and the
+residual distance of a pair has the same bits in every call shape, so the result is
+`knn.knn`'s, near-ties and exact ties included (tests/test_sharding.py).
+
+Coreset: XLA's row reductions and matmuls round differently for different array shapes (last
+ulp), so where two min-distances are equal to within float rounding (e.g. duplicated feature
+vectors) either may win, on one device as on several.
 
 Rows are padded to a multiple of the device count. Pad rows are never selected: the k-NN
-masks them to +inf after the per-shard search (taking `k + n_pad` local candidates so a pad
-can never push a real neighbour out), and the coreset gives them min-distance -inf.
+gives them an infinite norm (excluded rows of the exact search), and the coreset gives them
+min-distance -inf.
 
     mesh = make_bank_mesh()
     sb = shard_bank(bank, mesh)
@@ -73,34 +81,30 @@ def _knn_sharded(queries, rows, k: int, block: int, n_valid: int, mesh: Mesh):
     axis = _axis(mesh)
     n_dev = mesh.size
     m_local = rows.shape[0] // n_dev
-    n_pad = rows.shape[0] - n_valid
-    # Pads (zero rows) could outrank real rows; at most n_pad of them sit in any shard, so the
-    # shard's true top-k is always inside its top-(k + n_pad).
-    k_local = min(k + n_pad, m_local)
+    k_local = min(k, m_local)
 
     def per_shard(q, b):
         offset = jax.lax.axis_index(axis) * m_local
-        d2, idx = knn.knn_sq_ranked(q, b, k=k_local, block=block, index_offset=offset)
-        d2 = jnp.where(idx < n_valid, d2, jnp.inf)
-        # Merge all shards' candidates (shard order = global index order, so ties resolve to
-        # the smaller global index, as the single-device running merge does).
-        all_d2 = jax.lax.all_gather(d2, axis, axis=1, tiled=True)      # [Q, n_dev*k_local]
-        all_i = jax.lax.all_gather(idx, axis, axis=1, tiled=True)
-        neg, pos = jax.lax.top_k(-all_d2, k)
-        win = jnp.take_along_axis(all_i, pos, axis=-1)                  # [Q, k] global
-        # Exact distances from residuals: each shard handles the winners it owns; the psum
-        # only adds zeros from the other shards, so it introduces no rounding.
-        local = win - offset
-        owned = (local >= 0) & (local < m_local)
-        d_own = knn.exact_distances(q, b, jnp.clip(local, 0, m_local - 1))
-        d = jax.lax.psum(jnp.where(owned, d_own, 0.0), axis)
-        # Ascending distance; exact float ties go to the smaller global index (the ranking
-        # values d2 carry shape-dependent rounding, so they must not decide ties).
-        order = jnp.lexsort((win, d), axis=-1)
-        return jnp.take_along_axis(d, order, -1), jnp.take_along_axis(win, order, -1)
+        pads = offset + jnp.arange(m_local) >= n_valid
+        qf = jax.lax.stop_gradient(q).astype(jnp.float32)
+        # The exact search of this shard's rows (knn.dense_indices with its proof), pad rows
+        # excluded by an infinite norm: the distances of record and indices of its k nearest.
+        aug, sq = knn.augment_rows(b, pads)
+        max_norm = knn._max_norm(jnp.where(pads, 0.0, sq), b.shape[1])
+        found = knn.dense_indices(qf, b, aug, max_norm, k_local, block, pads, dist_from=(q, b),
+                                   barrier=False)
+        d, li = knn._settle(q, b, found)
+        d = jnp.where(pads[li], jnp.inf, d)
+        # The global k nearest are among the shards' k nearest: merge on (distance, global
+        # index), the single-device tie rule. The distances are per-row computations with the
+        # same bits in every shard and on one device (tests/test_knn.py checks shape-independence).
+        all_d = jax.lax.all_gather(d, axis, axis=1, tiled=True)                 # [Q, n_dev * k_local]
+        all_i = jax.lax.all_gather(li + offset, axis, axis=1, tiled=True)
+        order = jnp.lexsort((all_i, all_d), axis=-1)[:, :k]
+        return jnp.take_along_axis(all_d, order, -1), jnp.take_along_axis(all_i, order, -1)
 
-    # check_vma=False: knn_sq_ranked's scan carry starts replicated and becomes per-shard;
-    # the outputs are replicated by construction (all_gather / psum).
+    # check_vma=False: the search's loop carries start replicated and become per-shard; the
+    # outputs are replicated by construction (all_gather).
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axis, None)),
                          out_specs=(P(), P()), check_vma=False)(queries, rows)
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pn_jax import knn
+from pn_jax import hardware, knn
 from tests import reference
 
 
@@ -251,3 +251,146 @@ def test_bf16_ranking_misorders_yet_the_answer_is_exact():
     diff = q[:, None, :].astype(np.float64) - nb
     ref = (diff / np.linalg.norm(diff, axis=-1, keepdims=True)).sum(1)
     np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the bounds at their edges
+def bf16_midpoint_case(d=32):
+    """A true nearest neighbour whose coordinates sit just above bfloat16 rounding midpoints
+    (1 + 2^-8 + 2^-16 rounds up to 1 + 2^-7: a relative error of almost 2^-8), against
+    bf16-exact decoys that are truly farther but nearer after rounding. Rows come with their
+    negations so the bank mean (the bf16 path's centre) is exactly 0, and the query is that mean.
+    A bound with 2^-9 per coordinate proves the decoy (issue 22); 2^-8 must not."""
+    a = np.full(d, 1 + 2.0 ** -8 + 2.0 ** -16, np.float32)
+    b1 = np.ones(d, np.float32)
+    b1[: d // 2 + 1] = 1 + 2.0 ** -7
+    b2 = np.ones(d, np.float32)
+    b2[d // 2 - 1:] = 1 + 2.0 ** -7
+    bank = np.stack([a, -a, b1, b2, -b1, -b2])
+    q = np.zeros((1, d), np.float32)
+    return q, bank
+
+
+def cancellation_case(rng, scale=4096.0, d=16, n=40):
+    """Rows c + small offsets with |c|^2 ~ 2^28: the norm column's rounding (ulp ~ 16) exceeds
+    the gaps between the true d^2 (~1e-2), so the float32 ranking cannot order them."""
+    c = np.full(d, scale, np.float32)
+    bank = (c + rng.normal(size=(n, d)) * 0.05).astype(np.float32)
+    bank = np.concatenate([bank, (c + rng.normal(size=(100, d)) * 3).astype(np.float32)])
+    q = (c + rng.normal(size=(6, d)) * 0.05).astype(np.float32)
+    return q, bank
+
+
+def bound_cases():
+    rng = np.random.default_rng(11)
+    cases = {"midpoints": bf16_midpoint_case(), "cancellation": cancellation_case(rng)}
+    cases["random"] = (decaying(rng, 40, 64), decaying(rng, 300, 64))
+    big = rng.normal(size=(200, 256)).astype(np.float32) * np.float32(2.0 ** 20)
+    cases["large_norms"] = (big[:20] + rng.normal(size=(20, 256)).astype(np.float32), big)
+    return cases
+
+
+def _rank_values(q, aug, ones):
+    qa = knn._augment_queries(jnp.asarray(q), ones).astype(aug.dtype)
+    return jax.lax.dot_general(qa, aug, (((1,), (1,)), ((), ())), precision=knn.HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def _d64(q, bank):
+    return np.sqrt(((q[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+
+
+@pytest.mark.parametrize("case", ["midpoints", "cancellation", "random", "large_norms"])
+def test_lower_bounds_hold_for_every_entry(case):
+    """The proofs' lower bounds, evaluated on every (query, bank row) at that row's own ranking
+    value, never exceed the float64 distance: float32 ranking and bfloat16 ranking."""
+    q, bank = bound_cases()[case]
+    m = len(bank)
+    d64 = _d64(q, bank)
+    aug, sq = knn.augment_rows(jnp.asarray(bank))
+    t = _rank_values(q, aug, 1)[:, :m]
+    lb = np.asarray(knn.dense_lower_bound(jnp.asarray(q), t, knn._max_norm(sq, bank.shape[1])), np.float64)
+    assert np.all(lb <= d64), (lb - d64).max()
+    mean = jnp.mean(jnp.asarray(bank), axis=0)
+    low = knn.augment_low(jnp.asarray(bank), mean)
+    xf = jnp.asarray(q) - mean
+    t_low = _rank_values(xf.astype(knn.LOW), low.aug, 3)[:, :m]
+    lb_low = np.asarray(knn.low_lower_bound(xf, t_low, low), np.float64)
+    assert np.all(lb_low <= d64), (lb_low - d64).max()
+
+
+def test_a_2_pow_minus_9_bf16_bound_is_fooled_at_the_midpoints(monkeypatch):
+    """The boundary input really is one: bf16 rounding ranks the decoys first, and the old
+    per-coordinate bound (1.01 * 2^-9) puts the true neighbour above its own distance."""
+    q, bank = bf16_midpoint_case()
+    d64 = _d64(q, bank)
+    assert np.argmin(d64[0]) == 0
+    rounded = _d64(np.asarray(jnp.asarray(q).astype(jnp.bfloat16).astype(jnp.float32)),
+                   np.asarray(jnp.asarray(bank).astype(jnp.bfloat16).astype(jnp.float32)))
+    assert rounded[0, 2] < rounded[0, 0]                                # a decoy wins after rounding
+    mean = jnp.zeros(bank.shape[1], jnp.float32)
+    low = knn.augment_low(jnp.asarray(bank), mean)
+    t_low = _rank_values(jnp.asarray(q).astype(knn.LOW), low.aug, 3)[:, :len(bank)]
+    monkeypatch.setattr(knn, "EPS_LOW", 1.01 * 2.0 ** -9)
+    lb_old = np.asarray(knn.low_lower_bound(jnp.asarray(q), t_low, low), np.float64)
+    assert lb_old[0, 0] > d64[0, 0]                                     # the old bound is wrong here
+
+
+def test_bf16_midpoints_fool_no_path():
+    q, bank = bf16_midpoint_case()
+    stats = knn.search_stats(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), rank=0, low=True), 1)
+    assert float(stats["low_proven"]) == 0.0                            # the bf16 bound refuses it
+    for k in (1, 2):
+        paths = all_paths(q, bank, k, budget=40)
+        assert_identical(paths)
+        d_ref, i_ref = reference.knn_bruteforce(q, bank, k)
+        np.testing.assert_array_equal(paths["knn"][1], i_ref)
+        assert list(i_ref[0][:2]) == [0, 1][:k]                         # a and its exact tie -a
+    ex = np.zeros(len(bank), bool)
+    ex[1] = True                                                        # the tie's twin excluded
+    for target in (jnp.asarray(bank), knn.prepare_bank(jnp.asarray(bank), rank=0, low=True)):
+        _, i_ex = knn.knn_excluding(jnp.asarray(q), target, jnp.asarray(ex), k=2, low=True)
+        np.testing.assert_array_equal(np.asarray(i_ex)[0], [0, 2])
+
+
+def test_norm_column_rounding_beyond_the_gaps():
+    """Far from the origin the stored norms' rounding decides the float32 ranking: the proofs
+    must fail and the residual search decide; every path equals the float64 brute force
+    wherever float64 separates the candidates by more than the distance's own rounding."""
+    q, bank = cancellation_case(np.random.default_rng(12))
+    for k in (1, 5):
+        paths = all_paths(q, bank, k, budget=40)
+        assert_identical(paths)
+        d_ref, i_ref = reference.knn_bruteforce(q, bank, k)
+        np.testing.assert_allclose(paths["knn"][0], d_ref, rtol=4 * knn._delta(bank.shape[1]))
+        d64 = _d64(q, bank)
+        got = np.take_along_axis(d64, paths["knn"][1], 1)
+        # Where the indices differ, the two rows are a float32 near-tie (within 2 delta).
+        assert np.all(np.abs(got - d_ref) <= 2 * knn._delta(bank.shape[1]) * d_ref + 1e-12)
+
+
+# ----------------------------------------------------------------------------- path choice
+def test_bf16_ranking_chosen_by_cpu_capability(monkeypatch):
+    monkeypatch.delenv(hardware.ENV, raising=False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    r = hardware.knn_ranking("cpu")
+    assert r["bfloat16"] is False and "no native bf16" in r["reason"]
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert hardware.knn_ranking("cpu")["bfloat16"] is True
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    assert hardware.knn_ranking("cpu")["bfloat16"] is True
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())    # ARM, unknown: float32
+    assert hardware.knn_ranking("cpu")["bfloat16"] is False
+    monkeypatch.setenv(hardware.ENV, "bfloat16")
+    assert hardware.knn_ranking("cpu")["bfloat16"] is True
+    assert hardware.knn_ranking("gpu")["bfloat16"] is False            # never off the CPU
+    monkeypatch.setenv(hardware.ENV, "fp8")
+    with pytest.raises(ValueError, match=hardware.ENV):
+        hardware.knn_ranking("cpu")
+
+
+def test_bf16_ranking_refused_off_the_cpu():
+    for backend in ("gpu", "cuda", "tpu"):
+        with pytest.raises(ValueError, match="low=False"):
+            knn.check_low(backend)
+    knn.check_low("cpu")
+    assert knn.default_low("gpu") is False and knn.default_low("tpu") is False

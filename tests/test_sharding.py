@@ -16,16 +16,22 @@ import numpy as np
 import pytest
 
 from pn_jax import coreset, knn, sharding
+from tests import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # (name, M, D, k, block, query offset): M never divisible by 8. "near_pads" puts the queries
 # at the origin, where the zero pad rows would be the nearest if they were not masked.
+# "near_ties": a shell of rows at radii 1 + 1e-4 j around queries far from the origin, spread
+# over every shard (the expanded form cannot order them: the exact search must); "ties": rows
+# duplicated across shards (exact ties: the lower global index first, as on one device).
 KNN_CASES = [
     ("m1003_k9_b64", 1003, 24, 9, 64, 30.0),
     ("m9_k9_b4", 9, 8, 9, 4, 30.0),          # 7 pad rows spread over 4 shards, k == M
     ("m37_k5_b4096", 37, 16, 5, 4096, 30.0),  # block larger than a shard
     ("m101_k9_b5_near_pads", 101, 24, 9, 5, 0.0),
+    ("m203_k9_b64_near_ties", 203, 16, 9, 64, "near_ties"),
+    ("m157_k9_b64_ties", 157, 16, 9, 64, "ties"),
 ]
 # (name, N, P, n_select, duplicated, candidates per batch): "dup" repeats 50 points, so the
 # argmax has exact ties between copies that live on different shards. Few candidates force
@@ -41,7 +47,16 @@ N_UNIQUE = 50
 
 def _knn_data(m, d, offset, seed=0):
     rng = np.random.default_rng(seed)
+    if offset == "near_ties":
+        q = np.full((4, d), 1000.0, np.float32) + np.arange(4, dtype=np.float32)[:, None] * 1e-3
+        dirs = rng.normal(size=(m, d))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        bank = (q[0] + dirs * (1.0 + 1e-4 * rng.permutation(m))[:, None]).astype(np.float32)
+        return q, bank
     bank = (rng.normal(size=(m, d)) * 5 + 30).astype(np.float32)
+    if offset == "ties":
+        bank[m // 2:] = bank[: m - m // 2]       # each row of the first half again, in another shard
+        return bank[::7] + np.float32(0.5), bank
     q = (rng.normal(size=(48, d)) * 5 + offset).astype(np.float32)
     return q, bank
 
@@ -65,8 +80,8 @@ def _run_checks(mesh):
         i0, i1 = np.asarray(i0), np.asarray(i1)
         out["knn"][name] = {
             "idx_equal": bool(np.array_equal(i0, i1)),
-            "max_rel_err": float(np.max(np.abs(np.asarray(d1) - np.asarray(d0))
-                                        / np.maximum(np.asarray(d0), 1e-30))),
+            "dist_equal": bool(np.array_equal(np.asarray(d0), np.asarray(d1))),   # bit for bit
+            "idx_equal_float64": bool(np.array_equal(i1, reference.knn_bruteforce(q, bank, k)[1])),
             "max_idx": int(i1.max()), "m": m,
             "ascending": bool(np.all(np.diff(np.asarray(d1), axis=-1) >= 0)),
         }
@@ -124,7 +139,8 @@ def test_device_count(eight_devices, one_device):
 def test_knn_sharded_equals_knn(results, case):
     r = results["knn"][case]
     assert r["idx_equal"]
-    assert r["max_rel_err"] <= 1e-6
+    assert r["dist_equal"]
+    assert r["idx_equal_float64"]
     assert r["ascending"]
     assert r["max_idx"] < r["m"]  # global indices into the unpadded bank, never a pad
 
