@@ -89,3 +89,13 @@ def test_unified_bank_reports_each_category(tmp_path):
     assert a["counts"]["categories_in_bank"] == 2 and a["counts"]["bank"] == b["counts"]["bank"]
     assert a["counts"]["train"] == 2 * 20  # both categories' train images, all of them, in one bank
     assert os.path.isdir(tmp_path / "uni" / "checkpoint" / "unified")
+
+
+def test_results_record_which_knn_ranking_ran_and_why(trained):
+    from pn_jax import hardware, knn
+
+    _, res, _ = trained
+    entry = res["categories"]["synthetic"]
+    assert entry["knn_ranking"] == hardware.knn_ranking()                 # this run's search
+    assert entry["knn_ranking"]["bfloat16"] == knn.default_low() and entry["knn_ranking"]["reason"]
+    assert entry["provenance"]["knn_ranking"] == hardware.knn_ranking()   # the fit's, kept in the checkpoint
