@@ -224,6 +224,19 @@ def patch_score(cfg: Config, signals: dict, stats: noising.Stats, variant: str |
     raise ValueError(f"unknown score variant {variant!r}")
 
 
+# cfg.noising.image_score -> what it computes (the exported model's metadata states it).
+IMAGE_SCORE_RULES = {"blurred_max": "max of the blurred map", "patch_max": "max of the patch scores (no upsampling, no blur)"}
+
+
+def image_scores(cfg: Config, patch, amap) -> jax.Array:
+    """Image scores [B] of patch scores [B, N] and their maps [B, H, W], as
+    cfg.noising.image_score says: max of the blurred map, or the raw max over patches. Every
+    path that makes image scores (Scorer, the exported model) calls this one function."""
+    if cfg.noising.image_score == "patch_max":
+        return jnp.max(patch, axis=-1)
+    return maps_lib.image_scores(amap)
+
+
 # Scores computed without the influence (`proposed` whitens with the influence-driven noise).
 NO_INFLUENCE = (("patchcore", "distance") + tuple(v for v in calibration.CALIBRATED_SCORES if v != "proposed")
                 + calibration.RERANK_SCORES)
@@ -343,11 +356,7 @@ class Scorer:
         return self._maps(patch)
 
     def image_scores(self, patch, amap) -> jax.Array:
-        """Image scores [B] of patch scores [B, N] and their maps [B, H, W], as
-        cfg.noising.image_score says: max of the blurred map, or the raw max over patches."""
-        if self.cfg.noising.image_score == "patch_max":
-            return jnp.max(patch, axis=-1)
-        return maps_lib.image_scores(amap)
+        return image_scores(self.cfg, patch, amap)
 
     def __call__(self, state: DetectorState, feats, exclude=None) -> dict:
         sig = self.signals(state, feats, exclude)

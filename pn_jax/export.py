@@ -6,8 +6,9 @@
 
 The artifact is one StableHLO function of a uint8 NHWC batch at the model's input size S:
 normalisation, backbone, PatchCore aggregation, k-NN (+ influence and noise where the score
-needs them), the configured patch score, bilinear upsampling + Gaussian blur, image scores,
-scores / threshold and labels. The bank, the backbone weights and the learnable parameters
+needs them), the configured patch score, bilinear upsampling + Gaussian blur, the configured
+image score (`noising.image_score`: max of the blurred map, or of the patch scores), scores /
+threshold and labels. The bank, the backbone weights and the learnable parameters
 are constants inside it. Resizing from an arbitrary image size stays on the host: PIL's
 antialiased bilinear resize has no exact StableHLO equivalent, and the training pipeline used
 PIL's, so the loader applies the same resize (and centre crop in "patchcore" geometry).
@@ -119,7 +120,7 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
         sig = signals(state.params, state.bank, state.dims, state.stats, feats)
         patch = detector.patch_score(cfg, sig, state.stats, variant)
         amap = maps.to_pixel_maps(patch, grid, size, sigma)
-        scores = maps.image_scores(amap)
+        scores = detector.image_scores(cfg, patch, amap)
         normalized = scores / t
         return {"scores": scores, "normalized": normalized, "labels": scores >= t_label,
                 "anomaly_maps": amap, "threshold": jnp.asarray(t)}
@@ -225,7 +226,8 @@ def export_model(cfg, state, grid, threshold: float, meta: dict | None, path, *,
                     "threshold": {"shape": [], "dtype": "float32"}},
         "threshold": threshold,
         "label_rule": LABEL_RULE,
-        "score": {"variant": variant, "method": cfg.noising.method, "image_score": "max of the blurred map",
+        "score": {"variant": variant, "method": cfg.noising.method, "image_score": cfg.noising.image_score,
+                  "image_score_rule": detector.IMAGE_SCORE_RULES[cfg.noising.image_score],
                   "blur_sigma": cfg.noising.blur_sigma},
         "backbone": {"name": cfg.model.backbone, "layers": list(cfg.model.layers)},
         # "highest": float32 matmuls and convolutions (lax.Precision.HIGHEST) on every platform;

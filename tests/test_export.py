@@ -284,3 +284,23 @@ def test_host_preprocessing_matches_the_data_pipeline(tmp_path):
     np.testing.assert_array_equal(export.image_array_to_rgb(rgba), np.rint(rgba[..., :3] * 255).astype(np.uint8))
     with pytest.raises(export.ExportError, match="must be in 0..255"):
         export.image_array_to_rgb(np.full((4, 4), 300))
+
+
+def test_patch_max_export_reproduces_model_predict(fitted, tmp_path):
+    """noising.image_score = "patch_max": the artifact scores images by their max patch score,
+    as Model.predict does, and its metadata says so."""
+    import pn_jax
+
+    cfg = fitted["cfg"].replace(noising={"image_score": "patch_max"})
+    model = pn_jax.Model(cfg, fitted["grid"], fitted["state"], extractor=fitted["ext"])
+    paths = fitted["paths"]
+    s = np.sort(model.predict(paths, progress=False, maps=False).scores)
+    model.threshold = float(0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2]))  # about half on each side, none on it
+    want = model.predict(paths, progress=False, maps=False)
+    assert 0 < want.labels.sum() < len(paths)
+    path = str(tmp_path / "patch_max.jaxexport")
+    md = model.export(path)
+    assert md["score"]["image_score"] == "patch_max" and "patch scores" in md["score"]["image_score_rule"]
+    got = pn_jax.load_exported(path)(paths)
+    np.testing.assert_array_equal(got["labels"], want.labels)
+    np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-5, atol=1e-5)
