@@ -222,6 +222,18 @@ def test_coreset(policy, select):
     check(j, policy)
 
 
+def test_sharded_coreset_and_search_stay_float32():
+    """The sharded loop and search (`devices > 1`) pin their matmuls whatever the policy."""
+    from pn_jax import sharding
+
+    mesh = sharding.make_bank_mesh(jax.devices()[:1])
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(300, 32)).astype(np.float32))
+    check(jax.make_jaxpr(lambda f: sharding.coreset_indices_sharded(jax.random.key(0), f, 0.1, 16, 10, mesh))(x),
+          "highest")
+    check(jax.make_jaxpr(lambda q, b: sharding._knn_sharded(q, b, k=3, block=64, n_valid=300, mesh=mesh))(x[:10], x),
+          "highest")
+
+
 def test_fit_passes_the_policy_on(monkeypatch):
     seen = []
 
