@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import sys
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--unified", action="store_true", help="one bank over all --category (multi-class)")
     t = sub.add_parser("test", help="score a labelled test split with a checkpoint (its config)")
     t.add_argument("--checkpoint", required=True)
+    add_config_flags(t)  # each one typed is applied (threshold rule, score, devices) or refused by name
     add_data_flags(t, train=False)
     add_output_flags(t)
     pr = sub.add_parser("predict", help="score new images with a checkpoint: CSV + overlays")
@@ -423,23 +425,29 @@ def test_dir_source(test_dir: str, max_test: int | None, *, masks: bool = True):
 
 
 def cmd_test(a) -> int:
+    """Score a test split with a checkpoint: its configuration, with the flags a user typed
+    applied (`apply_test_flags`) or refused by name before any image is read."""
+    from pn_jax import download
     from pn_jax import model as model_lib
     from pn_jax import runner
 
     out = check_writable(a.out or "results/test", "--out")
+    download.set_policy(getattr(a, "download", None))  # the backbone weights, whatever the dataset
+    refuse_fit_only_flags(a)
     probe = model_lib.load(a.checkpoint, category=(a.category or [None])[0])
-    cfg = probe.cfg
-    if a.data_root:
-        cfg = cfg.replace(data={"root": a.data_root})
-    saved_cat = probe.provenance.get("category") or "category"
-    categories = a.category or str(saved_cat).split("+")
-    print(banner(cfg))
+    if a.category:
+        categories = resolve_categories(a, a.dataset or probe.cfg.data.dataset)
+    else:
+        categories = str(probe.provenance.get("category") or "category").split("+")
+    models = {c: apply_test_flags(model_lib.load(a.checkpoint, category=c), a) for c in categories}  # all refusals first
     t0 = time.perf_counter()
     entries = []
     for cat in categories:
+        cfg = models[cat].cfg
+        if a.data_root:
+            cfg = cfg.replace(data={"root": a.data_root})
+        print(banner(cfg))
         if a.test_dir:
-            from pn_jax import data
-
             sources = {"test": test_dir_source(a.test_dir, a.max_test, masks=not a.no_masks)}
         else:
             if cfg.data.dataset == "mvtec_ad":
@@ -448,10 +456,124 @@ def cmd_test(a) -> int:
         if a.no_masks:
             sources["test"].has_masks = False
         e = runner.run_category(cfg, cat, out, mode="test", checkpoint_dir=a.checkpoint, ablation=a.ablation,
-                                n_figures=a.figures, sources=sources)
+                                n_figures=a.figures, sources=sources, model=models[cat])
         print(summary_line(e, a.checkpoint))
         entries.append(e)
     return report(a, entries, out, t0)
+
+
+# Config flags that test mode cannot change: what the memory bank, the dims, the statistics or
+# the threshold mean was fixed at fit time. Typed with the checkpoint's own value they agree.
+FIXED_IN_TEST = {
+    "backbone": ("model.backbone", "the memory bank holds that backbone's features"),
+    "layers": ("model.layers", "the memory bank holds features of those layers"),
+    "image_size": ("data.image_size", "the memory bank holds features of images of that size"),
+    "resize_mode": ("data.resize_mode", "the memory bank holds features of images of that geometry"),
+    "embed_dim": ("model.target_embed_dimension", "the memory bank's features have that dimension"),
+    "precision": ("model.precision", "the memory bank and the statistics were computed at that precision"),
+    "coreset_ratio": ("bank.coreset_ratio", "the memory bank was subsampled at that ratio"),
+    "k": ("noising.k", "the statistics, the noise scale and the threshold were fitted with that K"),
+    "method": ("noising.method", "the statistics and the threshold were fitted for that method"),
+    "influence": ("noising.influence", "the influence statistics were fitted with that estimator"),
+    "influence_ratio": ("noising.influence_ratio", "the influence dims were chosen with that ratio"),
+    "dim_selection": ("noising.dim_selection", "the influence dims were chosen that way"),
+    "eps": ("noising.eps", "the influence statistics were fitted with that eps"),
+    "znorm": ("noising.znorm_signals", "the threshold was chosen on scores computed that way"),
+    "score_weights": ("noising.score_weights", "the threshold was chosen on scores with those weights"),
+    "image_score": ("noising.image_score", "the threshold was chosen on those image scores"),
+    "holdout_fraction": ("data.holdout_fraction", "the held-out images were set aside at fit time"),
+    "seed": ("seed", "the coreset, the influence dims and the validation images were drawn with that seed"),
+}
+# Applied in test mode: they change where it runs, or re-choose the threshold from the
+# validation scores saved with the checkpoint (never from test data).
+APPLIED_IN_TEST = ("threshold_fpr", "score", "devices", "batch_size", "weights")
+
+
+def _typed_value(a, flag: str):
+    v = getattr(a, flag)
+    if flag == "layers":
+        return tuple(v.split(","))
+    if flag == "score_weights":
+        return parse_score_weights(v)
+    return v
+
+
+def _flag(flag: str) -> str:
+    return "--" + flag.replace("_", "-")
+
+
+def apply_test_flags(model, a):
+    """The loaded `model` with every config flag the user typed applied, or a UsageError naming
+    the flag and why it cannot apply. Nothing typed is ever dropped without a word."""
+    from pn_jax import model as model_lib
+
+    saved = model.cfg
+    typed = [f for f in CONFIG_FLAGS + ("batch_size",) if _given(a, f)]
+    for f in typed:
+        if f not in FIXED_IN_TEST:
+            continue
+        path, why = FIXED_IN_TEST[f]
+        want, have = _typed_value(a, f), functools.reduce(getattr, path.split("."), saved)
+        if want != have:
+            typed_as = _flag(f) if f == "znorm" else f"{_flag(f)} {getattr(a, f)}"
+            raise UsageError(f"{typed_as} cannot apply to checkpoint {a.checkpoint}: it was fitted with "
+                             f"{path.split('.')[-1]}={have!r}, and {why}. Drop {_flag(f)} (test takes it from the "
+                             f"checkpoint) or re-fit with it.")
+    if getattr(a, "dataset", None) and a.dataset != saved.data.dataset:
+        raise UsageError(f"--dataset {a.dataset}: checkpoint {a.checkpoint} was fitted on {saved.data.dataset} "
+                         f"data, and test scores that dataset's test split of its category; to score other "
+                         f"images give --test-dir")
+    if getattr(a, "unified", False) and not model.provenance.get("unified"):
+        raise UsageError(f"--unified: checkpoint {a.checkpoint} holds one category's bank, not a unified one; "
+                         f"drop --unified (test scores with the bank the checkpoint holds)")
+    if _given(a, "weights") and a.weights != saved.model.weights:
+        if not model.provenance.get("weights_sha256"):
+            raise UsageError(f"--weights {a.weights}: checkpoint {a.checkpoint} records no weights checksum, so "
+                             f"another weights file cannot be checked against its bank; drop --weights")
+        if not os.path.isfile(a.weights):
+            raise UsageError(f"--weights {a.weights}: no such file")
+        moved = saved.replace(model={"weights": a.weights})
+        if model_lib.weights_sha256(moved) != model.provenance["weights_sha256"]:
+            raise UsageError(f"--weights {a.weights} is not the weights file checkpoint {a.checkpoint} was fitted "
+                             f"with (its sha256 differs): the features would not match the bank")
+        model.cfg = moved  # the same weights at another path
+    score = a.score if _given(a, "score") else None
+    if score == "auto":
+        if "auto" not in model.calibration:
+            raise UsageError(f"--score auto chooses the score at fit time on validation data; checkpoint "
+                             f"{a.checkpoint} was fitted with --score {saved.noising.score}. Drop --score or "
+                             f"re-fit with --score auto")
+        score = None  # the checkpoint holds auto's choice
+    if score is not None:
+        from pn_jax import detector, select
+
+        if detector.default_variant(select.config_for(saved, score)) == detector.default_variant(saved):
+            score = None  # the score it already uses
+    fpr = a.threshold_fpr if _given(a, "threshold_fpr") and a.threshold_fpr != saved.threshold_fpr else ...
+    if score is not None or fpr is not ...:
+        try:
+            model = model.rethresholded(score=score, threshold_fpr=fpr)
+        except model_lib.ModelError as e:
+            flag = f"--score {score}" if score is not None else f"--threshold-fpr {a.threshold_fpr}"
+            raise UsageError(f"{flag} cannot apply to checkpoint {a.checkpoint}: {e}") from None
+    runtime = {}
+    if _given(a, "devices"):
+        runtime["devices"] = n_devices(a.devices)  # only where the bank is searched
+    if _given(a, "batch_size"):
+        runtime["batch_size"] = a.batch_size  # scores do not depend on the batch
+    if runtime:
+        model.cfg = model.cfg.replace(**runtime)
+    return model
+
+
+def refuse_fit_only_flags(a) -> None:
+    """Flags of `experiments.run` that only a fit reads, refused in --mode test."""
+    if getattr(a, "train_dir", None):
+        raise UsageError("--train-dir is what a fit reads; --mode test fits nothing. To score a folder of test "
+                         "images give --test-dir (good/ and one folder per defect type)")
+    if getattr(a, "max_train", None) is not None:
+        raise UsageError("--max-train caps the training images of a fit; --mode test fits nothing "
+                         "(--max-test caps the test images)")
 
 
 def cmd_predict(a) -> int:
@@ -520,7 +642,7 @@ def banner(cfg) -> str:
 
 
 def summary_line(e: dict, ck) -> str:
-    c, t = e["counts"], e["timings"]
+    c, t = {**e.get("checkpoint_counts", {}), **e["counts"]}, e["timings"]  # test mode: the fit's beside this run's
     thr = e.get("threshold")
     return (f"[{e['category']}] mode={e['mode']} train={c.get('train')} holdout={c.get('holdout')} "
             f"test={c.get('test')} ({c.get('test_anomalous')} anomalous) bank={c.get('bank')}/"
@@ -607,28 +729,8 @@ def run_main(argv=None) -> int:
 
 
 def cmd_test_from_run(a) -> int:
-    """experiments.run --mode test: the flags that describe the data select it; config flags that
-    the checkpoint fixes must agree with it (or be left out)."""
-    from pn_jax import checkpoint
-    from pn_jax import model as model_lib
-
-    ds = dataset_of(a)
-    categories = resolve_categories(a, ds)
-    typed = [f for f in CONFIG_FLAGS if _given(a, f)]
-    if typed:  # compare what was typed against the checkpoint
-        cfg = build_config(a)
-        for cat in categories:
-            d = model_lib.resolve_checkpoint(a.checkpoint if len(categories) == 1
-                                             else os.path.join(a.checkpoint, cat), cat)
-            saved = model_lib.load(d, category=cat).cfg
-            conflicts = checkpoint.check_compatible(saved, cfg)
-            if conflicts:
-                raise UsageError(f"checkpoint {d} does not match the flags given:\n  " + "\n  ".join(conflicts)
-                                 + "\nDrop those flags (test takes its configuration from the checkpoint) "
-                                   "or re-train.")
-    for f in CONFIG_FLAGS:
-        setattr(a, f, None)
-    a.category = categories
+    """experiments.run --mode test: `pn-jax test` with the run parser's flags (each flag typed
+    is applied or refused by name, see `apply_test_flags` and `refuse_fit_only_flags`)."""
     return cmd_test(a)
 
 

@@ -113,7 +113,9 @@ class Model:
         self._extractor = extractor
         self._scorers: dict = {}
         self.bank_owner = None  # [M] source training image of each bank entry (known at fit time)
-        self.validation: dict = {}  # variant -> (normal, synthetic-anomaly) validation image scores
+        # variant -> (normal, synthetic-anomaly) validation image scores; saved with the model,
+        # so a loaded model can re-choose its threshold (`rethresholded`) without test data
+        self.validation: dict = {}
         from pn_jax import backbones
 
         info = backbones.info(cfg.model.backbone)
@@ -141,6 +143,33 @@ class Model:
         kw.update(changes)
         out = Model(self.cfg, self.grid, state, **kw)
         out.bank_owner = self.bank_owner
+        return out
+
+    def rethresholded(self, *, score: str | None = None, threshold_fpr=...) -> "Model":
+        """The same model scoring with `score` (a configured score name, as `--score`) and/or
+        another threshold rule (`threshold_fpr`: None = F1-max, q = FPR q; `...` keeps the
+        model's), its threshold chosen again from the validation scores saved with it (never
+        test data). Refused when it holds none for that score: a threshold chosen on another
+        score's values would label by a meaningless number."""
+        from pn_jax import select
+
+        cfg = self.cfg if score is None else select.config_for(self.cfg, score)
+        if threshold_fpr is not ...:
+            cfg = cfg.replace(threshold_fpr=threshold_fpr)
+        variant = detector.default_variant(cfg)
+        if variant not in self.validation:
+            have = sorted(self.validation)
+            raise ModelError(
+                f"this model holds no validation scores for score {variant!r} "
+                + (f"(only for {have})" if have else "(it was saved by an older pn_jax)")
+                + ", so no threshold can be chosen for it without re-fitting; re-fit with that score"
+                + (" or --score auto (which keeps every candidate's validation scores)" if score else ""))
+        thr, info = choose_threshold(*self.validation[variant], fpr=cfg.threshold_fpr)
+        where = (self.calibration.get("threshold") or {}).get("validation", "validation images")
+        calib = {**self.calibration, "threshold": {**info, "value": thr, "validation": where,
+                                                   "rechosen": "from the validation scores saved with the model"}}
+        out = self.with_state(self.state, threshold=thr, calibration=calib)
+        out.cfg, out.validation = cfg, self.validation
         return out
 
     @property
@@ -325,7 +354,11 @@ class Model:
         return {"format": FORMAT, "grid": list(self.grid), "threshold": self.threshold,
                 "category": self.provenance.get("category"),
                 "weights_sha256": self.provenance.get("weights_sha256"),
-                "provenance": self.provenance, "calibration": self.calibration}
+                "provenance": self.provenance, "calibration": self.calibration,
+                # float32 scores as JSON numbers: exact, so a re-chosen threshold is the fit's own
+                "validation_scores": {v: {"normal": [float(x) for x in np.ravel(n)],
+                                          "anomaly": [float(x) for x in np.ravel(a)]}
+                                      for v, (n, a) in self.validation.items()}}
 
     def save(self, directory) -> str:
         """Atomic Orbax checkpoint of the state, with config, threshold and provenance."""
@@ -527,8 +560,10 @@ def set_threshold_loo(model: Model, train, val, *, train_feats=None, validation_
 
 
 def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:
-    """model.validation[variant] = (normal image scores, synthetic-anomaly image scores)."""
-    model.validation = {v or "default": (normal["variants"][v][0], anomal["variants"][v][0]) for v in variants}
+    """model.validation[variant] = (normal image scores, synthetic-anomaly image scores), keyed
+    by the variant's name (None: the configured one's)."""
+    model.validation = {v or detector.default_variant(model.cfg): (normal["variants"][v][0], anomal["variants"][v][0])
+                        for v in variants}
 
 
 def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) -> dict:
@@ -610,6 +645,9 @@ def load(directory, *, category: str | None = None, expected: Config | None = No
     grid = meta.get("grid")
     if not grid:
         raise ModelError(f"checkpoint {d} records no feature grid; re-fit it with this pn_jax")
-    return Model(cfg, tuple(grid), state, threshold=meta.get("threshold"),
-                 provenance=meta.get("provenance") or {"category": saved_cat},
-                 calibration=meta.get("calibration") or {})
+    model = Model(cfg, tuple(grid), state, threshold=meta.get("threshold"),
+                  provenance=meta.get("provenance") or {"category": saved_cat},
+                  calibration=meta.get("calibration") or {})
+    model.validation = {v: (np.asarray(x["normal"], np.float32), np.asarray(x["anomaly"], np.float32))
+                        for v, x in (meta.get("validation_scores") or {}).items()}
+    return model

@@ -219,9 +219,12 @@ def has_masks(cfg: Config, source) -> bool:
 def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train",
                  checkpoint_dir: str | None = None, tune: bool = False, max_train=None, max_test=None,
                  ablation: bool = False, n_figures: int = 8, sources: dict | None = None,
-                 log=print) -> dict:
+                 model=None, log=print) -> dict:
     """Fit on train (or load a checkpoint), score test, compute metrics, write figures.
-    `sources`: {"train", "holdout", "test"} data sources (default: `load_sources`)."""
+    `sources`: {"train", "holdout", "test"} data sources (default: `load_sources`). `model`:
+    in test mode, the loaded model to score with (default: loaded from `checkpoint_dir`).
+    entry["counts"] are this run's; a test run puts the checkpoint's fit counts beside them
+    under "checkpoint_counts"."""
     from pn_jax import model as model_lib
 
     timer = Timer()
@@ -231,11 +234,13 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
     if mode == "test":
         if tune:
             raise ValueError("--tune needs --mode train (it reads held-out training images)")
-        model = model_lib.load(checkpoint_dir, category=category)
+        model = model or model_lib.load(checkpoint_dir, category=category)
         cfg = model.cfg
         if sources is None:
             sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
-        counts = {"test": len(sources["test"]), **(model.provenance.get("counts") or {})}
+        counts = {"test": len(sources["test"])}
+        extra["checkpoint_counts"] = {k: v for k, v in (model.provenance.get("counts") or {}).items()
+                                      if not k.startswith("test")}  # older checkpoints kept their run's test count
         models = {"checkpoint": model}
         main_key = "checkpoint"
     else:
@@ -246,7 +251,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         counts = {"test": len(sources["test"]) if sources.get("test") is not None else 0,
                   "train": len(sources["train"]), "holdout": len(sources.get("holdout") or []),
                   "train_patches": model.provenance["train_patches"], "bank": model.provenance["bank_size"]}
-        model.provenance["counts"] = dict(counts)
+        model.provenance["counts"] = {k: v for k, v in counts.items() if k != "test"}  # the fit's, not this test's
         models = {"untuned": model}
         main_key = "untuned"
         if tune:

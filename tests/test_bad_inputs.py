@@ -53,6 +53,12 @@ def world(tmp_path_factory):
         zf.writestr("m/data.pkl", pickle.dumps({"w": Evil()}, protocol=2))
         zf.writestr("m/version", "3\n")
     shutil.copy(os.path.join(FIX, "resnet_tiny_zip.pth"), t / "other_model.pth")
+    old = t / "ck_old" / "gadget"  # as saved before checkpoints kept their validation scores
+    shutil.copytree(ck, old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta.pop("validation_scores", None)
+    (old / "meta.json").write_text(json.dumps(meta))
+    w["ck_old"] = old
     corrupt = t / "ck_corrupt" / "gadget"
     shutil.copytree(ck, corrupt)
     (corrupt / "meta.json").write_text("{ not json")
@@ -119,9 +125,28 @@ CASES = [
     ("checkpoint_corrupt_meta", "test", "--checkpoint {root}/ck_corrupt/gadget", 2, "meta.json"),
     ("checkpoint_other_category", RUN, "--mode test --dataset synthetic --data-root {data} --category widget "
      "--checkpoint {ck}", 2, "fitted on category 'gadget'"),
-    ("test_config_flag_typed", "test", "--checkpoint {ck} --k 5", 2, "unrecognized arguments: --k"),
     ("run_test_flag_conflicts", RUN, "--mode test --dataset synthetic --data-root {data} --category gadget "
      "--checkpoint {ck} --image-size 128", 2, "image_size"),
+    # test mode: a flag that changes what the bank, the statistics or the threshold mean is refused
+    # by name with the reason (issue 23.3), in both entry points; never dropped without a word
+    ("test_k", "test", "--checkpoint {ck} --k 5", 2, "--k 5 cannot apply"),
+    ("run_test_k", RUN, "--mode test --checkpoint {ck} --k 5", 2, "--k 5 cannot apply"),
+    ("run_test_method", RUN, "--mode test --checkpoint {ck} --method patchcore", 2, "--method patchcore cannot apply"),
+    ("run_test_influence", RUN, "--mode test --checkpoint {ck} --influence fd", 2, "--influence fd cannot apply"),
+    ("run_test_eps", RUN, "--mode test --checkpoint {ck} --eps 0.1", 2, "--eps 0.1 cannot apply"),
+    ("run_test_seed", RUN, "--mode test --checkpoint {ck} --seed 3", 2, "--seed 3 cannot apply"),
+    ("run_test_image_score", RUN, "--mode test --checkpoint {ck} --image-score patch_max", 2,
+     "--image-score patch_max cannot apply"),
+    ("run_test_score_not_fitted", RUN, "--mode test --checkpoint {ck} --score seed", 2,
+     "no validation scores for score 'seed'"),
+    ("test_score_auto_not_fitted", "test", "--checkpoint {ck} --score auto", 2, "--score auto chooses"),
+    ("test_threshold_fpr_old_checkpoint", "test", "--checkpoint {ck_old} --threshold-fpr 0.1", 2,
+     "--threshold-fpr 0.1 cannot apply"),
+    ("run_test_max_train", RUN, "--mode test --checkpoint {ck} --max-train 3", 2, "--max-train caps"),
+    ("run_test_train_dir", RUN, "--mode test --checkpoint {ck} --train-dir {good}", 2, "--train-dir is what"),
+    ("run_test_unified", RUN, "--mode test --checkpoint {ck} --unified", 2, "--unified: checkpoint"),
+    ("test_other_dataset", "test", "--checkpoint {ck} --dataset visa", 2, "--dataset visa: checkpoint"),
+    ("test_devices_too_many", "test", "--checkpoint {ck} --devices 64", 2, "JAX sees"),
     ("predict_missing_checkpoint", "predict", "--checkpoint {root}/nope {good} --out {root}/p1", 2, "does not exist"),
     ("export_missing_checkpoint", "export", "--checkpoint {root}/nope --out {root}/m.jaxexport", 2,
      "does not exist"),
@@ -215,3 +240,40 @@ def test_masks_stored_as_zero_one_give_the_same_pixel_metrics(world, tmp_path):
     a, b = (json.loads((tmp_path / x / "results.json").read_text())["categories"]["gadget"]["metrics"]
             for x in ("a", "b"))
     assert b["mAUROC_px"] == pytest.approx(a["mAUROC_px"]) and b["mAP_px"] == pytest.approx(a["mAP_px"])
+
+
+def test_test_mode_applies_the_threshold_rule_and_counts_this_run(world, tmp_path):
+    """Issue 23.3/23.4: --threshold-fpr in test mode re-chooses the threshold from the validation
+    scores saved at fit time (the (1 - q) quantile of the validation normals, computed here
+    with numpy), and results.json counts the images this run scored."""
+    ck = pn_jax.load(world["ck"])
+    normal = np.asarray(ck.validation["calibrated_rerank"][0], np.float64)
+    want = float(np.nextafter(np.quantile(normal, 0.8, method="higher"), np.inf))
+    assert want != ck.threshold
+    out = tmp_path / "o"
+    rc = cli.main(["test", "--checkpoint", str(world["ck"]), "--dataset", "synthetic", "--data-root",
+                   str(world["data"]), "--category", "gadget", "--threshold-fpr", "0.2", "--max-test", "4",
+                   "--batch-size", "2", "--figures", "0", "--out", str(out)])
+    assert rc == 0
+    e = json.loads((out / "results.json").read_text())["categories"]["gadget"]
+    assert e["threshold"] == want and e["at_threshold"]["threshold"] == want
+    assert e["calibration"]["threshold"]["fpr"] == 0.2
+    assert e["config"]["threshold_fpr"] == 0.2 and e["config"]["batch_size"] == 2
+    assert e["counts"]["test"] == 4
+
+
+@pytest.mark.parametrize("parser", ["run", "test"])
+def test_every_flag_has_a_test_mode_rule(parser):
+    """A new flag must say whether test mode applies or refuses it (none may be dropped)."""
+    test_mode = {  # every flag of the two parsers, and what test mode does with it
+        "applied": set(cli.APPLIED_IN_TEST) | {"checkpoint", "mode", "out", "figures", "ablation", "category",
+                                               "data_root", "test_dir", "max_test", "no_masks", "download"},
+        "refused unless the checkpoint's own": set(cli.FIXED_IN_TEST) | {"dataset", "unified"},
+        "refused": {"train_dir", "max_train", "tune"},
+    }
+    p = cli.build_run_parser() if parser == "run" else cli.build_parser()._subparsers._group_actions[0].choices["test"]
+    dests = {a.dest for a in p._actions if a.dest != "help"}
+    known = set().union(*test_mode.values())
+    assert dests <= known, sorted(dests - known)
+    if parser == "run":
+        assert set(cli.CONFIG_FLAGS) | {"batch_size"} == set(cli.APPLIED_IN_TEST) | set(cli.FIXED_IN_TEST)

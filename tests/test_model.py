@@ -204,6 +204,25 @@ def test_score_auto_picks_a_concrete_score_on_validation_and_saves_it(data_root,
     m.save(tmp_path / "ck")
     again = pn_jax.load(tmp_path / "ck")
     assert again.calibration["auto"]["choice"] == choice and again.cfg == m.cfg
+    # every candidate's validation scores are saved exactly, so a loaded model can score with
+    # another candidate, its threshold chosen on that candidate's own validation scores
+    assert sorted(again.validation) == sorted(m.validation) and set(select.CANDIDATES) <= set(again.validation)
+    for v in m.validation:
+        for a, b in zip(again.validation[v], m.validation[v]):
+            np.testing.assert_array_equal(a, b)
+    other = next(c for c in select.CANDIDATES if c != choice)
+    r = again.rethresholded(score=other)
+    assert r.cfg == select.config_for(m.cfg, other) and r.threshold == pn_jax.choose_threshold(*m.validation[other])[0]
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    want = pn_jax.Model(r.cfg, m.grid, m.state).predict(images, progress=False, maps=False).scores
+    got = r.predict(images, progress=False, maps=False)
+    np.testing.assert_array_equal(got.scores, want)
+    np.testing.assert_array_equal(got.labels, want >= r.threshold)
+    # another threshold rule: the (1 - q) quantile of the validation normals (numpy here)
+    normal = np.asarray(m.validation[choice][0], np.float64)
+    q = again.rethresholded(threshold_fpr=0.25)
+    assert q.threshold == float(np.nextafter(np.quantile(normal, 0.75, method="higher"), np.inf))
+    assert q.cfg.threshold_fpr == 0.25 and q.cfg.noising == again.cfg.noising
 
 
 def test_influence_predictor_is_fitted_saved_and_restored_exactly(data_root, tmp_path):

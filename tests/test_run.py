@@ -63,6 +63,19 @@ def test_test_mode_reads_no_training_image_and_reproduces_metrics(trained):
     assert got == res["categories"]["synthetic"]["metrics"]
 
 
+def test_test_mode_counts_are_this_runs(trained):
+    """Issue 23.4: results.json counts the images this test run scored; the checkpoint's fit
+    counts sit beside them under their own key (and never its training run's test count)."""
+    tmp, res, _ = trained
+    args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "test_counts"), "--mode", "test",
+                   "--checkpoint", str(tmp / "train" / "checkpoint" / "synthetic"), "--max-test", "5", "--figures", "0"]
+    assert run.main(args) == 0
+    e = json.load(open(tmp / "test_counts" / "results.json"))["categories"]["synthetic"]
+    fit = res["categories"]["synthetic"]["counts"]
+    assert fit["test"] > 5 and e["counts"]["test"] == 5 and "train" not in e["counts"]
+    assert e["checkpoint_counts"] == {k: fit[k] for k in ("train", "holdout", "train_patches", "bank")}
+
+
 def test_conflicting_checkpoint_is_refused_naming_the_field(trained, capsys):
     tmp, _, _ = trained
     args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "bad"), "--mode", "test",
