@@ -18,9 +18,11 @@ size, layout and normalisation, threshold, label rule, score variant, output nam
 the checkpoint's provenance and the artifact's sha256, which the loader checks before it
 deserialises anything.
 
-The loader half of this module imports only jax, numpy, PIL and the standard library: the
-pn_jax model code (and flax/orbax through it) is imported inside `export_model` only, so a
-deployment box can copy this one file, or `import pn_jax.export`, without them.
+The loader half of this module imports only jax, numpy, PIL, the standard library and
+`pn_jax.imageread` (the image reading that predict and the training pipeline use: decoding,
+geometry and the per-file errors): the pn_jax model code (and flax/orbax through it) is
+imported inside `export_model` only, so a deployment box can copy this file and imageread.py,
+or `import pn_jax.export`, without them.
 """
 from __future__ import annotations
 
@@ -36,12 +38,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+    from pn_jax import imageread
+except ImportError:  # export.py copied beside imageread.py, without the pn_jax package
+    import imageread
+
 FORMAT = "pn_jax.export"
 FORMAT_VERSION = 1
 OUTPUTS = ("scores", "normalized", "labels", "anomaly_maps")
 LABEL_RULE = "scores >= threshold (normalized >= 1.0)"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 RESIZE = "PIL bilinear (antialiased) on the host"
 DEFAULT_MAX_BATCH = 8
 
@@ -329,158 +335,18 @@ def load_exported(path, *, max_batch: int = DEFAULT_MAX_BATCH) -> "ExportedPredi
 
 
 # ----------------------------------------------------------------------------- host preprocessing
-# These follow pn_jax.data.preprocess (file decoding, array conventions, resize / centre crop)
-# without importing pn_jax.data, which pulls in grain; tests/test_export.py checks they agree.
-_CHANNELS = (1, 3, 4)
-_FLOAT_TOLERANCE = 1e-3  # float pixels may overshoot [0, 1] by rounding, not by a scale
-
-
-def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * np.uint8(255)
-    if a.dtype == np.uint16:  # 16-bit: full scale 65535
-        return np.rint(a / 257.0).astype(np.uint8)
-    if np.issubdtype(a.dtype, np.integer):
-        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-        if lo < 0 or hi > 255:
-            raise ExportError(f"{what}: integer pixels ({a.dtype}) must be in 0..255, found {lo}..{hi}; "
-                              f"pass uint16 for 16-bit data or scale to uint8")
-        return a.astype(np.uint8)
-    if np.issubdtype(a.dtype, np.floating):
-        if a.size and not np.isfinite(a).all():
-            raise ExportError(f"{what}: float pixels hold NaN or inf")
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:  # one convention, never guessed
-            raise ExportError(f"{what}: float pixels must be in [0, 1], found {lo:.4g}..{hi:.4g}; "
-                              f"for 0..255 data pass array.astype(np.uint8)")
-        return np.rint(np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ExportError(f"{what}: pixels must be bool, integer or float, got {a.dtype}")
-
-
-def image_array_to_rgb(a, what: str = "image array") -> np.ndarray:
-    """One image [H,W], [H,W,1|3|4] (alpha dropped) of uint8, uint16, other integers in 0..255,
-    float in [0, 1] or bool -> RGB uint8 [H,W,3]."""
-    a = np.asarray(a)
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in _CHANNELS)) or 0 in a.shape[:2]:
-        raise ExportError(f"{what}: an image must be HxW, HxWx1, HxWx3 or HxWx4 (channels last), "
-                          f"got shape {a.shape}")
-    a = _to_uint8(a, what)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    return np.ascontiguousarray(a[..., :3])
-
-
-def load_image(path: str) -> np.ndarray:
-    """Any image file -> RGB uint8 [H, W, 3], as pn_jax.data.preprocess.load_rgb."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here
-            if img.mode == "RGB":
-                return np.array(img)
-            if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1", "L", "La", "RGBa", "HSV", "LAB"):
-                return np.asarray(img.convert("RGB"))  # alpha dropped, not composited
-            a = np.asarray(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit gray: full scale 65535
-                a = np.clip(np.rint(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
-            elif img.mode == "F":  # float images in 0..1 or 0..255
-                a = a.astype(np.float64)
-                a = np.clip(np.rint(a * (255.0 if a.max(initial=0.0) <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
-            if a.dtype != np.uint8 or a.ndim not in (2, 3):
-                raise ExportError(f"cannot convert image {path} (mode {img.mode}) to 8-bit RGB.")
-            return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a[..., :3])
-    except ExportError:
-        raise
-    except FileNotFoundError:
-        raise ExportError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ExportError(f"cannot read image {path}: {e}. Replace or remove the file.") from None
-
-
-def _geometry(h: int, w: int, image_size: int, resize_mode: str, crop_size: int | None):
-    """-> (resized (W, H), crop box or None), as pn_jax.data.preprocess._geometry."""
-    if resize_mode == "resize":
-        return (image_size, image_size), None
-    if w <= h:  # torchvision Resize(int): shorter side -> size, longer side truncated
-        nw, nh = image_size, int(image_size * h / w)
-    else:
-        nw, nh = int(image_size * w / h), image_size
-    if crop_size > min(nw, nh):
-        raise ExportError(f"crop_size {crop_size} exceeds the resized image {nw}x{nh}")
-    top, left = int(round((nh - crop_size) / 2.0)), int(round((nw - crop_size) / 2.0))
-    return (nw, nh), (left, top, left + crop_size, top + crop_size)
-
-
 def resize_for_model(image: np.ndarray, geometry: dict) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [S, S, 3] with the metadata's geometry ("input": resize_mode,
-    image_size, crop_size): PIL's antialiased bilinear resize, then the centre crop."""
-    from PIL import Image
-
-    size, box = _geometry(*image.shape[:2], geometry["image_size"], geometry["resize_mode"],
-                          geometry.get("crop_size"))
-    img = Image.fromarray(image)
-    if img.size != size:
-        img = img.resize(size, Image.BILINEAR)
-    if box is not None:
-        img = img.crop(box)
-    return np.asarray(img)
-
-
-def _walk(folder: str) -> list[str]:
-    """Every regular, non-hidden file under `folder` (recursive, sorted by relative path):
-    a file that is not an image is reported in `errors`, not skipped silently."""
-    rel = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        r = os.path.relpath(dirpath, folder)
-        rel += [f if r == "." else "/".join([*r.split(os.sep), f]) for f in filenames
-                if not f.startswith(".") and os.path.isfile(os.path.join(dirpath, f))]
-    return [os.path.join(folder, *f.split("/")) for f in sorted(rel)]
-
-
-def _items(inputs) -> list[tuple[str, Callable[[], np.ndarray]]]:
-    """-> [(name, read)] where read() gives RGB uint8; paths and folders, arrays and lists."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    if isinstance(inputs, np.ndarray) or isinstance(inputs, jax.Array):
-        a = np.asarray(inputs)
-        if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in _CHANNELS):
-            images = [a]
-        elif a.ndim == 4 or a.ndim == 3:
-            if a.ndim == 3 and a.shape[0] in _CHANNELS:
-                raise ExportError(f"ambiguous image array shape {a.shape}: a channels-first image or a batch "
-                                  f"of {a.shape[0]} gray images? Pass channels last for one image, or a "
-                                  f"[B, H, W, 1] array (or a list) for a batch.")
-            images = list(a)
-        else:
-            raise ExportError(f"an image array must be HxW, HxWxC or [B, H, W, C], got shape {a.shape}")
-        return [(f"array[{i}]", lambda x=x, i=i: image_array_to_rgb(x, f"array[{i}]")) for i, x in enumerate(images)]
-    items = list(inputs)
-    if not items:
-        raise ExportError("no inputs given: pass at least one image, path or folder")
-    out = []
-    for i, x in enumerate(items):
-        if isinstance(x, (str, os.PathLike)):
-            p = os.fspath(x)
-            paths = _walk(p) if os.path.isdir(p) else [p]
-            if not paths:
-                raise ExportError(f"input folder {p} holds no files")
-            out += [(q, lambda q=q: load_image(q)) for q in paths]
-        else:
-            out.append((f"array[{i}]", lambda x=x, i=i: image_array_to_rgb(x, f"array[{i}]")))
-    return out
+    image_size, crop_size): `imageread.resize_image`, as the training pipeline resized."""
+    return imageread.resize_image(image, geometry["image_size"], geometry["resize_mode"],
+                                  geometry.get("crop_size") or 224)
 
 
 class ExportedPredictor:
     """`predictor(inputs) -> {"scores", "normalized", "labels", "anomaly_maps", "names", "errors"}`.
 
     inputs: an image path, a folder (recursive), a list of paths and/or image arrays, or an
-    array (one image [H,W(,C)] or a batch [n,H,W(,C)]) with the conventions of
+    array (one image [H,W(,C)] or a batch [n,H,W(,C)]): `imageread.input_items`, as
     `pn_jax.Model.predict`. Images are decoded and resized on the host, then scored in chunks:
     with a symbolic batch, chunks of at most `max_batch` padded to a power of two (so at most
     log2(max_batch) + 1 compilations); with a fixed batch, chunks of exactly that size.
@@ -532,7 +398,7 @@ class ExportedPredictor:
         return {k: np.asarray(out[k])[:n] for k in OUTPUTS}
 
     def __call__(self, inputs) -> dict:
-        items = _items(inputs)
+        items = imageread.input_items(inputs)
         s = self.size
         n = len(items)
         out = {"scores": np.full(n, np.nan, np.float32), "normalized": np.full(n, np.nan, np.float32),
@@ -543,11 +409,12 @@ class ExportedPredictor:
             ok, batch = [], []
             for i in range(start, min(n, start + self.max_batch)):
                 name, read = items[i]
-                try:
-                    batch.append(resize_for_model(read(), geometry))
+                image, err = imageread.attempt(lambda read=read: resize_for_model(read(), geometry))
+                if err:
+                    errors[name] = err  # the same reason Model.predict gives
+                else:
+                    batch.append(image)
                     ok.append(i)
-                except ExportError as e:
-                    errors[name] = str(e)
             if ok:
                 res = self.run_batch(np.stack(batch))
                 for k in OUTPUTS:

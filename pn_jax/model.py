@@ -50,16 +50,12 @@ class Item:
 
 
 def as_items(inputs) -> list[Item]:
-    """A path, a list of paths, a folder (recursive) or an array ([H,W], [H,W,C] or [B,H,W,C];
-    uint8, uint16, bool or float in [0, 1]; or a list of such arrays) -> items, in a
-    deterministic order."""
-    from pn_jax import data
+    """A path, a folder (recursive), an array ([H,W], [H,W,C] or [B,H,W,C]; uint8, uint16, bool
+    or float in [0, 1]) or a list of paths, folders and arrays -> items, in a deterministic
+    order (`imageread.input_items`, which the exported model's loader uses too)."""
+    from pn_jax import imageread
 
-    if isinstance(inputs, (np.ndarray, jax.Array)) or (
-            isinstance(inputs, (list, tuple)) and inputs and not isinstance(inputs[0], (str, os.PathLike))):
-        arrays = list(inputs) if isinstance(inputs, (list, tuple)) else np.asarray(inputs)
-        return [Item(f"array[{i}]", (lambda a=a: a)) for i, a in enumerate(data.array_to_images(arrays))]
-    return [Item(p, (lambda p=p: data.load_rgb(p))) for p in data.resolve_inputs(inputs)]
+    return [Item(name, read) for name, read in imageread.input_items(inputs)]
 
 
 # ----------------------------------------------------------------------------- results
@@ -188,10 +184,11 @@ class Model:
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> the normalised float32 model input."""
+        from pn_jax import imageread
         from pn_jax.data import preprocess
 
         d = self.cfg.data
-        img = preprocess.resize_image(rgb, d.image_size, d.resize_mode, d.crop_size)
+        img = imageread.resize_image(rgb, d.image_size, d.resize_mode, d.crop_size)
         return preprocess.normalize(img, self.mean, self.std)
 
     def features(self, images: np.ndarray) -> jax.Array:
@@ -273,16 +270,19 @@ class Model:
         "normalized", "label", "error", "image" (RGB uint8), "anomaly_map", ...}. Decoding and
         resizing run on `num_workers` threads while the device scores the previous batch;
         only a few batches are ever held in memory."""
+        from pn_jax import imageread
+
         items = inputs if isinstance(inputs, list) and inputs and isinstance(inputs[0], Item) else as_items(inputs)
         bs = self.cfg.batch_size
         thr = self.threshold
 
         def load(item):
-            try:
+            def read():
                 rgb = item.read()
-                return rgb, self.preprocess(rgb), None
-            except (ValueError, OSError) as e:  # DataError is a ValueError: it names the file
-                return None, None, str(e).splitlines()[0]
+                return rgb, self.preprocess(rgb)
+
+            done, err = imageread.attempt(read)  # a bad file or array: its reason, not an exception
+            return (None, None, err) if err else (*done, None)
 
         bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress, leave=False)
         with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
@@ -335,14 +335,14 @@ class Model:
         PatchCore's centre-crop mode the map covers the crop; outside it takes the map's minimum."""
         from PIL import Image
 
-        from pn_jax.data import preprocess
+        from pn_jax import imageread
 
         h, w = hw
         d = self.cfg.data
         amap = np.asarray(amap, np.float32)
         if d.resize_mode != "patchcore":
             return np.asarray(Image.fromarray(amap).resize((w, h), Image.BILINEAR))
-        (nw, nh), (l, t, r, b) = preprocess._geometry(h, w, d.image_size, "patchcore", d.crop_size)
+        (nw, nh), (l, t, r, b) = imageread.geometry(h, w, d.image_size, "patchcore", d.crop_size)
         x0, x1 = round(l * w / nw), round(r * w / nw)
         y0, y1 = round(t * h / nh), round(b * h / nh)
         out = np.full((h, w), amap.min(), np.float32)

@@ -127,7 +127,24 @@ def test_fresh_process_with_only_jax_numpy_and_the_loader(fitted):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(got["scores"], m["scores"][:4], rtol=1e-5, atol=1e-5)
     assert got["labels"] == (m["scores"][:4] >= m["threshold"]).tolist()
-    assert set(got["modules"]) == {"pn_jax", "pn_jax.export"}
+    assert set(got["modules"]) == {"pn_jax", "pn_jax.export", "pn_jax.imageread"}
+
+
+def test_the_two_loader_files_copied_without_the_package(fitted, tmp_path):
+    """README: a deployment box may copy pn_jax/export.py and pn_jax/imageread.py alone."""
+    import pn_jax
+
+    src = os.path.dirname(pn_jax.__file__)
+    for f in ("export.py", "imageread.py"):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    script = MINIMAL.replace('BLOCKED = ("flax"', 'BLOCKED = ("pn_jax", "flax"').replace(
+        "from pn_jax.export import load_exported", "from export import load_exported")
+    proc = subprocess.run([sys.executable, "-c", script, fitted["path"], *fitted["paths"][:2]], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["scores"], fitted["scores"][:2], rtol=1e-5, atol=1e-5)
+    assert got["modules"] == []
 
 
 @pytest.fixture()
@@ -219,7 +236,7 @@ def test_unreadable_inputs_are_reported_by_name(fitted, tmp_path):
     assert set(out["errors"]) == {str(tmp_path / "broken.png"), missing, "array[3]"}
     assert "cannot read image" in out["errors"][str(tmp_path / "broken.png")]
     assert "not found" in out["errors"][missing] and "[0, 1]" in out["errors"]["array[3]"]
-    with pytest.raises(export.ExportError, match="ambiguous"):
+    with pytest.raises(ValueError, match="ambiguous"):  # the container itself, as Model.predict
         predict(np.zeros((3, 64, 64), np.uint8))
 
 
@@ -261,7 +278,9 @@ def test_model_export_reproduces_model_predict(fitted, tmp_path):
 
 
 def test_host_preprocessing_matches_the_data_pipeline(tmp_path):
-    """Every file format the reader supports, both geometries."""
+    """Every file format the reader supports, both geometries: the loader's inputs and its
+    metadata-driven resize give the pipeline's images."""
+    from pn_jax import imageread
     from pn_jax.data import synthetic
 
     synthetic.generate_category(str(tmp_path), "mixed", n_train=7, n_test_good=1, n_test_defect=1,
@@ -269,21 +288,71 @@ def test_host_preprocessing_matches_the_data_pipeline(tmp_path):
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "mixed")
                    for f in fs if preprocess.is_image_file(f) and "ground_truth" not in d)
     assert len({os.path.splitext(f)[1] for f in files}) >= 4
-    for f in files:
+    for (name, read), f in zip(imageread.input_items(files), files):
         want = preprocess.load_rgb(f)
-        got = export.load_image(f)
+        got = read()
+        assert name == f
         np.testing.assert_array_equal(got, want, err_msg=f)
         for mode, size, crop in (("resize", 64, None), ("patchcore", 80, 64)):
             geo = {"resize_mode": mode, "image_size": size, "crop_size": crop}
             np.testing.assert_array_equal(export.resize_for_model(got, geo),
                                           preprocess.resize_image(want, size, mode, crop or 224), err_msg=f)
-    rng = np.random.default_rng(0)
-    gray16 = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
-    np.testing.assert_array_equal(export.image_array_to_rgb(gray16)[..., 1], np.rint(gray16 / 257.0).astype(np.uint8))
-    rgba = rng.random((20, 30, 4))
-    np.testing.assert_array_equal(export.image_array_to_rgb(rgba), np.rint(rgba[..., :3] * 255).astype(np.uint8))
-    with pytest.raises(export.ExportError, match="must be in 0..255"):
-        export.image_array_to_rgb(np.full((4, 4), 300))
+
+
+def _bomb(path, fitted, monkeypatch):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((400, 400, 3), np.uint8)).save(path)  # 160k pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # > 2x the limit: DecompressionBombError
+
+
+def _stack(path, fitted, monkeypatch):
+    from PIL import Image
+
+    frames = [Image.open(p).convert("L") for p in fitted["paths"][:2]]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+# One table of bad inputs, each run through Model.predict and the exported predictor:
+# (id, file name or None for an array, how to make it, a phrase of the reason)
+BAD_INPUTS = [
+    ("empty_file", "empty.png", lambda p, f, mp: open(p, "wb").close(), "empty (0 bytes)"),
+    ("text_as_png", "text.png", lambda p, f, mp: open(p, "wb").write(b"not a png"), "cannot read image"),
+    ("truncated", "cut.png", lambda p, f, mp: open(p, "wb").write(open(f["paths"][0], "rb").read()[:100]),
+     "cannot read image"),
+    ("not_an_image", "notes.txt", lambda p, f, mp: open(p, "w").write("notes"), "cannot read image"),
+    ("multi_page_tiff", "stack.tif", _stack, "multi-page TIFF (2 pages)"),
+    ("decompression_bomb", "bomb.png", _bomb, "decompression bomb"),
+    ("missing", "missing.png", lambda p, f, mp: None, "image not found"),
+    ("float_array_out_of_range", None, None, "[0, 1]"),
+]
+
+
+@pytest.fixture(scope="module")
+def exported_predictor(fitted):
+    return export.load_exported(fitted["path"])
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_are_reported_alike_by_predict_and_the_exported_model(case, fitted, exported_predictor,
+                                                                         tmp_path, monkeypatch):
+    """The same reason, keyed by the same name, in both `errors`; the good image beside it scored."""
+    import pn_jax
+
+    _, file_name, make, phrase = case
+    if file_name is None:
+        bad, key = np.full((5, 7), 2.0), "array[1]"
+    else:
+        bad = key = str(tmp_path / file_name)
+        make(bad, fitted, monkeypatch)
+    model = pn_jax.Model(fitted["cfg"], fitted["grid"], fitted["state"], threshold=fitted["threshold"],
+                         extractor=fitted["ext"])
+    want = model.predict([fitted["paths"][0], bad], progress=False, maps=False)
+    got = exported_predictor([fitted["paths"][0], bad])
+    assert list(got["errors"]) == [key] and got["errors"] == want.errors
+    assert phrase in got["errors"][key], got["errors"][key]
+    assert np.isnan(got["scores"][1]) and np.isnan(want.scores[1]) and not got["labels"][1]
+    np.testing.assert_allclose(got["scores"][0], want.scores[0], rtol=1e-5, atol=1e-5)
 
 
 def test_patch_max_export_reproduces_model_predict(fitted, tmp_path):
@@ -292,7 +361,7 @@ def test_patch_max_export_reproduces_model_predict(fitted, tmp_path):
     import pn_jax
 
     cfg = fitted["cfg"].replace(noising={"image_score": "patch_max"})
-    model = pn_jax.Model(cfg, fitted["grid"], fitted["state"], extractor=fitted["ext"])
+    model = pn_jax.Model(cfg, fitted["grid"], fitted["state"], threshold=1.0, extractor=fitted["ext"])
     paths = fitted["paths"]
     s = np.sort(model.predict(paths, progress=False, maps=False).scores)
     model.threshold = float(0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2]))  # about half on each side, none on it

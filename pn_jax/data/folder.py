@@ -1,5 +1,5 @@
-"""Data as users have it: a folder of good images, an optional labelled test folder, and the
-inputs of `predict` (a path, a list of paths or a folder).
+"""Data as users have it: a folder of good images and an optional labelled test folder (the
+inputs of `predict`, a path, a list of paths or a folder, are `pn_jax.imageread`'s).
 
 Train folder (`folder_source`, `--train-dir`): every image file under it, recursively
 (png/jpg/jpeg/bmp/tif/tiff in any case), sorted by its path relative to the folder, which
@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 from pn_jax.data import mvtec
 from pn_jax.data.preprocess import (IMAGE_EXTENSIONS, DataError, MissingDataError,
                                     is_image_file, warn_data)
+# predict's inputs live in imageread, shared with the exported model's loader
+from pn_jax.imageread import is_hidden, resolve_inputs, walk_files  # noqa: F401
 from pn_jax.data.records import (ReadLog, Sample, Source, check_headers, choose_samples,
                                  samples_source)
 
@@ -31,34 +33,6 @@ GROUND_TRUTH = "ground_truth"
 NORMAL = "good"
 _EXTS = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)
 _SHOW = 5  # file names listed in one message
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def walk_files(folder: str) -> list[str]:
-    """Regular, non-hidden files under folder (recursive, symlinks followed once), as sorted
-    relative paths with "/" separators."""
-    out, seen = [], set()
-
-    def fail(err: OSError):
-        raise DataError(f"cannot list folder {err.filename}: {err.strerror}. Fix its "
-                        f"permissions or remove it.")
-
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink cycle, or a folder linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        rel = os.path.relpath(dirpath, folder)
-        for f in filenames:
-            if _is_hidden(f) or not os.path.isfile(os.path.join(dirpath, f)):
-                continue
-            out.append(f if rel == "." else "/".join([*rel.split(os.sep), f]))
-    return sorted(out)
 
 
 def describe_files(names: Sequence[str]) -> str:
@@ -144,7 +118,7 @@ def index_test_dir(test_dir: str, *, masks: bool = True,
     """DIR/good and DIR/<defect> images as test Samples sorted by name ("<defect>/<file>")."""
     notify = notify or warn_data
     _check_folder(test_dir, "test folder")
-    entries = sorted(e for e in os.listdir(test_dir) if not _is_hidden(e))
+    entries = sorted(e for e in os.listdir(test_dir) if not is_hidden(e))
     classes = [e for e in entries if os.path.isdir(os.path.join(test_dir, e)) and e != GROUND_TRUTH]
     loose = [e for e in entries if is_image_file(e) and os.path.isfile(os.path.join(test_dir, e))]
     if loose:
@@ -233,34 +207,3 @@ def load_folders(train_dir: str, test_dir: str | None = None, *, holdout_fractio
     category = category or _category_name(train_dir)
     return {split: samples_source(s, dataset="folder", category=category, split=split, log=log)
             for split, s in chosen.items()}
-
-
-def resolve_inputs(inputs) -> list[str]:
-    """A path, a folder, or a list of them -> the list of files to score, in order.
-
-    Folders are expanded recursively (sorted, hidden files skipped) to EVERY regular file, not
-    only image extensions: `predict` reports a file it cannot read by name instead of
-    dropping it silently. A named path is kept even if it does not exist, for the same reason.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        items = [inputs]
-    elif isinstance(inputs, (list, tuple)):
-        items = list(inputs)
-    else:
-        raise TypeError(f"inputs must be a path, a folder or a list of paths, got "
-                        f"{type(inputs).__name__}; arrays go through array_to_images.")
-    if not items:
-        raise ValueError("no inputs given: pass at least one image path or folder.")
-    out = []
-    for p in items:
-        if not isinstance(p, (str, os.PathLike)):
-            raise TypeError(f"inputs must be paths, got a {type(p).__name__} in the list.")
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            files = walk_files(p)
-            if not files:
-                raise DataError(f"input folder {p} holds no files (hidden files are skipped).")
-            out += [os.path.join(p, *f.split("/")) for f in files]
-        else:
-            out.append(p)
-    return out

@@ -1,35 +1,24 @@
-"""Image and mask loading and geometry (SPEC 2.1).
+"""Masks, normalisation and dataset warnings (SPEC 2.1); image files and arrays are read by
+`pn_jax.imageread` (one module for the pipeline, predict and the exported model's loader),
+whose names are re-exported here.
 
-Every image becomes RGB uint8 HxWx3 whatever its file mode (grayscale, palette, RGBA,
-16-bit); arrays go through `array_to_rgb` to the same form. Masks become uint8 HxW in
-{0, 255}: a pixel is a defect when it is non-zero, whatever the encoding (0/1, 0/255, bool,
-palette index, 16-bit, RGB), so a 0/1 mask is not read as empty. Geometry:
-  * "resize" (default, the seed's `patchcore_noising_256`): SxS bilinear. PIL's BILINEAR
-    resize widens its kernel when downscaling, so it is antialiased.
-  * "patchcore" (PatchCore-original): shorter side to `image_size`, centre crop `crop_size`,
-    with torchvision's Resize/CenterCrop rounding.
-Masks are binarised (non-zero -> 1) before the geometry, then resized as float and thresholded
-at 0.5: the resize's interpolated edge must not grow the defect.
+Masks become uint8 HxW in {0, 255}: a pixel is a defect when it is non-zero, whatever the
+encoding (0/1, 0/255, bool, palette index, 16-bit, RGB), so a 0/1 mask is not read as empty.
+They are binarised (non-zero -> 1) before the geometry (`imageread.geometry`, the images'),
+then resized as float and thresholded at 0.5: the resize's interpolated edge must not grow
+the defect.
 """
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-RESIZE_MODES = ("resize", "patchcore")
-
-
-class DataError(ValueError):
-    """A malformed dataset: the message names the file or folder and what to do."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-    """A dataset folder or file that should exist does not."""
+from pn_jax.imageread import (FLOAT_TOLERANCE, IMAGE_EXTENSIONS, RESIZE_MODES, DataError,  # noqa: F401
+                              MissingDataError, array_to_images, array_to_rgb, geometry, image_size_of,
+                              is_image_file, load_rgb, open_image, resize_image, to_rgb)
 
 
 class DataWarning(UserWarning):
@@ -38,163 +27,6 @@ class DataWarning(UserWarning):
 
 def warn_data(msg: str) -> None:
     warnings.warn(msg, DataWarning, stacklevel=3)
-
-
-_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-                Image.DecompressionBombError)
-
-
-def is_image_file(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _reason(path: str, err: Exception) -> str:
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        return "the file is empty (0 bytes)"
-    return str(err)
-
-
-def _open(path: str, what: str) -> Image.Image:
-    img = None
-    try:
-        img = Image.open(path)
-        img.load()  # decode now, so a truncated file fails here, naming the file
-        n_frames = getattr(img, "n_frames", 1)
-    except FileNotFoundError:
-        raise MissingDataError(f"{what} not found: {path}") from None
-    except _READ_ERRORS as e:
-        if img is not None:
-            img.close()
-        raise DataError(f"cannot read {what} {path}: {_reason(path, e)}. Replace or remove "
-                        f"the file.") from None
-    if img.format == "TIFF" and n_frames > 1:
-        # Only the first page would be read, the rest of the stack silently dropped. (Phone
-        # JPEGs that carry a preview frame, MPO, are read as their main image.)
-        img.close()
-        raise DataError(f"{what} {path} is a multi-page TIFF ({n_frames} pages); save each "
-                        f"page as its own image file.")
-    return img
-
-
-def _to_uint8(img: Image.Image) -> np.ndarray:
-    """Pixel values of any single/multi-channel mode on a 0..255 scale."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit grayscale: full scale is 65535; PIL's convert("L") would clip instead.
-        a = np.asarray(img).astype(np.float64)
-        return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-    if img.mode == "F":
-        a = np.asarray(img, np.float64)
-        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0  # float images in 0..1 or 0..255
-        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
-    return np.asarray(img)
-
-
-def to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode == "RGB":
-        return np.asarray(img)
-    if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1", "L", "La", "RGBa", "HSV", "LAB"):
-        # Alpha is dropped, not composited: the pixel colours are what the camera saw.
-        return np.asarray(img.convert("RGB"))
-    gray = _to_uint8(img)
-    return np.repeat(gray[..., None], 3, axis=-1) if gray.ndim == 2 else gray[..., :3]
-
-
-FLOAT_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding, not by a scale
-_CHANNELS = (1, 3, 4)
-
-
-def _array_scale_to_uint8(a: np.ndarray, shape) -> np.ndarray:
-    """Values of one dtype convention -> uint8 0..255 (conventions as load_rgb's files)."""
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * np.uint8(255)
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.uint16:  # 16-bit: full scale 65535, as a 16-bit PNG is read
-        return np.rint(a / 257.0).astype(np.uint8)
-    if np.issubdtype(a.dtype, np.integer):
-        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-        if lo < 0 or hi > 255:
-            raise ValueError(
-                f"an integer image array of dtype {a.dtype} (shape {shape}) must hold values "
-                f"in 0..255, found {lo}..{hi}; pass uint16 for 16-bit data or scale it to "
-                f"uint8 first.")
-        return a.astype(np.uint8)
-    if np.issubdtype(a.dtype, np.floating):
-        if a.size and not np.isfinite(a).all():
-            raise ValueError(f"a float image array (shape {shape}) holds NaN or inf values.")
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        # Only one float convention: a float array with max <= 1 could be a dark 0..255 image
-        # too, so guessing the scale from the values could silently be off by 255x.
-        if lo < -FLOAT_TOLERANCE or hi > 1.0 + FLOAT_TOLERANCE:
-            raise ValueError(
-                f"a float image array (dtype {a.dtype}, shape {shape}) must hold values in "
-                f"[0, 1], found {lo:.4g}..{hi:.4g}; for 0..255 data pass "
-                f"array.astype(np.uint8), or divide by 255.")
-        return np.rint(np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ValueError(f"an image array must be bool, integer or float, got dtype {a.dtype} "
-                     f"(shape {shape}).")
-
-
-def array_to_rgb(array) -> np.ndarray:
-    """One image array -> RGB uint8 HxWx3.
-
-    Shapes HxW, HxWx1 (grayscale), HxWx3 (RGB), HxWx4 (RGBA: alpha dropped, as load_rgb
-    does). dtypes: uint8; uint16 (16-bit, 65535 = white); other integers holding 0..255;
-    float in [0, 1] (a float outside [0, 1] is refused, not guessed); bool (True = white).
-    """
-    a = np.asarray(array)
-    shape = tuple(a.shape)
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in _CHANNELS)):
-        raise ValueError(
-            f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 (channels last), got shape "
-            f"{shape}; a channels-first array needs np.moveaxis(a, 0, -1).")
-    if a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"an image array has no pixels (shape {shape}).")
-    a = _array_scale_to_uint8(a, shape)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    return np.ascontiguousarray(a[..., :3])
-
-
-def array_to_images(array) -> list[np.ndarray]:
-    """An array of one image or a batch -> [RGB uint8 HxWx3, ...].
-
-    4-D is a batch [B, H, W, C]; 2-D is one grayscale image; 3-D is one image when its last
-    axis is 1, 3 or 4 (HxWxC), a batch of grayscale images [B, H, W] otherwise, except when
-    its first axis is 1, 3 or 4: that is also a channels-first image, so it is refused as
-    ambiguous. A list or tuple of arrays is a list of single images.
-    """
-    if isinstance(array, (list, tuple)):
-        return [array_to_rgb(a) for a in array]
-    a = np.asarray(array)
-    shape = tuple(a.shape)
-    if a.ndim == 4:
-        if a.shape[3] not in _CHANNELS:
-            raise ValueError(f"a batch of images must be [B, H, W, C] with C in 1, 3 or 4, "
-                             f"got shape {shape}.")
-        return [array_to_rgb(x) for x in a]
-    if a.ndim == 3 and a.shape[2] not in _CHANNELS:
-        if a.shape[0] in _CHANNELS:
-            raise ValueError(
-                f"ambiguous image array shape {shape}: a channels-first image or a batch of "
-                f"{shape[0]} grayscale images? Pass channels last (np.moveaxis(a, 0, -1)) for "
-                f"one image, or a 4-D [B, H, W, 1] array (or a list) for a batch.")
-        return [array_to_rgb(x) for x in a]
-    if a.ndim in (2, 3):
-        return [array_to_rgb(a)]
-    raise ValueError(f"an image array must have 2, 3 or 4 dimensions (HxW, HxWxC or "
-                     f"[B, H, W, C]), got shape {shape}.")
-
-
-def load_rgb(path: str) -> np.ndarray:
-    """Any image file -> RGB uint8 HxWx3 (raises DataError naming the file)."""
-    with _open(path, "image") as img:
-        out = to_rgb(img)
-    if out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3:
-        raise DataError(f"cannot convert image {path} (mode {img.mode}) to 8-bit RGB.")
-    return np.ascontiguousarray(out)
 
 
 def mask_to_binary(img: Image.Image) -> np.ndarray:
@@ -219,7 +51,7 @@ def mask_to_binary(img: Image.Image) -> np.ndarray:
 
 def load_mask(path: str) -> np.ndarray:
     """Any mask file -> uint8 HxW in {0, 255} (non-zero pixels are the defect)."""
-    with _open(path, "mask") as img:
+    with open_image(path, "mask") as img:
         out = mask_to_binary(img)
     return np.ascontiguousarray(out.astype(np.uint8) * np.uint8(255))
 
@@ -245,54 +77,6 @@ def warn_if_empty_mask(mask: np.ndarray | None, label: int, mask_file: str,
         DataWarning, stacklevel=2)
 
 
-def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
-    """(width, height) from the header only: cheap enough to check a whole dataset."""
-    try:
-        with Image.open(path) as img:
-            size = img.size
-            n_frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1
-    except FileNotFoundError:
-        raise MissingDataError(f"{what} not found: {path}") from None
-    except _READ_ERRORS as e:
-        raise DataError(f"cannot read {what} {path}: {_reason(path, e)}. Replace or remove "
-                        f"the file.") from None
-    if n_frames > 1:
-        raise DataError(f"{what} {path} is a multi-page TIFF ({n_frames} pages); save each "
-                        f"page as its own image file.")
-    return size
-
-
-def _geometry(h: int, w: int, image_size: int, resize_mode: str, crop_size: int):
-    """-> (resized (W, H), crop box or None)."""
-    if resize_mode == "resize":
-        return (image_size, image_size), None
-    if resize_mode != "patchcore":
-        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-    # torchvision Resize(int): shorter side -> size, longer side truncated.
-    if w <= h:
-        nw, nh = image_size, int(image_size * h / w)
-    else:
-        nw, nh = int(image_size * w / h), image_size
-    if crop_size > min(nw, nh):
-        raise ValueError(f"crop_size {crop_size} exceeds resized image {nw}x{nh}")
-    # torchvision CenterCrop rounding.
-    top = int(round((nh - crop_size) / 2.0))
-    left = int(round((nw - crop_size) / 2.0))
-    return (nw, nh), (left, top, left + crop_size, top + crop_size)
-
-
-def resize_image(image: np.ndarray, image_size: int, resize_mode: str = "resize",
-                 crop_size: int = 224) -> np.ndarray:
-    """uint8 HxWx3 -> uint8 SxSx3 (S = image_size, or crop_size in patchcore mode)."""
-    size, box = _geometry(*image.shape[:2], image_size, resize_mode, crop_size)
-    img = Image.fromarray(image)
-    if img.size != size:
-        img = img.resize(size, Image.BILINEAR)
-    if box is not None:
-        img = img.crop(box)
-    return np.asarray(img)
-
-
 def resize_mask(mask: np.ndarray, image_size: int, resize_mode: str = "resize",
                 crop_size: int = 224) -> np.ndarray:
     """HxW mask of any dtype (non-zero = defect) -> float32 SxS in {0, 1}.
@@ -303,7 +87,7 @@ def resize_mask(mask: np.ndarray, image_size: int, resize_mode: str = "resize",
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be HxW, got shape {mask.shape}")
-    size, box = _geometry(*mask.shape[:2], image_size, resize_mode, crop_size)
+    size, box = geometry(*mask.shape[:2], image_size, resize_mode, crop_size)
     img = Image.fromarray((mask != 0).astype(np.float32))  # mode "F"
     if img.size != size:
         img = img.resize(size, Image.BILINEAR)
