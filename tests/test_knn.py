@@ -260,12 +260,15 @@ def bf16_midpoint_case(d=32):
     bf16-exact decoys that are truly farther but nearer after rounding. Rows come with their
     negations so the bank mean (the bf16 path's centre) is exactly 0, and the query is that mean.
     A bound with 2^-9 per coordinate proves the decoy (issue 22); 2^-8 must not."""
+    n_decoys = knn.n_refine_low(1)          # exactly the refined ones: a is the next one kept
+    assert n_decoys % 2 == 0
     a = np.full(d, 1 + 2.0 ** -8 + 2.0 ** -16, np.float32)
-    b1 = np.ones(d, np.float32)
-    b1[: d // 2 + 1] = 1 + 2.0 ** -7
-    b2 = np.ones(d, np.float32)
-    b2[d // 2 - 1:] = 1 + 2.0 ** -7
-    bank = np.stack([a, -a, b1, b2, -b1, -b2])
+    decoys = []
+    for j in range(n_decoys // 2):          # d/2 + 1 coordinates at 1 + 2^-7, the rest at 1
+        b = np.ones(d, np.float32)
+        b[(np.arange(d // 2 + 1) + 3 * j) % d] = 1 + 2.0 ** -7
+        decoys.append(b)
+    bank = np.stack([a, -a] + decoys + [-b for b in decoys])
     q = np.zeros((1, d), np.float32)
     return q, bank
 
