@@ -434,10 +434,10 @@ def cmd_test(a) -> int:
     out = check_writable(a.out or "results/test", "--out")
     download.set_policy(getattr(a, "download", None))  # the backbone weights, whatever the dataset
     refuse_fit_only_flags(a)
-    probe = model_lib.load(a.checkpoint, category=(a.category or [None])[0])
-    if a.category:
-        categories = resolve_categories(a, a.dataset or probe.cfg.data.dataset)
+    if a.category:  # 'all' is MVTec AD's 15
+        categories = resolve_categories(a, a.dataset or "mvtec_ad")
     else:
+        probe = model_lib.load(a.checkpoint)
         categories = str(probe.provenance.get("category") or "category").split("+")
     models = {c: apply_test_flags(model_lib.load(a.checkpoint, category=c), a) for c in categories}  # all refusals first
     t0 = time.perf_counter()
