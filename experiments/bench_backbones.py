@@ -133,7 +133,10 @@ def main(argv=None) -> list[dict]:
         torch, tdev, torch_note = None, None, "torch not importable: PyTorch reference skipped"
 
     dev = jax.devices()[0]
+    from pn_jax import hardware
+
     print(f"JAX {jax.__version__} on {dev.platform} ({dev.device_kind}); {torch_note}")
+    print(f"CPU: {hardware.describe_cpu()}")
     print(f"batch {args.batch}, {args.size}x{args.size}, median of {args.iters} calls "
           f"(JAX and torch interleaved); load average {os.getloadavg()[0]:.1f}\n")
 
@@ -175,7 +178,7 @@ def main(argv=None) -> list[dict]:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"jax": jax.__version__, "device": f"{dev.platform} {dev.device_kind}",
                 "torch": torch_note, "batch": args.batch, "size": args.size, "iters": args.iters,
-                "host": platform.node(), "cpus": os.cpu_count()}
+                "host": platform.node(), "cpus": os.cpu_count(), "cpu": hardware.describe_cpu()}
         (args.out / "bench_backbones.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"\nwrote {args.out / 'bench_backbones.json'}")
     return rows

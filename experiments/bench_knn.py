@@ -300,6 +300,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     import jax
 
+    from pn_jax import hardware
+
     if a.features == "elpv":
         train, test = elpv_features(a.cache, a.train_images, a.test_images)
     else:
@@ -311,11 +313,12 @@ def main(argv=None) -> dict:
     knn_rows = [] if a.skip_knn else knn_table(train, test, a.banks, a.ks, rounds=a.rounds, rank=a.rank,
                                                budget=a.budget, block=a.block, seed=a.seed)
     core_rows = [] if a.skip_coreset else coreset_table(train, a.coreset_n, a.coreset_ratio, a.coreset_rounds, a.seed)
-    table = fmt_table(knn_rows, core_rows)
+    table = f"CPU: {hardware.describe_cpu()}\n" + fmt_table(knn_rows, core_rows)
     print(table)
     doc = {"features": a.features, "n_train_patches": int(len(train)), "n_query_images": int(len(test)),
            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-           "machine": {"cpus": n_threads(), "platform": platform.platform()}, "args": {
+           "machine": {"cpus": n_threads(), "platform": platform.platform(), "cpu": hardware.describe_cpu(),
+                       "knn_ranking_default": hardware.knn_ranking()}, "args": {
                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "knn": knn_rows, "coreset": core_rows, "table": table}
     a.out.parent.mkdir(parents=True, exist_ok=True)

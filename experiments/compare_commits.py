@@ -103,6 +103,8 @@ def main(argv=None) -> int:
         subprocess.run(["git", "-C", here, "worktree", "remove", "--force", wt], check=False)
     import numpy as np
 
+    from pn_jax import hardware
+
     med = {k: float(np.median([x["wall_s"] for x in v])) for k, v in runs.items()}
     same = all(metrics_of(x["results"]) == metrics_of(runs["base"][0]["results"]) for x in runs["base"]) and \
         all(metrics_of(x["results"]) == metrics_of(runs["base"][0]["results"]) for x in runs["head"])
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
            "runs": {k: [{kk: vv for kk, vv in x.items() if kk != "results"} for x in v] for k, v in runs.items()},
            "stages": {k: {c: e.get("timings") for c, e in v[0]["results"]["categories"].items()}
                       for k, v in runs.items()},
-           "stage_medians": stages}
+           "stage_medians": stages, "cpu": hardware.describe_cpu(), "knn_ranking": hardware.knn_ranking()}
     with open(os.path.join(a.out, "compare.json"), "w") as fh:
         json.dump(doc, fh, indent=2)
     import matplotlib
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
     ax.set_title(f"speed-up {doc['speedup']:.2f}x; metrics identical: {same}", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "compare.png"), dpi=100)
+    print(f"CPU: {doc['cpu']}")
     print(stage_table(stages, med, a.base))
     print(f"median wall: base {med['base']:.1f}s, this checkout {med['head']:.1f}s -> {doc['speedup']:.2f}x; "
           f"metrics identical: {same}; {os.path.join(a.out, 'compare.json')}")
