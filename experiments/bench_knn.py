@@ -1,4 +1,4 @@
-"""k-NN and coreset speed on real features (issue 15): dense vs pruned vs faiss, and the
+"""k-NN and coreset speed on real features (issue 15): float32 vs bfloat16 ranking vs faiss, and the
 greedy coreset by candidate batching vs deferred batches.
 
     python -m experiments.bench_knn --out runs/bench_knn.json
@@ -7,7 +7,7 @@ greedy coreset by candidate batching vs deferred batches.
 Features: efficientnet_lite0 (its pip weights) on ELPV `all` at 256x256, 1024 patches of
 D = 1024 per image, extracted once through the library (`data.load_category`,
 `detector.FeatureExtractor`, `detector.extract_all`) and cached as float16 under --cache.
-Random Gaussian features would hide what pruning sees: real features are nearly low-rank.
+Random Gaussian features would hide what real features look like: they are nearly low-rank.
 `--features synthetic` uses points with a decaying spectrum instead (no download needed).
 
 k-NN: banks of M entries are greedy coresets of the train patches (what a fit stores); the
@@ -17,16 +17,17 @@ Contenders, interleaved image by image for --rounds rounds:
   * knn         `knn.knn(q, bank, k, block)`: exact, bank prepared on every call;
   * matmul_bf16 the same product in bfloat16 with float32 accumulation (dot_general on the
                 stored layout): the ceiling of the bf16 ranking;
-  * dense       `knn.knn_indexed` on `knn.prepare_bank(bank, rank=0, low=False)` (float32);
-  * dense_bf16  `knn.knn_indexed` on `knn.prepare_bank(bank, rank=0, low=True)`: ranking in
-                bfloat16, proof and residual distances in float32 (the CPU default);
-  * pruned      `knn.knn_indexed` on `knn.prepare_bank(bank, rank=--rank)`;
+  * dense       `knn.knn_indexed` on `knn.prepare_bank(bank, low=False)` (float32);
+  * dense_bf16  `knn.knn_indexed` on `knn.prepare_bank(bank, low=True)`: ranking in
+                bfloat16, proof and residual distances in float32 (the default on CPUs
+                with native bf16 dot products, `pn_jax.hardware`);
   * faiss       faiss-cpu's exact IndexFlatL2 (when importable; never a pn_jax dependency),
                 with as many threads as the process may use.
 GFLOP/s counts the dense work 2 Q M D for every contender. `identical`: indices and
 distances bit for bit equal to `knn.knn` on every timed image (faiss: the fraction of equal
-indices). The pruned search also reports its pruning rate (1 - candidates / M) and the
-fraction of queries its candidates settled (the rest took the dense path).
+indices). `proven by the bound`: the fraction of queries settled by the float32 (knn, dense)
+or bfloat16 (dense_bf16) bound; the rest took a fallback search. (The pruned search measured
+here until issue 24 is in docs/bench/bench_knn.json and the git history.)
 
 Coreset: `coreset.coreset_indices` on the first --coreset-n train patches at --coreset-ratio
 with the candidate batching (`greedy_select_stepwise`, the previous default) and with
@@ -112,7 +113,7 @@ def synthetic_features(n_train_patches: int, n_test: int, d: int = 1024, seed: i
 
 
 # ----------------------------------------------------------------------------- k-NN
-def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
+def knn_table(train, test, banks, ks, *, rounds, block, seed):
     import jax
     import jax.numpy as jnp
 
@@ -135,9 +136,8 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
         bank = jnp.asarray(bank_np)
         t_bank = time.perf_counter() - t0
         t0 = time.perf_counter()
-        dense_ix = knn.prepare_bank(bank, rank=0, low=False)
-        low_ix = knn.prepare_bank(bank, rank=0, low=True)
-        pruned_ix = knn.prepare_bank(bank, rank=rank)
+        dense_ix = knn.prepare_bank(bank, low=False)
+        low_ix = knn.prepare_bank(bank, low=True)
         t_prep = time.perf_counter() - t0
         fidx = None
         if faiss is not None:
@@ -153,10 +153,9 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
                        q.astype(bf), b, nk, preferred_element_type=jnp.float32)),
                    "knn": jax.jit(lambda q, b, k=k: knn.knn(q, b, k, block)),
                    "dense": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, block=block)),
-                   "dense_bf16": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, block=block)),
-                   "pruned": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, budget=budget, block=block))}
+                   "dense_bf16": jax.jit(lambda q, ix, k=k: knn.knn_indexed(q, ix, k, block=block))}
             arg = {"matmul": bank, "matmul_bf16": bank.astype(bf), "knn": bank, "dense": dense_ix,
-                   "dense_bf16": low_ix, "pruned": pruned_ix}
+                   "dense_bf16": low_ix}
             names = list(fns) + (["faiss"] if fidx is not None else [])
             times = {n: [] for n in names}
             same = {n: True for n in names}
@@ -175,14 +174,12 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
                         times[n].append(time.perf_counter() - t)
                         if n == "knn":
                             ref = (np.asarray(out[0]), np.asarray(out[1]))
-                        elif n in ("dense", "dense_bf16", "pruned"):
+                        elif n in ("dense", "dense_bf16"):
                             same[n] &= bool(np.array_equal(np.asarray(out[1]), ref[1])
                                             and np.array_equal(np.asarray(out[0]), ref[0]))
                         elif n == "faiss":
                             faiss_agree.append(float(np.mean(out[1] == ref[1])))
-            stats = [knn.search_stats(jnp.asarray(img), pruned_ix, k, budget=budget, block=block) for img in images]
-            cand = float(np.mean([float(s.get("candidate_fraction", 1.0)) for s in stats]))
-            settled = float(np.mean([float(s.get("pruned_settled", 0.0)) for s in stats]))
+            stats = [knn.search_stats(jnp.asarray(img), dense_ix, k, block=block) for img in images]
             proven = float(np.mean([float(s["dense_proven"]) for s in stats]))
             low_stats = [knn.search_stats(jnp.asarray(img), low_ix, k, block=block) for img in images]
             low_proven = float(np.mean([float(s["low_proven"]) for s in low_stats]))
@@ -193,11 +190,8 @@ def knn_table(train, test, banks, ks, *, rounds, rank, budget, block, seed):
                              "ms_min": min(times[n]) * 1e3, "gflops": gflop / med,
                              "identical": (True if n == "knn" else None if n.startswith("matmul")
                                            else float(np.mean(faiss_agree)) if n == "faiss" else same[n]),
-                             "pruning_rate": 1.0 - cand if n == "pruned" else None,
-                             "pruned_settled": settled if n == "pruned" else None,
                              "dense_proven": (proven if n in ("knn", "dense")
                                               else low_proven if n == "dense_bf16" else None),
-                             "rank": rank if n == "pruned" else None,
                              "n_timed": len(times[n]), "loadavg": [l0, load()]})
             base = statistics.median(times["knn"])
             for row in rows[-len(names):]:
@@ -241,17 +235,15 @@ def coreset_table(train, n, ratio, rounds, seed):
 def fmt_table(knn_rows, core_rows) -> str:
     lines = []
     if knn_rows:
-        lines += ["| bank M | k | method | ms / image | min | GFLOP/s | vs knn | identical | pruning rate | settled "
-                  "| proven by the bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| bank M | k | method | ms / image | min | GFLOP/s | vs knn | identical | proven by the bound |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in knn_rows:
             if r["method"] == "_setup":
                 continue
             ident = r["identical"]
             ident = "-" if ident is None else (f"{ident:.4f} agree" if isinstance(ident, float) else str(ident))
-            pr = "-" if r["pruning_rate"] is None else f"{r['pruning_rate']:.2%}"
-            st = "-" if r["pruned_settled"] is None else f"{r['pruned_settled']:.2%}"
             lines.append(f"| {r['bank']} | {r['k']} | {r['method']} | {r['ms_per_image']:.1f} | {r['ms_min']:.1f} | "
-                         f"{r['gflops']:.0f} | {r['vs_knn']:.2f} | {ident} | {pr} | {st} | "
+                         f"{r['gflops']:.0f} | {r['vs_knn']:.2f} | {ident} | "
                          f"{'-' if r['dense_proven'] is None else format(r['dense_proven'], '.2%')} |")
     if core_rows:
         lines += ["", "| coreset N | ratio | method | seconds (median) | projection s | selected | identical |",
@@ -274,8 +266,6 @@ def parse_args(argv=None):
     p.add_argument("--banks", default=None, help="bank sizes M (default 2000,7000)")
     p.add_argument("--ks", default="1,9")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
-    p.add_argument("--rank", type=int, default=256, help="principal axes of the pruned search")
-    p.add_argument("--budget", type=int, default=None, help="candidates per query (default knn.default_budget)")
     p.add_argument("--block", type=int, default=8192, help="bank rows per matmul")
     p.add_argument("--coreset-n", type=int, default=None,
                    help="points for the coreset timing (default 700416 = 684 images x 1024 patches)")
@@ -310,8 +300,8 @@ def main(argv=None) -> dict:
         sys.exit(f"bench_knn: --coreset-n {a.coreset_n} > the {len(train)} train patches; "
                  f"raise --train-images (1024 patches each) or lower --coreset-n")
     test = test[:a.test_images]
-    knn_rows = [] if a.skip_knn else knn_table(train, test, a.banks, a.ks, rounds=a.rounds, rank=a.rank,
-                                               budget=a.budget, block=a.block, seed=a.seed)
+    knn_rows = [] if a.skip_knn else knn_table(train, test, a.banks, a.ks, rounds=a.rounds, block=a.block,
+                                               seed=a.seed)
     core_rows = [] if a.skip_coreset else coreset_table(train, a.coreset_n, a.coreset_ratio, a.coreset_rounds, a.seed)
     table = f"CPU: {hardware.describe_cpu()}\n" + fmt_table(knn_rows, core_rows)
     print(table)

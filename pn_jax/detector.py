@@ -349,7 +349,7 @@ class Scorer:
 
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
         if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
-            self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank, rank=0)
+            self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank)
         return self._index
 
     def maps(self, patch) -> jax.Array:
@@ -380,7 +380,7 @@ def _holdout_knn(feats, index, *, k, block):
 def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax.Array]:
     """The K-NN of every held-out patch, searched once for all fit-time statistics:
     (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image)."""
-    return _holdout_knn(jnp.asarray(holdout_feats), knn_lib.prepare_bank(bank, rank=0), k=cfg.noising.k,
+    return _holdout_knn(jnp.asarray(holdout_feats), knn_lib.prepare_bank(bank), k=cfg.noising.k,
                         block=cfg.bank.knn_block)
 
 
@@ -495,7 +495,7 @@ def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Ar
     """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
     against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
     check_loo_bank(bank_owner, owners, cfg.noising.k)
-    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), knn_lib.prepare_bank(bank, rank=0),
+    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), knn_lib.prepare_bank(bank),
                     jnp.asarray(bank_owner, jnp.int32),
                     k=cfg.noising.k, block=cfg.bank.knn_block)
 

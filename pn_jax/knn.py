@@ -6,7 +6,7 @@ smallest (d, index) pairs: exact ties go to the lower bank index. d is a per-row
 a pair gets the same bits whatever the shape of the call (tested on XLA:CPU), so every path
 below returns these indices and these distances, bit for bit, and proves it per query:
 
-* Dense (`knn`, `knn_indexed` with rank 0). One matmul per bank block ranks the bank by the
+* Dense (`knn`, `knn_indexed`). One matmul per bank block ranks the bank by the
   expanded form T = |b|^2 - 2 q.b (= d^2 - |q|^2) and keeps the n_refine + 1 smallest; the
   n_refine best get residual distances. No entry outside the refined ones can beat the k-th
   refined distance when
@@ -22,14 +22,6 @@ below returns these indices and these distances, bit for bit, and proves it per 
   float32 accumulation of exact bf16 products, which holds on XLA:CPU; GPU tensor cores and
   TPU MXUs accumulate differently (an H200 returned a wrong neighbour set), so it is refused
   on every other backend.
-* Pruned (`prepare_bank(rank=r)` + `knn_indexed`). Lower bounds from an orthonormal
-  projection onto the bank's top-r principal axes (||P^T (q - b)|| <= s ||q - b||,
-  s = ||P||_2 ~ 1), with their own float32 error bounds. The n_refine entries nearest in
-  projection give an upper bound u on the k-th distance; every entry whose lower bound is
-  <= u / (1 - delta) is a candidate (at most `budget` per query, compacted in index order)
-  and gets a residual distance. An entry outside has d_hat > u >= d_(k), so it is not among
-  the k. Queries with more than `budget` candidates take the dense path, in compacted
-  chunks. All shapes are static: one compilation per (bank shape, k).
 
 The bounds. U = 2^-24 is float32's unit roundoff (round to nearest); gamma_n = n U / (1 - n U)
 bounds the relative error of a float32 sum of n products in any order (Higham, Thm 3.1);
@@ -61,9 +53,6 @@ of single roundings around each sum (one or two U each; named where they occur).
   pieces h + m + l equal fl(|yl|^2) to within U |yl|^2 (the last piece's rounding). As above,
   S~ = |xl|^2 + T~ is within err = 2 g (|xl| + |yl|)^2 + g |xl|^2 of |xl - yl|^2, and
       d(q, b) >= sqrt(S~ - err) - EPS_LOW (|xf| + max |yf|) - 2 sqrt(D) 2^-126.
-* Pruned path: the same expanded-form error in r dimensions (projected norm column, |pq|^2
-  and the sum: 2 gamma_(r + AUG) + 4 U), plus the projection's own error rho (see
-  `pruned_indices`).
 
 Tests (tests/test_knn.py) build inputs at these edges: coordinates just above bf16 rounding
 midpoints against bf16-exact decoys (a bound of 2^-9 is fooled there), near-ties far from the
@@ -89,7 +78,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 products on every backend (no TF32/bf16 passes)
 GROUP = 32                           # entries per group in `smallest` (fastest on CPU, measured)
@@ -155,18 +143,6 @@ def _check_k(k: int, m: int):
 
 
 # ----------------------------------------------------------------------------- pieces
-def pad_bank(bank: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """Pad [M, D] to a multiple of `block`; returns (padded bank, squared norms with +inf on pads)."""
-    m = bank.shape[0]
-    block = min(block, m)
-    n_blocks = -(-m // block)
-    pad = n_blocks * block - m
-    sq = jnp.sum(bank.astype(jnp.float32) ** 2, axis=-1)
-    bank_p = jnp.pad(bank, ((0, pad), (0, 0)))
-    sq_p = jnp.pad(sq, (0, pad), constant_values=jnp.inf)
-    return bank_p, sq_p
-
-
 def augment_rows(x: jax.Array, excluded: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """x [M, D] -> ([-2x, |x|^2, 0 ...] padded with rows [0, +inf, 0 ...] to a multiple of
     GROUP rows: [Mp, D + AUG] float32, and |x|^2 [M]). One pad of -2x (fused) and an
@@ -281,18 +257,6 @@ def ranked_candidates(q: jax.Array, aug: jax.Array, n: int, block: int, barrier:
     # Blocks in index order, each ascending with ties by index: ties -> lower index.
     neg, pos = _top_k(-jnp.concatenate(vals, -1), n, barrier)
     return -neg, jnp.take_along_axis(jnp.concatenate(idxs, -1), pos, -1)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "block"))
-def knn_sq_ranked(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096,
-                  index_offset: int | jax.Array = 0):
-    """Top-k by expanded squared distance. queries [Q, D], bank [M, D] -> (d2 [Q,k], idx [Q,k]).
-    Ranks by the rounded expanded form: a candidate generator, not the exact answer. No
-    optimisation barriers: sharding.py calls this inside shard_map."""
-    _check_k(k, bank.shape[0])
-    q = queries.astype(jnp.float32)
-    t, idx = ranked_candidates(q, augment_rows(bank)[0], k, block, barrier=False)
-    return jnp.maximum(t + jnp.sum(q * q, axis=-1, keepdims=True), 0.0), idx + index_offset
 
 
 def exact_distances(queries: jax.Array, bank: jax.Array, idx: jax.Array, inv_scale=None) -> jax.Array:
@@ -555,201 +519,58 @@ def knn_batched(features: jax.Array, bank: jax.Array, k: int, block: int = 4096)
 
 # ----------------------------------------------------------------------------- bank index
 class BankIndex(NamedTuple):
-    """Per-bank data for `knn_indexed` (a pytree; build it once per bank with `prepare_bank`).
-
-    rank 0 (axes [D, 0]): no pruning, `knn_indexed` runs the dense path on the stored
-    augmented bank. The scalars are upper bounds used by the exactness proofs."""
+    """Per-bank data for `knn_indexed` (a pytree; build it once per bank with `prepare_bank`):
+    the dense path's augmented bank and, where the bfloat16 ranking is used, its table. The
+    scalars are upper bounds used by the exactness proofs."""
     bank: jax.Array         # [M, D] as given (residual distances)
     aug: jax.Array          # [Mp, D + AUG] augment_rows(bank); Mp = M rounded up to GROUP
     max_norm: jax.Array     # () >= max |b|
-    mean: jax.Array         # [D] centre of the projection
-    axes: jax.Array         # [D, r] orthonormal principal axes (float32)
-    proj_aug: jax.Array     # [Mp, r + AUG] augment_rows((bank - mean) @ axes)
-    max_proj: jax.Array     # () >= max |proj|
-    max_centred: jax.Array  # () >= max |b - mean|
-    axes_norm: jax.Array    # () >= ||axes||_2 (of the float32 axes, in exact arithmetic)
+    mean: jax.Array         # [D] the bank's mean (the bf16 table's centre)
     low: LowBank            # the bf16 ranking's bank (aug [0, D + AUG] when not used)
 
-    @property
-    def rank(self) -> int:
-        return self.axes.shape[1]
-
-
-# The pruned path is exact everywhere but faster nowhere we could measure: on a 2-core CPU
-# (ELPV efficientnet_lite0 features, M = 7000, Q = 1024, r = 256, 99.4% pruned) the
-# lower-bound matmul, the candidate compaction and ~150 per-candidate row gathers take
-# 62 ms per image against 43 ms for the dense path (experiments/bench_knn.py). Other
-# backends are unmeasured (no accelerator in this session); measure before switching.
-DEFAULT_RANK: dict[str, int] = {"cpu": 0}
-
-
-def default_rank(backend: str | None = None) -> int:
-    return DEFAULT_RANK.get(backend or jax.default_backend(), 0)
-
 
 @jax.jit
-def _bank_moments(bank):
-    b = bank.astype(jnp.float32)
-    mean = jnp.mean(b, axis=0)
-    c = b - mean
-    return mean, jnp.matmul(c.T, c, precision=HIGHEST)
-
-
-@jax.jit
-def _bank_tables(bank, mean, axes):
-    d = bank.shape[1]
+def _bank_tables(bank):
     aug, sq = augment_rows(bank)
-    c = bank.astype(jnp.float32) - mean
-    proj_aug, proj_sq = augment_rows(jnp.matmul(c, axes, precision=HIGHEST))
-    c_sq = jnp.sum(c * c, axis=-1)
-    return aug, _max_norm(sq, d), proj_aug, _max_norm(proj_sq, axes.shape[1]), _max_norm(c_sq, d)
-
-
-def prepare_bank(bank, rank: int | None = None, low: bool | None = None) -> BankIndex:
-    """The search index of a bank [M, D], built once per bank (not jitted: a float64 eigen-
-    decomposition on the host when rank > 0, ~0.5 s for D = 1024).
-
-    rank: principal axes for the lower bounds; None = `default_rank()` for this backend,
-    0 = no pruning (the dense path, bank prepared once). low: rank the dense path in bfloat16
-    (`low_indices`); None = `default_low()` for this backend."""
-    bank = jnp.asarray(bank)
-    m, d = bank.shape
-    rank = default_rank() if rank is None else int(rank)
-    rank = max(0, min(rank, d))
-    if rank:
-        mean, cov = _bank_moments(bank)
-        # The axes need only be orthonormal, and s below is exact for the float32 axes
-        # whatever their accuracy: their quality decides how much is pruned, never the answer.
-        _, vecs = np.linalg.eigh(np.asarray(cov, np.float64))
-        axes = np.ascontiguousarray(vecs[:, ::-1][:, :rank]).astype(np.float32)
-        axes_norm = float(np.linalg.norm(axes.astype(np.float64), 2)) * (1.0 + 1e-9)
-    else:
-        mean = _bank_mean(bank)
-        axes = np.zeros((d, 0), np.float32)
-        axes_norm = 1.0
-    aug, max_norm, proj_aug, max_proj, max_centred = _bank_tables(bank, mean, jnp.asarray(axes))
-    use_low = default_low() if low is None else bool(low)
-    if use_low:
-        check_low()
-    lb = (_augment_low_jit(bank, mean) if use_low else
-          LowBank(jnp.zeros((0, d + AUG), LOW), mean, jnp.float32(0.0)))
-    return BankIndex(bank, aug, max_norm, mean, jnp.asarray(axes), proj_aug, max_proj,
-                     max_centred, jnp.float32(axes_norm), lb)
+    return aug, _max_norm(sq, bank.shape[1]), jnp.mean(bank.astype(jnp.float32), axis=0)
 
 
 _augment_low_jit = jax.jit(augment_low)
 
 
-@jax.jit
-def _bank_mean(bank):
-    return jnp.mean(bank.astype(jnp.float32), axis=0)
+def prepare_bank(bank, low: bool | None = None) -> BankIndex:
+    """The search index of a bank [M, D], built once per bank. low: rank in bfloat16
+    (`low_indices`); None = `default_low()`, chosen by what this machine can do
+    (`pn_jax.hardware`). low=True is refused off the CPU (`check_low`).
+
+    (A pruned search by principal-axis lower bounds lived here until issue 24: exact, but
+    slower than the dense path on every CPU measured; its figures are in
+    docs/bench/bench_knn.json and its code in the git history, commit 1f810c4 and before.)"""
+    bank = jnp.asarray(bank)
+    d = bank.shape[1]
+    aug, max_norm, mean = _bank_tables(bank)
+    use_low = default_low() if low is None else bool(low)
+    if use_low:
+        check_low()
+    lb = (_augment_low_jit(bank, mean) if use_low else
+          LowBank(jnp.zeros((0, d + AUG), LOW), mean, jnp.float32(0.0)))
+    return BankIndex(bank, aug, max_norm, mean, lb)
 
 
-def default_budget(k: int) -> int:
-    """Candidates per query held by the pruned path (efficientnet_lite0 ELPV features,
-    r = 256, bank 2000-7000: >= 99% of the queries fit; the rest take the dense path)."""
-    return 48 + 12 * k
-
-
-def _prefix_count(mask: jax.Array) -> jax.Array:
-    """Inclusive prefix count of a [Q, M] mask (M a multiple of GROUP) as float32 (exact below
-    2^24), by two small triangular matmuls: XLA's CPU cumsum over [1024, 7000] takes ~100 ms."""
-    q, m = mask.shape
-    g, n_groups = GROUP, m // GROUP
-    x = mask.astype(jnp.float32).reshape(q * n_groups, g)
-    tri_g = jnp.triu(jnp.ones((g, g), jnp.float32))                   # [j, i] = j <= i
-    within = jnp.matmul(x, tri_g, precision=HIGHEST).reshape(q, n_groups, g)
-    tri_n = jnp.triu(jnp.ones((n_groups, n_groups), jnp.float32), 1)  # strictly before
-    before = jnp.matmul(within[:, :, -1], tri_n, precision=HIGHEST)   # [Q, G]
-    return (within + before[:, :, None]).reshape(q, m)
-
-
-def _compact(mask: jax.Array, budget: int) -> tuple[jax.Array, jax.Array]:
-    """Indices of the first `budget` True entries of each row, in index order: (idx [Q, C],
-    count [Q]). Slot c holds the smallest j with prefix_count[j] >= c + 1 (binary search)."""
-    q, m = mask.shape
-    pc = _prefix_count(mask)
-    target = jnp.arange(1, budget + 1, dtype=jnp.float32)[None, :]
-    lo = jnp.zeros((q, budget), jnp.int32)
-    hi = jnp.full((q, budget), m - 1, jnp.int32)
-    for _ in range(max(1, math.ceil(math.log2(max(m, 2))))):
-        mid = (lo + hi) // 2
-        right = jnp.take_along_axis(pc, mid, axis=1) < target
-        lo = jnp.where(right, mid + 1, lo)
-        hi = jnp.where(right, hi, mid)
-    return lo, pc[:, -1]
-
-
-def pruned_indices(q: jax.Array, index: BankIndex, k: int, budget: int, block: int,
-                   chunk: int = 64) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Exact k-NN indices by the pruned path: (idx [Q, k], settled [Q], count [Q]); `settled`
-    marks the queries whose `count` candidates fit the budget (the others took the dense path)."""
-    bank = index.bank
-    m, d = bank.shape
-    r = index.rank
-    nr = min(n_refine(k), m)
-    xq = q - index.mean
-    pq = jnp.matmul(xq, index.axes, precision=HIGHEST)
-    pq_sq = jnp.sum(pq * pq, axis=-1)
-    # l2 + |pq|^2 is the expanded squared distance in projection.
-    l2 = jnp.matmul(_augment_queries(pq), index.proj_aug.T, precision=HIGHEST)
-    # Upper bound u on the k-th distance: the k-th residual distance among the n_refine
-    # entries nearest in projection.
-    _, c0 = smallest(l2, nr)
-    u = jnp.max(_first_k(exact_distances(q, bank, c0), c0, k)[0], axis=-1)
-    # Lower bound of d(q, b): ||P^T (q - b)|| <= s ||q - b||. The computed projections err by
-    # at most rho * |x| each (a length-D dot per coordinate, plus the centring), and the
-    # expanded form in r dims by err (`_expanded_err`: norm column, |pq|^2 and the sum), so
-    #     lb = (sqrt(max(|pq|^2 + l2 - err, 0)) - rho * (|xq| + max|b - mean|)) / s.
-    # An entry outside the candidates has d_hat >= (1 - delta) d >= (1 - delta) lb > u >= d_(k)
-    # once lb > u / (1 - delta); solved for l2 this is one threshold per query (each rounding
-    # pushed towards more candidates, which is always safe).
-    xn = jnp.sqrt(jnp.sum(xq * xq, axis=-1)) * (1.0 + _gamma(d))
-    rho = index.axes_norm * (math.sqrt(r) * _gamma(d) + 3 * U32)
-    err = _expanded_err(r, jnp.sqrt(pq_sq) * (1.0 + _gamma(r)), index.max_proj)
-    a = (u / (1.0 - _delta(d)) * index.axes_norm + rho * (xn + index.max_centred)) * (1.0 + 16 * U32)
-    thr = (a * a + err) * (1.0 + 16 * U32)
-    thr = (thr - pq_sq) + 4 * U32 * (thr + pq_sq)
-    cand, count = _compact(l2 <= thr[:, None], budget)   # pads (l2 = +inf) never qualify
-    valid = jnp.arange(budget)[None, :] < count[:, None]
-    dc = jnp.where(valid, exact_distances(q, bank, cand), jnp.inf)
-    _, pos = _top_k(-dc, k)  # candidates in index order: ties -> lower index
-    idx = jnp.take_along_axis(cand, pos, axis=-1)
-    ok = count <= budget
-    return _dense_rows(q, bank, index.aug, index.max_norm, idx, ok, k, block, None, chunk), ok, count
-
-
-@functools.partial(jax.jit, static_argnames=("k", "budget", "block"))
-def knn_indexed(queries: jax.Array, index: BankIndex, k: int, budget: int | None = None,
-                block: int = 8192):
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def knn_indexed(queries: jax.Array, index: BankIndex, k: int, block: int = 8192):
     """Exact k-NN against a prepared bank: the same (distances [Q,k], indices [Q,k]) as
-    `knn(queries, index.bank, k)`, bit for bit. Pruned when index.rank > 0."""
-    bank = index.bank
-    m = bank.shape[0]
-    _check_k(k, m)
-    q = jax.lax.stop_gradient(queries).astype(jnp.float32)
-    ix = jax.tree.map(jax.lax.stop_gradient, index)
-    budget = default_budget(k) if budget is None else budget
-    if index.rank == 0 or m <= budget:
-        return _settle(queries, bank, _indexed(queries, index, k, block))
-    else:
-        idx = pruned_indices(q, ix, k, budget, block)[0]
-    return _finish(queries, bank, idx)
+    `knn(queries, index.bank, k)`, bit for bit."""
+    _check_k(k, index.bank.shape[0])
+    return _settle(queries, index.bank, _indexed(queries, index, k, block))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "budget", "block"))
-def search_stats(queries: jax.Array, index: BankIndex, k: int, budget: int | None = None,
-                 block: int = 8192) -> dict:
-    """Diagnostics of one search (for benchmarks): the fraction of queries settled by the dense
-    bound; for a pruned index also the fraction settled by their candidates and the mean
-    candidate count as a fraction of the bank (the pruning rate is 1 minus that)."""
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def search_stats(queries: jax.Array, index: BankIndex, k: int, block: int = 8192) -> dict:
+    """Diagnostics of one search (for benchmarks): the fraction of queries settled by the
+    float32 bound and, for a bf16 index, by the bf16 bound (the rest take a fallback)."""
     q = queries.astype(jnp.float32)
     out = {"dense_proven": dense_indices(q, index.bank, index.aug, index.max_norm, k, block)[1].mean()}
     if index.low.aug.shape[0]:
         out["low_proven"] = low_indices(q, index.bank, index.low, k, block, index.aug, index.max_norm)[1].mean()
-    budget = default_budget(k) if budget is None else budget
-    if index.rank and index.bank.shape[0] > budget:
-        _, settled, count = pruned_indices(q, index, k, budget, block)
-        out["pruned_settled"] = settled.mean()
-        out["candidate_fraction"] = count.mean() / index.bank.shape[0]
     return out

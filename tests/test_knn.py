@@ -1,4 +1,4 @@
-"""Exact k-NN (dense and pruned) against a float64 brute force, with ties and near-ties."""
+"""Exact k-NN (float32 and bfloat16 rankings) against a float64 brute force, with ties and near-ties."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,15 +14,13 @@ def decaying(rng, n, d, offset=3.0, decay=0.85):
     return (rng.normal(size=(n, d)) * scale * 10 + offset).astype(np.float32)
 
 
-def all_paths(q, bank, k, budget=None, block=4096):
-    """(dist, idx) of the dense search, the prepared dense search and the pruned search."""
+def all_paths(q, bank, k, block=4096):
+    """(dist, idx) of the dense search and the prepared one, each with both rankings."""
     q, bank = jnp.asarray(q), jnp.asarray(bank)
     out = {"knn": knn.knn(q, bank, k=k, block=block, low=False),
            "knn_low": knn.knn(q, bank, k=k, block=block, low=True),
-           "indexed": knn.knn_indexed(q, knn.prepare_bank(bank, rank=0, low=False), k=k, block=block),
-           "indexed_low": knn.knn_indexed(q, knn.prepare_bank(bank, rank=0, low=True), k=k, block=block)}
-    for r in (4, 16):
-        out[f"pruned{r}"] = knn.knn_indexed(q, knn.prepare_bank(bank, rank=r), k=k, budget=budget, block=block)
+           "indexed": knn.knn_indexed(q, knn.prepare_bank(bank, low=False), k=k, block=block),
+           "indexed_low": knn.knn_indexed(q, knn.prepare_bank(bank, low=True), k=k, block=block)}
     return {name: (np.asarray(d), np.asarray(i)) for name, (d, i) in out.items()}
 
 
@@ -68,7 +66,7 @@ def test_exact_ties_go_to_the_lower_index():
     dup = bank[[5, 17, 150]]
     q = np.concatenate([centre[None], dup, far[:3] + 0.25]).astype(np.float32)
     for k in (1, 9, 20):
-        paths = all_paths(q, bank, k, budget=40)
+        paths = all_paths(q, bank, k)
         assert_identical(paths)
         d_ref, i_ref = reference.knn_bruteforce(q, bank, k)
         np.testing.assert_array_equal(paths["knn"][1], i_ref)
@@ -88,45 +86,30 @@ def test_near_ties_beyond_the_expanded_form_take_the_fallback():
     radii = 1.0 + 1e-4 * rng.permutation(30)
     bank = (q + dirs * radii[:, None]).astype(np.float32)
     bank = np.concatenate([(rng.normal(size=(100, d)) * 5 + 1000).astype(np.float32), bank])
-    idx = knn.prepare_bank(jnp.asarray(bank), rank=0, low=True)
+    idx = knn.prepare_bank(jnp.asarray(bank), low=True)
     stats = knn.search_stats(jnp.asarray(q), idx, 5)
     assert float(stats["dense_proven"]) == 0.0                         # the fallback ran
     assert float(stats["low_proven"]) == 0.0                           # (both of them)
-    paths = all_paths(q, bank, 5, budget=40)
+    paths = all_paths(q, bank, 5)
     assert_identical(paths)
     np.testing.assert_array_equal(paths["knn"][1], reference.knn_bruteforce(q, bank, 5)[1])
 
 
-def test_pruning_prunes_low_rank_data():
-    rng = np.random.default_rng(3)
-    bank = decaying(rng, 2000, 32, decay=0.7)
-    q = decaying(rng, 200, 32, decay=0.7)
-    index = knn.prepare_bank(jnp.asarray(bank), rank=8)
-    stats = knn.search_stats(jnp.asarray(q), index, 3, budget=64)
-    assert float(stats["candidate_fraction"]) < 0.05                   # most of the bank skipped
-    assert float(stats["pruned_settled"]) > 0.9
-    got = knn.knn_indexed(jnp.asarray(q), index, 3, budget=64)
-    np.testing.assert_array_equal(np.asarray(got[1]), reference.knn_bruteforce(q, bank, 3)[1])
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(knn.knn(jnp.asarray(q), jnp.asarray(bank), 3)[0]))
-
-
-def test_budget_overflow_and_small_banks():
+def test_small_banks():
     rng = np.random.default_rng(4)
     bank = decaying(rng, 400, 12)
     q = decaying(rng, 40, 12)
-    # budget 8 < k + candidates: most queries overflow and take the dense chunks
-    for budget in (8, 10_000):
-        index = knn.prepare_bank(jnp.asarray(bank), rank=4)
-        d, i = knn.knn_indexed(jnp.asarray(q), index, 5, budget=budget)
-        np.testing.assert_array_equal(np.asarray(i), reference.knn_bruteforce(q, bank, 5)[1])
-    small = bank[:7]                                                   # bank smaller than the budget
-    assert_identical(all_paths(q, small, 7, budget=64))
-    np.testing.assert_array_equal(all_paths(q, small, 7)["pruned4"][1], reference.knn_bruteforce(q, small, 7)[1])
+    for m in (1, 7, 12):                                               # fewer rows than n_refine_low
+        small = bank[:m]
+        k = min(m, 7)
+        paths = all_paths(q, small, k)
+        assert_identical(paths)
+        np.testing.assert_array_equal(paths["knn"][1], reference.knn_bruteforce(q, small, k)[1])
 
 
 def test_k_larger_than_bank_is_rejected():
     with pytest.raises(ValueError, match="memory bank has only 5"):
-        knn.knn_indexed(jnp.zeros((3, 4)), knn.prepare_bank(jnp.zeros((5, 4)), rank=2), k=9)
+        knn.knn_indexed(jnp.zeros((3, 4)), knn.prepare_bank(jnp.zeros((5, 4))), k=9)
 
 
 def test_smallest_equals_top_k_with_ties():
@@ -144,10 +127,10 @@ def test_distances_are_differentiable_through_every_path():
     rng = np.random.default_rng(6)
     bank = jnp.asarray(decaying(rng, 300, 10))
     q = jnp.asarray(decaying(rng, 20, 10))
-    index = knn.prepare_bank(bank, rank=4)
+    index = knn.prepare_bank(bank, low=True)
     _, idx = knn.knn(q, bank, 3)
     want = jax.grad(lambda x: jnp.sum(knn.exact_distances(x, bank, idx)))(q)
-    for f in (lambda x: knn.knn(x, bank, 3)[0], lambda x: knn.knn_indexed(x, index, 3, budget=32)[0]):
+    for f in (lambda x: knn.knn(x, bank, 3)[0], lambda x: knn.knn_indexed(x, index, 3)[0]):
         got = jax.grad(lambda x: jnp.sum(f(x)))(q)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
@@ -156,8 +139,8 @@ def test_inside_lax_map_and_batched():
     rng = np.random.default_rng(7)
     bank = jnp.asarray(decaying(rng, 500, 16))
     f = jnp.asarray(decaying(rng, 3 * 40, 16)).reshape(3, 40, 16)
-    index = knn.prepare_bank(bank, rank=4)
-    d1, i1 = jax.jit(lambda f: jax.lax.map(lambda x: knn.knn_indexed(x, index, 4, budget=48), f))(f)
+    index = knn.prepare_bank(bank)
+    d1, i1 = jax.jit(lambda f: jax.lax.map(lambda x: knn.knn_indexed(x, index, 4), f))(f)
     d2, i2 = knn.knn_batched(f, bank, 4)
     np.testing.assert_array_equal(np.asarray(i1), np.asarray(i2))
     np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
@@ -210,7 +193,7 @@ def test_knn_excluding_equals_the_search_of_the_remaining_rows(case):
     kept = np.flatnonzero(~excluded)
     d_ref, i_ref = knn.knn(jnp.asarray(q), jnp.asarray(bank[kept]), k=k, block=64, low=False)
     for low in (False, True):
-        for target in (jnp.asarray(bank), knn.prepare_bank(jnp.asarray(bank), rank=0, low=low)):
+        for target in (jnp.asarray(bank), knn.prepare_bank(jnp.asarray(bank), low=low)):
             d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), target, jnp.asarray(excluded), k=k, block=64, low=low)
             np.testing.assert_array_equal(np.asarray(i_ex), kept[np.asarray(i_ref)])
             np.testing.assert_array_equal(np.asarray(d_ex), np.asarray(d_ref))
@@ -235,13 +218,13 @@ def test_bf16_ranking_misorders_yet_the_answer_is_exact():
                                             - jnp.asarray(bank).astype(jnp.bfloat16).astype(jnp.float32)) ** 2, -1)))
     exact = reference.knn_bruteforce(q[:1], bank, 5)[1][0]
     assert list(ranks[:5]) != list(exact)                               # bf16 alone gets it wrong
-    stats = knn.search_stats(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), rank=0, low=True), 5)
+    stats = knn.search_stats(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), low=True), 5)
     assert 0.0 < float(stats["low_proven"]) < 1.0
-    paths = all_paths(q, bank, 5, budget=40)
+    paths = all_paths(q, bank, 5)
     assert_identical(paths)
     np.testing.assert_array_equal(paths["knn"][1], reference.knn_bruteforce(q, bank, 5)[1])
     ex = rng.random(len(bank)) < 0.2
-    d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), rank=0, low=True),
+    d_ex, i_ex = knn.knn_excluding(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), low=True),
                                    jnp.asarray(ex), k=5)
     kept = np.flatnonzero(~ex)
     np.testing.assert_array_equal(np.asarray(i_ex), kept[reference.knn_bruteforce(q, bank[kept], 5)[1]])
@@ -340,17 +323,17 @@ def test_a_2_pow_minus_9_bf16_bound_is_fooled_at_the_midpoints(monkeypatch):
 
 def test_bf16_midpoints_fool_no_path():
     q, bank = bf16_midpoint_case()
-    stats = knn.search_stats(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), rank=0, low=True), 1)
+    stats = knn.search_stats(jnp.asarray(q), knn.prepare_bank(jnp.asarray(bank), low=True), 1)
     assert float(stats["low_proven"]) == 0.0                            # the bf16 bound refuses it
     for k in (1, 2):
-        paths = all_paths(q, bank, k, budget=40)
+        paths = all_paths(q, bank, k)
         assert_identical(paths)
         d_ref, i_ref = reference.knn_bruteforce(q, bank, k)
         np.testing.assert_array_equal(paths["knn"][1], i_ref)
         assert list(i_ref[0][:2]) == [0, 1][:k]                         # a and its exact tie -a
     ex = np.zeros(len(bank), bool)
     ex[1] = True                                                        # the tie's twin excluded
-    for target in (jnp.asarray(bank), knn.prepare_bank(jnp.asarray(bank), rank=0, low=True)):
+    for target in (jnp.asarray(bank), knn.prepare_bank(jnp.asarray(bank), low=True)):
         _, i_ex = knn.knn_excluding(jnp.asarray(q), target, jnp.asarray(ex), k=2, low=True)
         np.testing.assert_array_equal(np.asarray(i_ex)[0], [0, 2])
 
@@ -361,7 +344,7 @@ def test_norm_column_rounding_beyond_the_gaps():
     wherever float64 separates the candidates by more than the distance's own rounding."""
     q, bank = cancellation_case(np.random.default_rng(12))
     for k in (1, 5):
-        paths = all_paths(q, bank, k, budget=40)
+        paths = all_paths(q, bank, k)
         assert_identical(paths)
         d_ref, i_ref = reference.knn_bruteforce(q, bank, k)
         np.testing.assert_allclose(paths["knn"][0], d_ref, rtol=4 * knn._delta(bank.shape[1]))

@@ -168,7 +168,7 @@ def test_signal_functions(policy, infl):
     if infl == "predictor":
         state = state._replace(params={**state.params, "predictor": predictor.init_params(6, cfg.noising.k)})
     args = _scoring_args(cfg, state)
-    for bank in (state.bank, detector.knn_lib.prepare_bank(state.bank, rank=0)):
+    for bank in (state.bank, detector.knn_lib.prepare_bank(state.bank)):
         fn = detector.make_signal_fn(cfg, need_influence=True, calibrated=True, rerank=True, jit=False)
         j = jax.make_jaxpr(fn)(args[0], bank, *args[2:])
         if policy == "highest" or infl == "fd":  # fast: only fd's re-search follows the policy
