@@ -300,7 +300,7 @@ def roofline(size: str, k: int = 9, block: int = 8192) -> dict:
             row[name] = {"s": t, "tflops": flops / t / 1e12}
         for name, low in (("knn_indexed_f32", False), ("knn_indexed_default", None)):
             try:
-                index = knn.prepare_bank(bank, rank=0, low=low)
+                index = knn.prepare_bank(bank, low=low)
                 if low is None:
                     used_low = bool(index.low.aug.shape[0])
                     row["knn_default_ranking"] = "bfloat16" if used_low else "float32"
