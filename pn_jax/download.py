@@ -109,12 +109,22 @@ def source_url(file_name: str, official_url: str) -> str:
 
 
 # ----------------------------------------------------------------------------- fetching
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = _CHUNK) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# torch.hub's convention: a file name ends in -<first hex digits of its SHA-256>.<ext>.
+_HASH_RE = re.compile(r"-([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
+
+
+def expected_hash_prefix(path: str | os.PathLike) -> str | None:
+    """The SHA-256 prefix a file's name carries (torch.hub's `name-<hex>.pth`), or None."""
+    m = _HASH_RE.search(Path(path).name)
+    return m.group(1) if m else None
 
 
 def _local_error(e: OSError, path: Path, what: str) -> DownloadError:
@@ -216,7 +226,7 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str) -> Path:
     if not re.fullmatch(r"[0-9a-f]{6,64}", sha256):  # "" would accept any file
         raise ValueError(f"fetch({url}): pinned SHA-256 must be 6 to 64 hex digits, got {sha256!r}")
     if dest.is_file():  # put there by hand, or by a run that stopped after the download
-        if _sha256(dest).startswith(sha256):
+        if sha256_file(dest).startswith(sha256):
             return dest
         dest.unlink()
     if offline():
@@ -228,12 +238,12 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str) -> Path:
     except OSError as e:
         raise _local_error(e, dest.parent, "create") from None
     resumed = _download(url, part, dest)
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if resumed and not digest.startswith(sha256):
         # The kept .part may belong to an older file of the same name: one fresh download.
         part.unlink(missing_ok=True)
         _download(url, part, dest)
-        digest = _sha256(part)
+        digest = sha256_file(part)
     if not digest.startswith(sha256):
         part.unlink(missing_ok=True)
         raise DownloadError(
@@ -252,8 +262,6 @@ def ensure_weights(file_name: str, url: str, dest_dir: str | os.PathLike,
                    *, log: Callable[[str], None] = print) -> Path:
     """`dest_dir/file_name`, downloaded first if absent. The file name must carry torch.hub's
     SHA-256 prefix (`name-<hex>.pth`), which the download is checked against."""
-    from pn_jax.weights import expected_hash_prefix
-
     dest = Path(dest_dir).expanduser() / file_name
     if dest.is_file():
         return dest

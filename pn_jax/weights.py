@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import io
 import os
 import pickle
-import re
 import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+# The file-name hash convention and the file hash live with the downloads (no import cycle:
+# download never imports weights).
+from pn_jax.download import expected_hash_prefix, sha256_file
 
 __all__ = [
     "WeightsError",
@@ -367,20 +369,6 @@ def load_state_dict(path: str | os.PathLike, check_hash: bool = True) -> dict[st
 # --------------------------------------------------------------------------------------
 
 # torch.hub's convention: "<name>-<first hex digits of sha256>.<ext>".
-_HASH_RE = re.compile(r"-([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
-
-
-def expected_hash_prefix(path: str | os.PathLike) -> str | None:
-    m = _HASH_RE.search(Path(path).name)
-    return m.group(1) if m else None
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_hash(path: str | os.PathLike, expected_prefix: str | None = None) -> None:
