@@ -148,9 +148,7 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pn-jax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True,
-                           description="also: `pn-jax suggest --checkpoint DIR PATH... --top N` ranks unlabelled "
-                                       "images by how uncertain the model is (see pn_jax/suggest.py)")
+    sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit on good images (and test, when a test split is given)")
     add_config_flags(f)
     add_data_flags(f, train=True)
@@ -177,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu,cuda,tpu")
     e.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None,
                    help="fixed batch size (default: symbolic where jax.export allows it)")
+    from pn_jax import suggest  # numpy and the standard library at import: cheap
+
+    sg = sub.add_parser("suggest", help="rank unlabelled images by how uncertain the model is (which to label next)",
+                        description=suggest.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    suggest.add_arguments(sg)
     return p
 
 
@@ -704,12 +707,12 @@ def _guard(fn, a) -> int:
 def main(argv=None) -> int:
     """`pn-jax` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["suggest"]:  # rank unlabelled images by uncertainty (pn_jax/suggest.py)
-        from pn_jax import suggest
-
-        return _guard(lambda rest: suggest.main(rest), argv[1:])
     a = build_parser().parse_args(argv)
     warnings.simplefilter("default")
+    if a.command == "suggest":
+        from pn_jax import suggest
+
+        return _guard(suggest.run_command, a)
     fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
     return _guard(fn, a)
 

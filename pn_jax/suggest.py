@@ -228,9 +228,8 @@ def suggest(model, inputs, out_dir: str, *, top: int = 16, seed: int = 0, weight
             "uncertainty": unc.total.tolist(), "width": unc.width, "errors": errors}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pn-jax suggest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `pn-jax suggest` (a subcommand of pn_jax.cli's parser)."""
     p.add_argument("--checkpoint", required=True, help="a model saved by `pn-jax fit` / Model.save")
     p.add_argument("paths", nargs="+", help="unlabelled images or folders")
     p.add_argument("--top", type=int, default=16, help="images on the contact sheet")
@@ -238,7 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="breaks exact ties")
     p.add_argument("--weight", type=float, default=0.5, help="a: weight of the score term (1 - a: noise)")
     p.add_argument("--width", type=float, default=None, help="w; default: 1.4826 * MAD of z")
-    a = p.parse_args(argv)
+
+
+def run_command(a: argparse.Namespace) -> int:
+    """`pn-jax suggest` with parsed flags; 2 and a message on bad input."""
     if a.top < 1:
         print("error: --top must be >= 1", file=sys.stderr)
         return 2
@@ -252,6 +254,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m pn_jax.suggest ...` = `pn-jax suggest ...`."""
+    from pn_jax import cli
+
+    return cli.main(["suggest", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

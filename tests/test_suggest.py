@@ -116,3 +116,16 @@ def test_model_without_noise_maps_is_refused(tmp_path):
     model.threshold = None
     with pytest.raises(ValueError, match="threshold"):
         suggest.suggest(types.SimpleNamespace(cfg=model.cfg, threshold=None), "x", str(tmp_path))
+
+
+def test_suggest_is_a_subcommand_of_the_one_parser(tmp_path, capsys):
+    from pn_jax import cli
+
+    assert "suggest" in cli.build_parser().format_help()              # listed with fit, test, ...
+    with pytest.raises(SystemExit) as e:
+        cli.main(["suggest", "--help"])
+    assert e.value.code == 0 and "--top" in capsys.readouterr().out
+    assert cli.main(["suggest", "--checkpoint", str(tmp_path / "missing"), str(tmp_path), "--top", "0"]) == 2
+    assert "--top must be >= 1" in capsys.readouterr().err
+    assert cli.main(["suggest", "--checkpoint", str(tmp_path / "missing"), str(tmp_path)]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err       # names the checkpoint
