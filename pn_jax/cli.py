@@ -133,6 +133,10 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
     g.add_argument("--max-test", type=_int("--max-test", 1), default=None,
                    help="seeded, label-stratified cap on test images")
     g.add_argument("--no-masks", action="store_true", help="image metrics only, even where masks exist")
+    g.add_argument("--data-backend", choices=("direct", "tfds"), default=None,
+                   help="read --dataset mvtec_ad|elpv|synthetic from the files (direct, default) or through "
+                        "its tensorflow-datasets builder (array_record, no TensorFlow; the same records)")
+    g.add_argument("--tfds-dir", default=None, help="where the tfds backend writes its records (default <root>/_tfds)")
     from pn_jax import download
 
     download.add_cli_flags(p)
@@ -209,6 +213,18 @@ def dataset_of(a) -> str:
     return a.dataset or "mvtec_ad"
 
 
+def data_backend(a) -> dict:
+    """The data-reading flags as DataConfig fields (only those given)."""
+    out = {}
+    if getattr(a, "data_backend", None):
+        out["backend"] = a.data_backend
+    if getattr(a, "tfds_dir", None):
+        if (getattr(a, "data_backend", None) or "direct") != "tfds":
+            raise UsageError("--tfds-dir is read only with --data-backend tfds")
+        out["tfds_dir"] = os.path.abspath(a.tfds_dir)
+    return out
+
+
 def build_config(a):
     """The run's Config from the flags (defaults where a flag was not given)."""
     from pn_jax import backbones
@@ -235,7 +251,8 @@ def build_config(a):
     try:
         return Config().replace(
             data={"dataset": ds, "root": root, "image_size": v["image_size"],
-                  "resize_mode": v["resize_mode"], "holdout_fraction": v["holdout_fraction"]},
+                  "resize_mode": v["resize_mode"], "holdout_fraction": v["holdout_fraction"],
+                  **data_backend(a)},
             model={"backbone": backbone, "weights": a.weights, "layers": layers,
                    "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"],
                    "precision": v["precision"]},
@@ -449,6 +466,11 @@ def cmd_test(a) -> int:
         cfg = models[cat].cfg
         if a.data_root:
             cfg = cfg.replace(data={"root": a.data_root})
+        if a.data_backend or a.tfds_dir:  # how the test data is read, not what the model means
+            try:
+                cfg = cfg.replace(data=data_backend(a))
+            except ValueError as e:
+                raise UsageError(f"--data-backend: {e}") from None
         print(banner(cfg))
         if a.test_dir:
             sources = {"test": test_dir_source(a.test_dir, a.max_test, masks=not a.no_masks)}

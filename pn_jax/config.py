@@ -27,6 +27,8 @@ RESIZE_MODES = ("resize", "patchcore")  # resize: WxW no crop; patchcore: shorte
 # convolution of the model path to float32 (lax.Precision.HIGHEST); "fast" leaves the backend
 # default (TF32 on NVIDIA GPUs, one bf16 pass on TPUs; the same float32 as "highest" on a CPU).
 PRECISIONS = ("highest", "fast")
+DATA_BACKENDS = ("direct", "tfds")
+TFDS_DATASETS = ("mvtec_ad", "elpv", "synthetic")  # = pn_jax.data.pipeline.TFDS_DATASETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,12 @@ class DataConfig:
     # (SPEC 2.7). 0 (default): every image is in the bank and calibration is leave-one-image-out.
     holdout_fraction: float = 0.0
     holdout_min: int = 2
+    # How mvtec_ad / elpv / synthetic are read: "direct" (the files) or "tfds" (tensorflow-
+    # datasets builders written once as array_record under tfds_dir, default <root>/_tfds, and
+    # read without TensorFlow; the same records in the same order). Not part of what a
+    # checkpoint means: a test run may read its data either way.
+    backend: str = "direct"
+    tfds_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +158,9 @@ def validate(cfg: Config) -> None:
     n, b, m, d = cfg.noising, cfg.bank, cfg.model, cfg.data
     checks = [
         (n.method in METHODS, f"noising.method must be one of {METHODS}, got {n.method!r}"),
+        (d.backend in DATA_BACKENDS, f"data.backend must be one of {DATA_BACKENDS}, got {d.backend!r}"),
+        (d.backend == "direct" or d.dataset in TFDS_DATASETS,
+         f"data.backend 'tfds' reads {', '.join(TFDS_DATASETS)}, not {d.dataset!r}: use 'direct'"),
         (n.influence in INFLUENCE_METHODS, f"noising.influence must be one of {INFLUENCE_METHODS}, got {n.influence!r}"),
         (n.dim_selection in DIM_SELECTION, f"noising.dim_selection must be one of {DIM_SELECTION}"),
         (n.score in FIT_SCORES, f"noising.score must be one of {FIT_SCORES}, got {n.score!r}"),

@@ -34,7 +34,7 @@ def _load_category(cfg, category, max_train, max_test, masks):
     return data.load_category(cfg.data.dataset, cfg.data.root, category, require_masks=masks,
                               holdout_fraction=cfg.data.holdout_fraction,
                               holdout_min=cfg.data.holdout_min if cfg.data.holdout_fraction > 0 else 0,
-                              seed=cfg.seed,
+                              seed=cfg.seed, backend=cfg.data.backend, tfds_dir=cfg.data.tfds_dir,
                               max_train=max_train, max_test=max_test)
 
 
@@ -235,7 +235,10 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         if tune:
             raise ValueError("--tune needs --mode train (it reads held-out training images)")
         model = model or model_lib.load(checkpoint_dir, category=category)
-        cfg = model.cfg
+        # The model's config, with where and how this run read its data (which the caller may
+        # have changed: --data-root, --data-backend; they do not change what the model means).
+        cfg = model.cfg.replace(data={"root": cfg.data.root, "backend": cfg.data.backend,
+                                      "tfds_dir": cfg.data.tfds_dir})
         if sources is None:
             sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
         counts = {"test": len(sources["test"])}

@@ -267,7 +267,8 @@ def test_every_flag_has_a_test_mode_rule(parser):
     """A new flag must say whether test mode applies or refuses it (none may be dropped)."""
     test_mode = {  # every flag of the two parsers, and what test mode does with it
         "applied": set(cli.APPLIED_IN_TEST) | {"checkpoint", "mode", "out", "figures", "ablation", "category",
-                                               "data_root", "test_dir", "max_test", "no_masks", "download"},
+                                               "data_root", "test_dir", "max_test", "no_masks", "download",
+                                               "data_backend", "tfds_dir"},
         "refused unless the checkpoint's own": set(cli.FIXED_IN_TEST) | {"dataset", "unified"},
         "refused": {"train_dir", "max_train", "tune"},
     }
@@ -277,3 +278,13 @@ def test_every_flag_has_a_test_mode_rule(parser):
     assert dests <= known, sorted(dests - known)
     if parser == "run":
         assert set(cli.CONFIG_FLAGS) | {"batch_size"} == set(cli.APPLIED_IN_TEST) | set(cli.FIXED_IN_TEST)
+
+
+def test_data_backend_is_validated_by_name():
+    from pn_jax.config import Config
+
+    with pytest.raises(ValueError, match="data.backend must be one of"):
+        Config().replace(data={"backend": "sql"})
+    with pytest.raises(ValueError, match="data.backend 'tfds' reads .* not 'folder'"):
+        Config().replace(data={"backend": "tfds", "dataset": "folder"})
+    assert Config().replace(data={"backend": "tfds", "dataset": "elpv"}).data.backend == "tfds"

@@ -112,3 +112,19 @@ def test_results_record_which_knn_ranking_ran_and_why(trained):
     assert entry["knn_ranking"] == hardware.knn_ranking()                 # this run's search
     assert entry["knn_ranking"]["bfloat16"] == knn.default_low() and entry["knn_ranking"]["reason"]
     assert entry["provenance"]["knn_ranking"] == hardware.knn_ranking()   # the fit's, kept in the checkpoint
+
+
+def test_tfds_data_backend_reproduces_the_direct_metrics(trained, capsys):
+    """--data-backend tfds reads the test split through the tensorflow-datasets builder
+    (array_record, no TensorFlow): the same records, so the same metrics as the files."""
+    tmp, res, _ = trained
+    ck = str(tmp / "train" / "checkpoint" / "synthetic")
+    base = TINY + ["--data-root", str(tmp / "data"), "--mode", "test", "--checkpoint", ck]
+    assert run.main(base + ["--out", str(tmp / "tfds"), "--data-backend", "tfds",
+                            "--tfds-dir", str(tmp / "tfds_records")]) == 0
+    assert os.path.isdir(tmp / "tfds_records")                          # the records were written there
+    got = json.load(open(tmp / "tfds" / "results.json"))["categories"]["synthetic"]
+    assert got["metrics"] == res["categories"]["synthetic"]["metrics"]
+    assert got["config"]["data"]["backend"] == "tfds"
+    assert run.main(base + ["--out", str(tmp / "bad"), "--tfds-dir", str(tmp / "x")]) == 2
+    assert "--tfds-dir is read only with --data-backend tfds" in capsys.readouterr().err
