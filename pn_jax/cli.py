@@ -130,6 +130,11 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
     if train:
         g.add_argument("--max-train", type=_int("--max-train", 1), default=None,
                        help="seeded cap on train images (quick runs)")
+        g.add_argument("--val-dir", default=None,
+                       help="a labelled validation set in the --test-dir layout (good/ + one folder per defect "
+                            "type, masks optional), sharing no image with train or test: it sets the threshold "
+                            "(F1-max on its defects), --score auto's choice and, with --tune, the score's "
+                            "parameters (kept only if they win in cross-validation)")
     g.add_argument("--max-test", type=_int("--max-test", 1), default=None,
                    help="seeded, label-stratified cap on test images")
     g.add_argument("--no-masks", action="store_true", help="image metrics only, even where masks exist")
@@ -396,11 +401,23 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
         check_writable(os.path.dirname(os.path.abspath(a.checkpoint)) or ".", "--checkpoint")
     if a.unified and (a.tune or ds == "folder"):
         raise UsageError("--unified fits one bank over several --category; it does not take --tune or --train-dir")
-    if a.tune and cfg.data.holdout_fraction == 0:
+    val_dir = getattr(a, "val_dir", None)
+    if val_dir:
+        if not os.path.isdir(val_dir):
+            raise UsageError(f"--val-dir {val_dir} is not a folder (give good/ and one folder per defect type)")
+        if a.unified or len(categories) > 1:
+            raise UsageError("--val-dir is one category's labelled set: give one --category (and no --unified)")
+    if a.tune and not val_dir and cfg.data.holdout_fraction == 0:
         raise UsageError("--tune fits weights on held-out normal images: add --holdout-fraction 0.2 "
-                         "(by default every training image is in the bank)")
+                         "(by default every training image is in the bank), or give labelled defects "
+                         "with --val-dir")
     check_data(cfg, a, categories)
+    validation = val_source(val_dir) if val_dir else None  # its layout checked before any work
     print(banner(cfg))
+    if a.tune and not val_dir:
+        from pn_jax import labelled
+
+        print(f"warning: {labelled.TUNE_WARNING}")
     t0 = time.perf_counter()
     if a.unified:
         entries = runner.run_unified(cfg, categories, out, checkpoint_dir=_ckpt_dir(a, out, "unified", 1),
@@ -414,7 +431,7 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
             ck = _ckpt_dir(a, out, cat, len(categories))
             e = runner.run_category(cfg, cat, out, mode="train", checkpoint_dir=ck, tune=a.tune,
                                     max_train=a.max_train, max_test=a.max_test, ablation=a.ablation,
-                                    n_figures=a.figures, sources=_no_masks(sources, a))
+                                    n_figures=a.figures, sources=_no_masks(sources, a), validation=validation)
             print(summary_line(e, ck))
             entries.append(e)
     return report(a, entries, out, t0)
@@ -442,6 +459,17 @@ def test_dir_source(test_dir: str, max_test: int | None, *, masks: bool = True):
     samples = records.cap_samples(data.index_test_dir(test_dir, masks=masks), max_test, 1)
     return records.samples_source(samples, dataset="folder", category=os.path.basename(os.path.normpath(test_dir)),
                                   split="test")
+
+
+def val_source(val_dir: str):
+    """A `--val-dir` (the --test-dir layout: good/ + defect sub-folders, optional masks) as a
+    labelled validation source."""
+    from pn_jax import data
+    from pn_jax.data import records
+
+    samples = data.index_test_dir(val_dir)
+    return records.samples_source(samples, dataset="folder", category=os.path.basename(os.path.normpath(val_dir)),
+                                  split="validation")
 
 
 def cmd_test(a) -> int:
@@ -596,6 +624,9 @@ def refuse_fit_only_flags(a) -> None:
     if getattr(a, "train_dir", None):
         raise UsageError("--train-dir is what a fit reads; --mode test fits nothing. To score a folder of test "
                          "images give --test-dir (good/ and one folder per defect type)")
+    if getattr(a, "val_dir", None):
+        raise UsageError("--val-dir is a labelled set a fit tunes on; --mode test fits nothing (the checkpoint "
+                         "holds what was tuned; --threshold-fpr re-chooses its threshold)")
     if getattr(a, "max_train", None) is not None:
         raise UsageError("--max-train caps the training images of a fit; --mode test fits nothing "
                          "(--max-test caps the test images)")

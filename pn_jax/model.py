@@ -463,8 +463,15 @@ def validation_records(holdout, seed: int) -> tuple[list, list]:
 
 def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, category: str | None = None,
         dataset: str | None = None, log: Callable = print, timer: dict | None = None,
-        extractor: detector.FeatureExtractor | None = None, validation_variants: Sequence[str] = ()) -> Model:
+        extractor: detector.FeatureExtractor | None = None, validation_variants: Sequence[str] = (),
+        validation=None, tune: bool = False, disjoint_from: dict | None = None) -> Model:
     """Fit a model on normal images: a folder, paths, an array, or a data `Source`.
+
+    `validation`: a labelled set (a folder of good/ + one folder per defect type, masks
+    optional, or a labelled source; `pn_jax.labelled`): it sets the threshold (F1-max on its
+    real defects), `--score auto`'s choice and, with `tune`, the score's parameters (kept only
+    when they win in cross-validation). Refused, before any extraction, when it shares an image
+    with the training images or with any source in `disjoint_from` ({"test": source}).
 
     `holdout`: normal images kept out of the bank for the fit-time statistics and the
     threshold; None splits them off `train` by `cfg.data.holdout_fraction` (seeded). `timer`
@@ -492,6 +499,12 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         tr_idx, ho_idx = records.split_train_holdout(list(range(len(train))), cfg.data.holdout_fraction,
                                                      cfg.data.holdout_min, cfg.seed)
         train, holdout = _subset(train, tr_idx, "train"), _subset(train, ho_idx, "holdout")
+    if validation is not None:
+        from pn_jax import labelled
+
+        validation = labelled.as_source(validation)
+        labelled.check_disjoint(validation, {"training": train, "held-out training": holdout,
+                                             **(disjoint_from or {})})
     model = Model(cfg, (0, 0), None, extractor=extractor)  # grid is known after the first batch
     t0 = time.perf_counter()
     train_feats = model.extract(train, desc="features train")
@@ -518,6 +531,13 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     if report.calibration["images"] == 0:
         log(f"warning: {report.calibration['source']}")
     t0 = time.perf_counter()
+    if validation is not None:  # the labelled set replaces the synthetic validation
+        from pn_jax import labelled
+
+        del train_feats
+        model = labelled.fit_on_labelled(model, validation, tune_weights=tune, auto=auto, log=log)
+        timer["labelled_s"] = time.perf_counter() - t0
+        return model
     if val is not None and len(val):
         set_threshold_loo(model, train, val, train_feats=train_feats, validation_variants=validation_variants,
                           log=log)
@@ -598,9 +618,12 @@ def _subset(source, idx: Sequence[int], split: str):
 
     idx = list(idx)
     names = [source.names[i] for i in idx] if hasattr(source, "names") else [str(i) for i in idx]
-    return records.Source(len(idx), lambda i: source[idx[i]], names,
-                          dataset=getattr(source, "dataset", "user"),
-                          category=getattr(source, "category", "user"), split=split)
+    sub = records.Source(len(idx), lambda i: source[idx[i]], names,
+                         dataset=getattr(source, "dataset", "user"),
+                         category=getattr(source, "category", "user"), split=split)
+    if getattr(source, "paths", None) is not None:
+        sub.paths = [source.paths[i] for i in idx]
+    return sub
 
 
 # ----------------------------------------------------------------------------- load

@@ -219,7 +219,7 @@ def has_masks(cfg: Config, source) -> bool:
 def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train",
                  checkpoint_dir: str | None = None, tune: bool = False, max_train=None, max_test=None,
                  ablation: bool = False, n_figures: int = 8, sources: dict | None = None,
-                 model=None, log=print) -> dict:
+                 model=None, validation=None, log=print) -> dict:
     """Fit on train (or load a checkpoint), score test, compute metrics, write figures.
     `sources`: {"train", "holdout", "test"} data sources (default: `load_sources`). `model`:
     in test mode, the loaded model to score with (default: loaded from `checkpoint_dir`).
@@ -250,14 +250,24 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         if sources is None:
             sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
         model = model_lib.fit(cfg, sources["train"], holdout=sources.get("holdout"), category=category,
-                              timer=timer, log=log)
+                              timer=timer, log=log, validation=validation, tune=tune,
+                              disjoint_from={"test": sources.get("test")})
         counts = {"test": len(sources["test"]) if sources.get("test") is not None else 0,
                   "train": len(sources["train"]), "holdout": len(sources.get("holdout") or []),
                   "train_patches": model.provenance["train_patches"], "bank": model.provenance["bank_size"]}
         model.provenance["counts"] = {k: v for k, v in counts.items() if k != "test"}  # the fit's, not this test's
         models = {"untuned": model}
         main_key = "untuned"
-        if tune:
+        if tune and validation is not None:  # tuned on the labelled set inside fit (CV keep-or-drop)
+            extra["labelled_tuning"] = model.calibration["labelled"]["tuning"]
+            before = getattr(model, "before_tuning", None)
+            if before is not None:  # the tuned parameters were kept: test both, report both
+                models = {"untuned": before, "tuned": model}
+                main_key = "tuned"
+        elif tune:
+            from pn_jax import labelled
+
+            extra["tune_warning"] = labelled.TUNE_WARNING
             vals = validation_split(cfg, sources, category)
             tuned, curves = tune_state(model, vals["validation_tune"], timer, log)
             models["tuned"] = model.with_state(tuned)
@@ -306,7 +316,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
             entry["figures"] += figs
         counts["test_anomalous"] = int(res["labels"].sum())
         entry["pixel_metrics"] = masks
-        if tune:
+        if tune and len(models) > 1:
             entry["test_before_after_tuning"] = {s: allm[(s, None)] for s in models}
         if ablation:
             entry["ablation"] = {f"{v}" + ("" if s == main_key else f" ({s})"): allm[(s, v)]

@@ -144,9 +144,11 @@ def samples_source(samples: Sequence[Sample], *, dataset: str, category: str,
         preprocess.warn_if_empty_mask(mask, s.label, s.mask_path, s.path)
         return make_record(image, mask, s.label, s.defect, s.name, split)
 
-    return Source(len(samples), read, [s.name for s in samples], dataset=dataset,
-                  category=category, split=split, log=log,
-                  has_masks=mask_coverage(samples)[0])
+    src = Source(len(samples), read, [s.name for s in samples], dataset=dataset,
+                 category=category, split=split, log=log,
+                 has_masks=mask_coverage(samples)[0])
+    src.paths = [s.path for s in samples]  # the files, for content checks (labelled.check_disjoint)
+    return src
 
 
 def records_source(records: Sequence[dict], *, dataset: str, category: str, split: str,
