@@ -411,21 +411,21 @@ def tune(model, lab: Labelled, variant: str, *, folds: int = FOLDS, seed: int = 
         return model, rec
     cv = cross_validate(model, lab, variant, folds=folds, seed=seed, margin=margin, steps=steps, lr=lr)
     rec = {"variant": variant, "tuned": what, "steps": steps, "lr": lr, "cv": cv, "kept": cv["kept"]}
-    before = _auc(image_scores(model, lab, variant), lab.labels)
+    auc_before = _auc(image_scores(model, lab, variant), lab.labels)
     if cv["kept"]:
         theta, losses = fit_theta(model, lab, variant, steps=steps, lr=lr, seed=seed)
         state, cfg = apply_theta(model, variant, theta)
-        before, model = model, model.with_state(state)
-        model.cfg, model.validation = cfg, dict(before.validation)
-        model.before_tuning = before  # not saved: lets a run report test metrics before and after
+        untuned, model = model, model.with_state(state)
+        model.cfg, model.validation = cfg, dict(untuned.validation)
+        model.before_tuning = untuned  # not saved: lets a run report test metrics before and after
         rec.update(loss_first=losses[0], loss_last=losses[-1],
-                   validation_auroc={"untuned": before, "tuned": _auc(image_scores(model, lab, variant), lab.labels)})
+                   validation_auroc={"untuned": auc_before, "tuned": _auc(image_scores(model, lab, variant), lab.labels)})
         if what == "noise_scale":
             rec["gamma"] = float(theta["gamma"])
         else:
             rec["score_weights"] = list(cfg.noising.score_weights)
     else:
-        rec["validation_auroc"] = {"untuned": before}
+        rec["validation_auroc"] = {"untuned": auc_before}
     log(f"labelled tuning ({what} of {variant}): {cv['folds']}-fold CV image AUROC untuned "
         f"{cv['cv_auroc_untuned']:.2f}, tuned {cv['cv_auroc_tuned']:.2f} -> "
         + ("tuned parameters KEPT" if cv["kept"] else f"untuned model kept (gain < {margin} point)"))
