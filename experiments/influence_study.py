@@ -25,7 +25,7 @@ normals and synthetic anomalies made from them (`--predictor-anomalies`), and re
   4. correlations over test patches between patch influence (mean over S) and the k-NN
      distance signal (mean_k dist).
 
-Estimators: the library's four (`pn_jax.influence`), `predictor` (`pn_jax.predictor`, learned)
+Estimators: the library's four (`pn_jax.influence`), `predictor` (`pn_jax.research.predictor`, learned)
 and `nearest` = eps |r_1S| / d_1, the predictor's fixed part without the learned term (what
 the learning adds is the difference between those two rows). The library's scoring path
 (`detector.make_signal_fn`) takes the four library estimators; the two others are scored by
@@ -45,6 +45,8 @@ import sys
 import time
 
 import numpy as np
+
+from experiments.common import fmt as _f
 
 
 REFERENCE = "grad"
@@ -196,7 +198,7 @@ def nearest_only(f, bank, dist, idx, dims, eps, bank_s=None):
     neighbour assumed to look like the nearest one (no learning)."""
     import jax.numpy as jnp
 
-    from pn_jax import predictor
+    from pn_jax.research import predictor
 
     _, d, r1 = predictor.inputs(f, bank, dist, idx, dims, bank_s)
     return eps * jnp.abs(r1) / jnp.maximum(d[:, :1], 1e-12)
@@ -204,7 +206,8 @@ def nearest_only(f, bank, dist, idx, dims, eps, bank_s=None):
 
 def estimators(methods, predictor_params=None) -> dict:
     """name -> fn(f, bank, dist, idx, dims, eps, bank_s=None) -> [Q,S]."""
-    from pn_jax import influence as infl, predictor
+    from pn_jax import influence as infl
+    from pn_jax.research import predictor
 
     out = {}
     for m in methods:
@@ -221,7 +224,8 @@ def fit_predictor(model, sources, holdout, mode: str, steps: int, hidden: int, l
     """The InfluencePredictor on the held-out normals (+ anomalies) -> (PredictorFit, seconds incl. extraction)."""
     import jax
 
-    from pn_jax import data, fitting, predictor
+    from pn_jax import data, fitting
+    from pn_jax.research import predictor
 
     t0 = time.perf_counter()
     anomalous = None
@@ -337,7 +341,7 @@ def part_cost(state, cfg, feats, nbrs, est, repeats, budget_s, predictor_params=
                              "overhead_vs_knn_k": t_fused / out["knn_k_ms"] - 1.0,
                              "overhead_vs_patchcore": t_fused / out["knn_1_ms"] - 1.0}
     if predictor_params is not None and PREDICTOR in est:
-        from pn_jax import predictor
+        from pn_jax.research import predictor
 
         args_fn = jax.jit(lambda p, f, b, d, i, s: predictor.influence(p, f, b, d, i, s, eps))
         t = 1e3 * time_per_call(args_fn, [(predictor_params, f, bank, d, i, dims) for f, (d, i) in zip(fs, nbrs)],
@@ -507,10 +511,6 @@ def part_correlation(signals, labels, n_patches):
 
 
 # ============================================================================ reporting
-def _f(x, fmt="%.3g"):
-    return "-" if x is None or (isinstance(x, float) and x != x) else fmt % x
-
-
 def tables(doc) -> str:
     ag = doc["agreement"]
     eps0 = doc["config"]["noising"]["eps"]
