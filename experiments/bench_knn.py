@@ -6,7 +6,7 @@ greedy coreset by candidate batching vs deferred batches.
 
 Features: efficientnet_lite0 (its pip weights) on ELPV `all` at 256x256, 1024 patches of
 D = 1024 per image, extracted once through the library (`data.load_category`,
-`detector.FeatureExtractor`, `detector.extract_all`) and cached as float16 under --cache.
+`Model.extract`) and cached as float16 under --cache.
 Random Gaussian features would hide what real features look like: they are nearly low-rank.
 `--features synthetic` uses points with a decaying spectrum instead (no download needed).
 
@@ -49,16 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def n_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from experiments.common import fmt, load, md_table, n_threads
 
 
 # ----------------------------------------------------------------------------- features
@@ -68,7 +59,8 @@ def elpv_features(cache: Path, n_train: int, n_test: int, batch_size: int = 8):
     f_train, f_test = cache / f"{tag}_train.npy", cache / f"{tag}_test.npy"
     if f_train.exists() and f_test.exists():
         return np.load(f_train, mmap_mode="r"), np.load(f_test, mmap_mode="r")
-    from pn_jax import backbones, data, detector
+    from pn_jax import backbones, data
+    from pn_jax import model as model_lib
     from pn_jax.config import Config
 
     info = backbones.info("efficientnet_lite0")
@@ -81,11 +73,10 @@ def elpv_features(cache: Path, n_train: int, n_test: int, batch_size: int = 8):
         src = data.load_category("elpv", None, "all", require_masks=False, max_train=n_train, max_test=n_test)
     except data.MissingDataError as e:
         sys.exit(f"bench_knn: {e}\n(or run with --features synthetic)")
-    extractor = detector.FeatureExtractor(cfg)
+    extractor = model_lib.Model(cfg, (0, 0), None)  # the pipeline a user runs, up to the features
 
     def extract(source, desc):
-        batches = data.make_batches(source, image_size=256, mean=info.mean, std=info.std, batch_size=batch_size)
-        return detector.extract_all(extractor, batches, batch_size, desc=desc).astype(np.float16)
+        return extractor.extract(source, desc=desc).astype(np.float16)
 
     # Train and holdout are both normal training images: both feed the bank / coreset.
     train = np.concatenate([extract(src[s], s) for s in ("train", "holdout") if len(src.get(s) or [])])
@@ -235,22 +226,18 @@ def coreset_table(train, n, ratio, rounds, seed):
 def fmt_table(knn_rows, core_rows) -> str:
     lines = []
     if knn_rows:
-        lines += ["| bank M | k | method | ms / image | min | GFLOP/s | vs knn | identical | proven by the bound |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in knn_rows:
-            if r["method"] == "_setup":
-                continue
-            ident = r["identical"]
-            ident = "-" if ident is None else (f"{ident:.4f} agree" if isinstance(ident, float) else str(ident))
-            lines.append(f"| {r['bank']} | {r['k']} | {r['method']} | {r['ms_per_image']:.1f} | {r['ms_min']:.1f} | "
-                         f"{r['gflops']:.0f} | {r['vs_knn']:.2f} | {ident} | "
-                         f"{'-' if r['dense_proven'] is None else format(r['dense_proven'], '.2%')} |")
+        lines += md_table(
+            ("bank M", "k", "method", "ms / image", "min", "GFLOP/s", "vs knn", "identical", "proven by the bound"),
+            [(r["bank"], r["k"], r["method"], fmt(r["ms_per_image"], ".1f"), fmt(r["ms_min"], ".1f"),
+              fmt(r["gflops"], ".0f"), fmt(r["vs_knn"], ".2f"),
+              "-" if r["identical"] is None else (f"{r['identical']:.4f} agree" if isinstance(r["identical"], float)
+                                                  else str(r["identical"])),
+              fmt(r["dense_proven"], ".2%")) for r in knn_rows if r["method"] != "_setup"])
     if core_rows:
-        lines += ["", "| coreset N | ratio | method | seconds (median) | projection s | selected | identical |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in core_rows:
-            lines.append(f"| {r['n']} | {r['ratio']} | {r['method']} | {r['s']:.2f} | {r['projection_s']:.2f} | "
-                         f"{r['n_select']} | {r['identical']} |")
+        lines += [""] + md_table(
+            ("coreset N", "ratio", "method", "seconds (median)", "projection s", "selected", "identical"),
+            [(r["n"], r["ratio"], r["method"], fmt(r["s"], ".2f"), fmt(r["projection_s"], ".2f"), r["n_select"],
+              r["identical"]) for r in core_rows])
     return "\n".join(lines)
 
 

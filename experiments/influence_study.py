@@ -25,7 +25,7 @@ normals and synthetic anomalies made from them (`--predictor-anomalies`), and re
   4. correlations over test patches between patch influence (mean over S) and the k-NN
      distance signal (mean_k dist).
 
-Estimators: the library's four (`pn_jax.influence`), `predictor` (`pn_jax.predictor`, learned)
+Estimators: the library's four (`pn_jax.influence`), `predictor` (`pn_jax.research.predictor`, learned)
 and `nearest` = eps |r_1S| / d_1, the predictor's fixed part without the learned term (what
 the learning adds is the difference between those two rows). The library's scoring path
 (`detector.make_signal_fn`) takes the four library estimators; the two others are scored by
@@ -45,6 +45,8 @@ import sys
 import time
 
 import numpy as np
+
+from experiments.common import fmt as _f
 
 
 REFERENCE = "grad"
@@ -196,7 +198,7 @@ def nearest_only(f, bank, dist, idx, dims, eps, bank_s=None):
     neighbour assumed to look like the nearest one (no learning)."""
     import jax.numpy as jnp
 
-    from pn_jax import predictor
+    from pn_jax.research import predictor
 
     _, d, r1 = predictor.inputs(f, bank, dist, idx, dims, bank_s)
     return eps * jnp.abs(r1) / jnp.maximum(d[:, :1], 1e-12)
@@ -204,7 +206,8 @@ def nearest_only(f, bank, dist, idx, dims, eps, bank_s=None):
 
 def estimators(methods, predictor_params=None) -> dict:
     """name -> fn(f, bank, dist, idx, dims, eps, bank_s=None) -> [Q,S]."""
-    from pn_jax import influence as infl, predictor
+    from pn_jax import influence as infl
+    from pn_jax.research import predictor
 
     out = {}
     for m in methods:
@@ -221,12 +224,13 @@ def fit_predictor(model, sources, holdout, mode: str, steps: int, hidden: int, l
     """The InfluencePredictor on the held-out normals (+ anomalies) -> (PredictorFit, seconds incl. extraction)."""
     import jax
 
-    from pn_jax import data, model as model_lib, predictor
+    from pn_jax import data, fitting
+    from pn_jax.research import predictor
 
     t0 = time.perf_counter()
     anomalous = None
     if mode == "synthetic":
-        _, recs = model_lib.validation_records(sources["holdout"], model.cfg.seed)
+        _, recs = fitting.validation_records(sources["holdout"], model.cfg.seed)
         anomalous = model.extract(data.records_source(recs, dataset="validation", category="validation",
                                                       split="validation"), desc="features synthetic anomalies")
     cfg = model.cfg
@@ -337,7 +341,7 @@ def part_cost(state, cfg, feats, nbrs, est, repeats, budget_s, predictor_params=
                              "overhead_vs_knn_k": t_fused / out["knn_k_ms"] - 1.0,
                              "overhead_vs_patchcore": t_fused / out["knn_1_ms"] - 1.0}
     if predictor_params is not None and PREDICTOR in est:
-        from pn_jax import predictor
+        from pn_jax.research import predictor
 
         args_fn = jax.jit(lambda p, f, b, d, i, s: predictor.influence(p, f, b, d, i, s, eps))
         t = 1e3 * time_per_call(args_fn, [(predictor_params, f, bank, d, i, dims) for f, (d, i) in zip(fs, nbrs)],
@@ -381,7 +385,7 @@ def local_signal_fn(cfg, fn):
 
 def local_stats(cfg, params, bank, dims, holdout, neighbours, fn):
     """Fit-time statistics with estimator `fn` on the held-out normals: the same two passes as
-    detector.fit_stats (influence/distance moments, then the three signals' moments)."""
+    normalstats.fit_stats (influence/distance moments, then the three signals' moments)."""
     import jax
     import jax.numpy as jnp
 
@@ -408,13 +412,13 @@ def part_metrics(model, holdout, test, est, switch_rtol):
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from pn_jax import config as config_lib, detector, metrics
+    from pn_jax import config as config_lib, detector, metrics, normalstats
 
     cfg, state = model.cfg, model.state
     feats, labels, masks = test
     bs, n = cfg.batch_size, len(feats)
     maps_fn = model.scorer().maps
-    neighbours = detector.holdout_neighbours(cfg, state.bank, holdout)
+    neighbours = normalstats.holdout_neighbours(cfg, state.bank, holdout)
 
     def run_signals(signal_fn, stats, name):
         """-> per-patch signals {name: [n, N]} and scoring seconds per image (compile excluded)."""
@@ -453,7 +457,7 @@ def part_metrics(model, holdout, test, est, switch_rtol):
         if m in config_lib.INFLUENCE_METHODS:
             cfg_m = cfg.replace(noising={"influence": m})
             params = state.params if m != PREDICTOR else {**state.params, "predictor": fn.args[0]}
-            stats = detector.fit_stats(cfg_m, params, state.bank, state.dims, holdout, neighbours)
+            stats = normalstats.fit_stats(cfg_m, params, state.bank, state.dims, holdout, neighbours)
             sig_fn = detector.make_signal_fn(cfg_m, need_influence=True, calibrated=True)
             sig_fn = functools.partial(_with_params, sig_fn, params) if m == PREDICTOR else sig_fn
             res["scoring_path"][m] = "library (detector.make_signal_fn)"
@@ -507,10 +511,6 @@ def part_correlation(signals, labels, n_patches):
 
 
 # ============================================================================ reporting
-def _f(x, fmt="%.3g"):
-    return "-" if x is None or (isinstance(x, float) and x != x) else fmt % x
-
-
 def tables(doc) -> str:
     ag = doc["agreement"]
     eps0 = doc["config"]["noising"]["eps"]
@@ -685,7 +685,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from pn_jax import model as model_lib, runner
+    from pn_jax import fitting, runner
 
     t_start = time.perf_counter()
     os.makedirs(mine.out, exist_ok=True)
@@ -702,7 +702,7 @@ def main(argv=None) -> int:
 
     # 1. fit once, through the public pipeline
     with timer("fit_s"):
-        model = model_lib.fit(cfg, sources["train"], holdout=sources["holdout"], key=jax.random.key(cfg.seed),
+        model = fitting.fit(cfg, sources["train"], holdout=sources["holdout"], key=jax.random.key(cfg.seed),
                               category=category, dataset=cfg.data.dataset, timer=timer)
     state = model.state
     with timer("extract_holdout_again_s"):  # per-estimator statistics, predictor training

@@ -52,20 +52,19 @@ def f1_at(scores, labels, thr) -> float:
 
 
 def run_category(cat: str, a, log=print) -> dict:
-    from pn_jax import cli, labelled, runner
-    from pn_jax import model as model_lib
+    from pn_jax import fitting, flags, labelled, runner
     from pn_jax.data import records
 
     argv = ["--dataset", "elpv", "--category", cat] + (["--max-train", "60"] if a.quick else [])
-    cfg = cli.build_config(cli.build_run_parser().parse_args(argv))
+    cfg = flags.build_config(flags.build_run_parser().parse_args(argv))
     t0 = time.perf_counter()
     src = runner.load_sources(cfg, cat, max_train=60 if a.quick else None)
-    model = model_lib.fit(cfg, src["train"], category=cat, log=lambda *_: None)
+    model = fitting.fit(cfg, src["train"], category=cat, log=lambda *_: None)
     v = model.cfg.noising.score
     t_fit = time.perf_counter() - t0
     # the synthetic validation a user without defects has: LOO normals + one anomaly of each
     val_idx = np.asarray(model.calibration["validation_images"])
-    normal, anomal = model_lib.validation_records([src["train"][int(i)] for i in val_idx], cfg.seed)
+    normal, anomal = fitting.validation_records([src["train"][int(i)] for i in val_idx], cfg.seed)
     syn_src = records.records_source(normal + anomal, dataset="elpv", category=cat, split="validation")
     f, y, m, names = labelled.labelled_features(model, syn_src)
     syn = labelled.prepare(model, f, y, m, variant=v, owners=np.concatenate([val_idx, val_idx]))
@@ -93,7 +92,7 @@ def run_category(cat: str, a, log=print) -> dict:
             theta, _ = labelled.fit_theta(model, lab, v, seed=seed)
             s_real = labelled.image_scores(model, pool, v, *labelled.apply_theta(model, v, theta))
             auc = lambda s: labelled._auc(s[test], py[test])  # noqa: E731
-            thr_lab = model_lib.choose_threshold(untuned[val][py[val] == 0], untuned[val][py[val] == 1])[0]
+            thr_lab = fitting.choose_threshold(untuned[val][py[val] == 0], untuned[val][py[val] == 1])[0]
             row = {"seed": seed, "n": n, "untuned": auc(untuned), "synthetic_forced": auc(s_syn),
                    "synthetic_rule": auc(s_syn if syn_cv["kept"] else untuned), "real_forced": auc(s_real),
                    "real_rule": auc(s_real if cv["kept"] else untuned), "real_kept": cv["kept"],

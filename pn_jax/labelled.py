@@ -32,6 +32,10 @@ A labelled set (`--val-dir`: good/ + one folder per defect type, masks optional)
   untuned one by `MARGIN` points; otherwise the untuned model is kept and both numbers are said.
 * The threshold: F1-max on the labelled images' scores (real defects), `model.choose_threshold`.
 * `--score auto`: `select.choose` on the labelled scores of every candidate.
+
+Over 450 lines on purpose: the overlap check, the exact signal-level scorer, the objective,
+the CV rule and the hook on a fitted model are one protocol sharing the `Labelled` features;
+`experiments/labelled_tuning.py` reuses every part of it.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pn_jax import calibration, detector, maps as maps_lib, metrics, noising
+from pn_jax import calibration, detector, maps as maps_lib, metrics, noising, normalstats
 
 MARGIN = 1.0  # AUROC points the tuned CV AUROC must gain over the untuned one to be kept
 FOLDS = 5
@@ -140,9 +144,9 @@ def prepare(model, feats, labels, masks=None, *, variant: str, names=None, owner
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels).astype(np.int32)
     if owners is None:
-        _, idx = detector.holdout_neighbours(model.cfg, model.state.bank, feats)
+        _, idx = normalstats.holdout_neighbours(model.cfg, model.state.bank, feats)
     else:
-        _, idx = detector.loo_neighbours(model.cfg, model.state.bank, model.bank_owner, feats, owners)
+        _, idx = normalstats.loo_neighbours(model.cfg, model.state.bank, model.bank_owner, feats, owners)
     sig = None
     if TUNABLE.get(variant) == "score_weights":
         scorer = model.scorer(("seed",), single_device=True)
@@ -451,9 +455,11 @@ def as_source(validation):
 
 def labelled_features(model, source):
     """(features [n,N,D], labels [n], masks [n,H,W] or None, names) of a labelled source."""
+    from pn_jax import batches
+
     feats, labels, masks, names = [], [], [], []
-    for b in model.batches(source):
-        feats.append(np.asarray(model.features(b["image"])))
+    for b, f in batches.feature_batches(model, source, desc="labelled"):
+        feats.append(np.asarray(f))
         labels.append(np.asarray(b["label"]))
         masks.append(np.asarray(b["mask"]))
         names += [str(x) for x in b["name"]]
@@ -469,18 +475,18 @@ def labelled_features(model, source):
 
 def fit_on_labelled(model, validation, *, tune_weights: bool = True, auto: bool = False, seed: int | None = None,
                     margin: float = MARGIN, log: Callable = print):
-    """What a fitted model takes from a labelled set: `--score auto`'s choice (when `auto`),
-    the tuned parameters (cross-validated keep-or-drop; `tune_weights`), the F1-max threshold
-    on the real defects. Each is recorded in `model.calibration["labelled"]` with its figures.
-    Returns the model (a new one when tuned parameters are kept)."""
-    from pn_jax import model as model_lib
-    from pn_jax import select
+    """What a fitted model takes from a labelled set, in order: `--score auto`'s choice (when
+    `auto`), the tuned parameters (cross-validated keep-or-drop; `tune_weights`), and the
+    labelled image scores of the scores it may use (`model.validation`), from which
+    `fitting.labelled_threshold` chooses the F1-max threshold. Recorded in
+    `model.calibration["labelled"]`. Returns the model (a new one when tuned parameters are kept)."""
+    from pn_jax.research import select
 
     seed = model.cfg.seed if seed is None else seed
     src = as_source(validation)
     feats, labels, masks, names = labelled_features(model, src)
-    where = getattr(src, "category", None) or "labelled set"
     record = {"source": str(validation) if isinstance(validation, (str, os.PathLike)) else repr(src),
+              "where": getattr(src, "category", None) or "labelled set",
               "good": int((labels == 0).sum()), "defective": int(labels.sum()), "masks": masks is not None,
               "names": names}
     variants = select.CANDIDATES if auto else (detector.default_variant(model.cfg),)
@@ -496,21 +502,10 @@ def fit_on_labelled(model, validation, *, tune_weights: bool = True, auto: bool 
         lab = prepare(model, feats, labels, masks, variant=variant, names=names)
         model, record["tuning"] = tune(model, lab, variant, seed=seed, margin=margin, log=log)
     else:
-        record["tuning"] = {"variant": variant, "tuned": None, "kept": False, "reason": "not asked"}
+        record["tuning"] = {"variant": variant, "tuned": None, "kept": False, "reason": "not asked (--tune)"}
     scored = tuple(dict.fromkeys((variant,) + tuple(variants)))  # the labelled scores kept with the model
     final = model.score_features(feats, scored)["variants"]
     model.validation = {v: (final[v][0][labels == 0], final[v][0][labels == 1]) for v in scored}
-    normal, anomal = model.validation[variant]
-    thr, info = model_lib.choose_threshold(normal, anomal, fpr=model.cfg.threshold_fpr)
-    info["rule"] = info["rule"].replace("synthetic anomalies", "labelled defects")
-    model.threshold = thr
-    model.calibration["threshold"] = {**info, "value": thr,
-                                      "validation": f"labelled set {where} ({record['good']} good, "
-                                                    f"{record['defective']} defective)"}
-    scores = np.concatenate([normal, anomal])
-    y = np.concatenate([np.zeros(len(normal), int), np.ones(len(anomal), int)])
-    record["threshold"] = {"value": thr, **info}
-    record["validation_image_auroc"] = _auc(scores, y)
+    record["validation_image_auroc"] = _auc(final[variant][0], labels)
     model.calibration["labelled"] = record
-    log(f"threshold {thr:.5g} ({info['rule']}; labelled set {where})")
     return model

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 import pn_jax
-from pn_jax import cli, detector, labelled
+from pn_jax import cli, detector, fitting, labelled
 from pn_jax import model as model_lib
 from pn_jax.config import tiny_config
 from pn_jax.data import pipeline
@@ -182,7 +182,8 @@ def test_tuning_is_kept_when_the_noise_scale_hides_the_defects():
 def test_threshold_is_f1_max_on_the_labelled_defects_and_the_round_trip_keeps_what_was_tuned(fitted, data_root,
                                                                                             tmp_path):
     val = _val_dir(tmp_path, data_root)
-    m = labelled.fit_on_labelled(fitted.with_state(fitted.state), str(val), margin=-1000.0, log=lambda *_: None)
+    m = fitting.fit_labelled(fitted.with_state(fitted.state), str(val), tune=True, margin=-1000.0,
+                             log=lambda *_: None)
     rec = m.calibration["labelled"]
     assert rec["tuning"]["kept"] and rec["tuning"]["tuned"] == "noise_scale"
     assert not np.allclose(m.state.params["noise_scale"], fitted.state.params["noise_scale"])
@@ -190,7 +191,7 @@ def test_threshold_is_f1_max_on_the_labelled_defects_and_the_round_trip_keeps_wh
     scores, y = np.r_[normal, anom], np.r_[np.zeros(len(normal)), np.ones(len(anom))]
     best = max(f1_score(y, scores >= t) for t in scores)  # sklearn over every threshold
     assert f1_score(y, scores >= m.threshold) == pytest.approx(best)
-    assert rec["threshold"]["validation_f1"] == pytest.approx(100 * best)
+    assert rec["threshold"]["validation_f1"] == pytest.approx(100 * best) and "labelled defects" in rec["threshold"]["rule"]
     assert rec["good"] == int((y == 0).sum()) and rec["defective"] == int(y.sum())
     m.save(tmp_path / "ck")
     back = pn_jax.load(tmp_path / "ck")
