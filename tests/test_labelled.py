@@ -140,7 +140,7 @@ def _feature_model(seed=0, sd=None):
     rng = np.random.default_rng(seed)
     sd = np.r_[np.full(16, 3.0), np.full(16, 0.3)].astype(np.float32) if sd is None else sd
     gen = lambda n: (rng.normal(size=(n, 64, 32)) * sd).astype(np.float32)  # noqa: E731
-    state, report = detector.fit(cfg, gen(12), gen(4), jax.random.key(seed))
+    state, report = fitting.fit_state(cfg, gen(12), gen(4), jax.random.key(seed))
     m = model_lib.Model(cfg, (8, 8), state)
     m.bank_owner = report.bank_owner
     return m, gen
