@@ -202,3 +202,34 @@ def test_threshold_is_f1_max_on_the_labelled_defects_and_the_round_trip_keeps_wh
     feats, *_ = labelled.labelled_features(m, labelled.as_source(str(val)))
     np.testing.assert_allclose(back.score_features(feats)["image_scores"], m.score_features(feats)["image_scores"],
                                rtol=1e-6)
+
+
+def test_fit_with_val_dir_end_to_end_records_the_labelled_choices(data_root, tmp_path, capsys):
+    """pn-jax fit --val-dir --tune --score auto on a train folder and a disjoint test folder:
+    results.json and the checkpoint carry the threshold, auto's choice and the CV decision."""
+    import json
+
+    val, test = tmp_path / "val", tmp_path / "test"
+    for d in (val, test):
+        for sub in ("good", "blob"):
+            (d / sub).mkdir(parents=True)
+    for sub in ("good", "blob"):
+        files = sorted((data_root / "test" / sub).iterdir())
+        for i, f in enumerate(files):
+            shutil.copy(f, (val if i % 2 == 0 else test) / sub / f.name)
+    rc = cli.main(["fit", "--train-dir", str(data_root / "train" / "good"), "--test-dir", str(test),
+                   "--val-dir", str(val), "--tune", "--score", "auto", "--out", str(tmp_path / "out"),
+                   "--backbone", "efficientnet_lite0", "--image-size", "64", "--embed-dim", "64",
+                   "--coreset-ratio", "0.1", "--k", "3", "--batch-size", "4", "--figures", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "labelled tuning" in out and "92.60" not in out  # no synthetic-tuning warning
+    entry = next(iter(json.loads((tmp_path / "out" / "results.json").read_text())["categories"].values()))
+    rec = entry["calibration"]["labelled"]
+    n_val = sum(1 for _ in val.rglob("*.png"))
+    assert rec["good"] + rec["defective"] == n_val and rec["auto"]["on"] == "labelled defects"
+    assert "cv_auroc_untuned" in rec["tuning"]["cv"] and "cv_auroc_tuned" in rec["tuning"]["cv"]
+    assert entry["labelled_tuning"]["kept"] == rec["tuning"]["kept"]
+    assert entry["calibration"]["threshold"]["validation"].startswith("labelled set val")
+    back = pn_jax.load(tmp_path / "out" / "checkpoint")
+    assert back.calibration["labelled"]["auto"]["choice"] == rec["auto"]["choice"]
+    assert back.threshold == pytest.approx(entry["threshold"])

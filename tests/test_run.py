@@ -44,6 +44,7 @@ def test_train_run_writes_results_figures_and_checkpoint(trained):
     assert os.path.isfile(entry["tune_plot"])
     assert os.path.isdir(tmp / "train" / "checkpoint" / "synthetic")
     assert set(entry["test_before_after_tuning"]) == {"untuned", "tuned"}
+    assert "92.60 -> 88.68" in entry["tune_warning"]  # tuned on synthetic anomalies: the warning travels
 
 
 def test_fit_and_tuning_read_no_test_image(trained):
