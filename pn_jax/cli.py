@@ -1,4 +1,4 @@
-"""The commands of `pn-jax` (fit, test, predict, export, suggest) and `python -m experiments.run`:
+"""The commands of `pn-jax` (fit, test, predict, export, suggest, report) and `python -m experiments.run`:
 each a thin layer over `pn_jax.fitting`, `pn_jax.model` and `pn_jax.runner`. Their flags and
 usage are in `pn_jax.flags` (`flags.USAGE`). Bad input is refused before any long work starts,
 with a message that names the flag or file (exit 2).
@@ -215,6 +215,7 @@ def cmd_test(a) -> int:
 
 def cmd_predict(a) -> int:
     from pn_jax import model as model_lib
+    from pn_jax import report as report_page
     from pn_jax import viz
 
     out = check_writable(a.out, "--out")
@@ -233,29 +234,46 @@ def cmd_predict(a) -> int:
     n_bad = n_anom = 0
     t0 = time.perf_counter()
     overlay_dir = os.path.join(out, "overlays")
+    gallery, names, scores = report_page.ScoreGallery(), [], []
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=model_lib.CSV_FIELDS)
         w.writeheader()
         for i, rec in enumerate(model.predict_iter(items, maps=not a.no_overlays)):
             row = model_lib.csv_row(rec)
             w.writerow(row)
+            names.append(rec["name"])
+            scores.append(rec["score"])
             if rec["error"]:
                 n_bad += 1
                 print(f"error: {rec['name']}: {rec['error']}", file=sys.stderr)
                 continue
             n_anom += bool(rec["label"])
+            gallery.offer(rec["name"], rec["score"], rec["image"], rec.get("anomaly_map"))
             if not a.no_overlays:
                 stem = f"{i:05d}_" + os.path.splitext(os.path.basename(rec["name"]))[0]
                 viz.save_overlay(os.path.join(overlay_dir, stem + ".png"), rec["image"], rec["anomaly_map"],
                                  model.threshold, f"{rec['name']}: score {rec['score']:.4g} "
                                  f"({rec['normalized']:.2f} x threshold) -> {row['label']}")
     os.replace(tmp, csv_path)
+    report_page.write_predict_data(out, names, scores, model.threshold, gallery)
+    page = report_page.write_predict_page(out)
     dt = time.perf_counter() - t0
     n = len(items)
     print(f"{n - n_bad} of {n} images scored ({n_anom} anomalous, {n_bad} failed) in {dt:.1f}s, "
           f"{(n - n_bad) / max(dt, 1e-9):.2f} images/s; threshold {model.threshold}")
-    print(f"predictions: {csv_path}" + ("" if a.no_overlays else f"; overlays: {overlay_dir}"))
+    print(f"predictions: {csv_path}" + ("" if a.no_overlays else f"; overlays: {overlay_dir}") + f"; report: {page}")
     return min(n_bad, 100)
+
+
+def cmd_report(a) -> int:
+    """`pn-jax report RUN_DIR`: rebuild the page of a finished run (or predict folder) from
+    its results.json and report data; nothing is scored again."""
+    from pn_jax import report as report_page
+
+    if a.out:
+        check_writable(os.path.dirname(os.path.abspath(a.out)), "--out")
+    print(f"report: {report_page.rebuild(a.run_dir, a.out)}")
+    return 0
 
 
 def cmd_export(a) -> int:
@@ -312,7 +330,11 @@ def report(a, entries: list[dict], out: str, t0: float) -> int:
                                           keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max"]))
     path = os.path.join(out, "results.json")
     runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:]})
-    print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}")
+    from pn_jax import report as report_page
+
+    page = report_page.write_run_page(out)
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}; "
+          f"report: {page}")
     return 0
 
 
@@ -347,7 +369,8 @@ def main(argv=None) -> int:
         from pn_jax.research import suggest
 
         return _guard(suggest.run_command, a)
-    fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
+    fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export,
+          "report": cmd_report}[a.command]
     return _guard(fn, a)
 
 

@@ -9,7 +9,7 @@ import functools
 import math
 import os
 
-USAGE = """`pn-jax fit | test | predict | export | suggest`, and `python -m experiments.run` (the benchmark-style
+USAGE = """`pn-jax fit | test | predict | export | suggest | report`, and `python -m experiments.run` (the benchmark-style
 alias with `--mode train|test`, which fits and tests in one run).
 
     pn-jax fit --train-dir good/ --test-dir test/ --out runs/parts       # a folder of good images
@@ -18,6 +18,7 @@ alias with `--mode train|test`, which fits and tests in one run).
     pn-jax predict --checkpoint runs/parts/checkpoint new_photos/ --out runs/parts/pred
     pn-jax export --checkpoint runs/parts/checkpoint --out parts.jaxexport
     pn-jax suggest --checkpoint runs/parts/checkpoint unlabelled/ --top 16  # which images to label next
+    pn-jax report runs/parts                                              # rebuild runs/parts/report.html
 
 Bad input is refused before any long work starts, with a message that names the flag or file
 (exit 2). `predict` never stops at one bad image: its CSV names it in an error column and the
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("suggest", help="rank unlabelled images by how uncertain the model is (which to label next)",
                         description=suggest.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suggest.add_arguments(sg)
+    rp = sub.add_parser("report", help="rebuild <RUN_DIR>/report.html from a finished run (or predict folder)")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of experiments.run, fit, test or predict")
+    rp.add_argument("--out", default=None, help="write the page here instead of RUN_DIR/report.html")
     return p
 
 

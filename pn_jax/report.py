@@ -1,0 +1,534 @@
+"""One self-contained HTML page per run (`<out>/report.html`), readable offline and without
+JavaScript: the metric table per category and the mean, image and pixel ROC / PR curves,
+histograms of the normal and defective image scores with the stored threshold and the
+confusion counts at it, per-defect-type results, a gallery of the highest-scoring normal and
+lowest-scoring defective images (image | map overlay | mask), the configuration, provenance
+and timings. Variants scored on the same bank (`--ablation`, `--tune`) share the curve plots.
+
+Every number on the page is read from `results.json`; the plots and the gallery from
+`<out>/report/<category>.npz`, which the run writes (atomically) from what its test pass
+already computed: nothing is extracted or scored again, so `pn-jax report RUN_DIR` rebuilds
+the same page from a finished run. `pn-jax predict` writes a smaller page of the same kind
+(`report_data.npz` beside predictions.csv): score histogram, threshold, gallery by score.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pn_jax import metrics  # noqa: E402
+
+PAGE = "report.html"
+DATA_DIR = "report"  # <run>/report/<category>.npz
+PREDICT_DATA = "report_data.npz"
+N_GALLERY = 6  # images per gallery row: highest-scoring normal, lowest-scoring defective
+THUMB = 160  # gallery thumbnails, pixels
+CURVE_POINTS = 2000  # pixel curves are decimated to about this many points for the plots
+METRIC_KEYS = ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max", "mF1_max_sp_max", "mAP_px",
+               "mF1_max_px")
+THRESHOLD_KEYS = ("threshold", "precision", "recall", "F1", "accuracy", "FPR")
+
+
+class ReportError(ValueError):
+    """A run folder the page cannot be built from; the message names the folder or file."""
+
+
+# ----------------------------------------------------------------------------- what a run keeps
+def _thumb(a: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Downsize an image ("RGB" uint8), a map ("F") or a mask ("L") to at most `size` px."""
+    h, w = a.shape[:2]
+    s = min(1.0, size / max(h, w))
+    shape = (max(1, round(w * s)), max(1, round(h * s)))
+    if mode == "F":
+        return np.asarray(Image.fromarray(a.astype(np.float32), "F").resize(shape, Image.BILINEAR))
+    if mode == "L":
+        return np.asarray(Image.fromarray(a.astype(np.uint8) * 255, "L").resize(shape, Image.NEAREST)) > 127
+    return np.asarray(Image.fromarray(a).resize(shape, Image.BILINEAR))
+
+
+class Gallery:
+    """Keeps, while a test pass streams, the `n` highest-scoring normal and the `n`
+    lowest-scoring defective images (downsized image, anomaly map, mask): the worst false
+    positives and the worst misses. `offer(batch, scores, maps)` per batch (batches.score_source)."""
+
+    def __init__(self, n: int, mean, std, size: int = THUMB):
+        self.n, self.size = n, size
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.kept = {"normal": [], "defective": []}  # (rank key, item)
+
+    def offer(self, batch, scores, maps) -> None:
+        for i, sc in enumerate(np.asarray(scores, np.float64)):
+            group = "normal" if int(batch["label"][i]) == 0 else "defective"
+            key = -sc if group == "normal" else sc  # smallest key first
+            kept = self.kept[group]
+            if len(kept) == self.n and key >= kept[-1][0]:
+                continue
+            img = np.clip(np.asarray(batch["image"][i]) * self.std + self.mean, 0, 1)
+            mask = np.asarray(batch["mask"][i]) > 0.5
+            kept.append((key, {"image": _thumb((img * 255).round().astype(np.uint8), self.size, "RGB"),
+                               "map": _thumb(np.asarray(maps[i], np.float32), self.size, "F"),
+                               "mask": _thumb(mask, self.size, "L"), "has_mask": bool(mask.any()),
+                               "name": str(batch["name"][i]), "score": float(sc),
+                               "defect": str(batch.get("defect", ["?"] * len(scores))[i])}))
+            kept.sort(key=lambda t: t[0])
+            del kept[self.n:]
+
+    def arrays(self, prefix: str = "g") -> dict:
+        out = {}
+        for group, kept in self.kept.items():
+            items = [it for _, it in kept]
+            p = f"{prefix}_{group}_"
+            if not items:
+                out[p + "name"] = np.array([], dtype=str)
+                continue
+            out[p + "image"] = np.stack([it["image"] for it in items])
+            out[p + "map"] = np.stack([it["map"] for it in items]).astype(np.float16)
+            out[p + "mask"] = np.stack([it["mask"] for it in items])
+            out[p + "has_mask"] = np.array([it["has_mask"] for it in items])
+            for k in ("name", "defect"):
+                out[p + k] = np.array([it[k] for it in items], dtype=str)
+            out[p + "score"] = np.array([it["score"] for it in items], np.float64)
+        return out
+
+
+def _decimate(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS):
+    if len(x) <= n:
+        return x, y
+    idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
+    return x[idx], y[idx]
+
+
+def _curves(scores, labels) -> dict:
+    """ROC (fpr, tpr) and PR (recall, precision) points of one score array (metrics.binary_curve,
+    the same curve the metrics are read off)."""
+    c = metrics.binary_curve(scores, labels)
+    if c.n_pos == 0 or c.n_neg == 0:
+        return {}
+    fpr, tpr = np.concatenate(([0.0], c.fps / c.n_neg)), np.concatenate(([0.0], c.tps / c.n_pos))
+    rec, prec = c.tps / c.n_pos, c.tps / (c.tps + c.fps)
+    fpr, tpr = _decimate(fpr, tpr)
+    rec, prec = _decimate(rec, prec)
+    return {"fpr": fpr, "tpr": tpr, "recall": rec, "precision": prec}
+
+
+def variant_label(model_key: str, variant, main_key: str, configured: str) -> str:
+    """The name of a (model, variant) score on the page; matches results.json's `ablation` keys."""
+    if variant is None:
+        return f"{configured} (configured)" + ("" if model_key == main_key else f" ({model_key})")
+    return f"{variant}" + ("" if model_key == main_key else f" ({model_key})")
+
+
+def category_data(res: dict, main_key: str, configured: str, masks: bool, gallery: Gallery | None) -> dict:
+    """What the page needs of one category's test pass (`batches.score_source`'s result)."""
+    keys = [(main_key, None)] + [k for k in res["scores"] if k != (main_key, None)]
+    data = {"labels": np.asarray(res["labels"], np.int8), "names": np.array(res["names"], dtype=str),
+            "defects": np.asarray(res["defects"], dtype=str),
+            "variants": np.array([variant_label(m, v, main_key, configured) for m, v in keys], dtype=str),
+            "scores": np.stack([np.asarray(res["scores"][k], np.float64) for k in keys])}
+    if masks:
+        for i, k in enumerate(keys):
+            for name, v in _curves(res["maps"][k], res["masks"]).items():
+                data[f"px{i}_{name}"] = v
+    if gallery is not None:
+        data.update(gallery.arrays())
+    return data
+
+
+def _atomic_savez(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **data)
+    os.replace(tmp, path)
+
+
+def save_category_data(out_dir: str, category: str, data: dict | None) -> str:
+    """<out>/report/<category>.npz, written atomically; None removes an earlier run's."""
+    path = os.path.join(out_dir, DATA_DIR, category.replace("/", "_") + ".npz")
+    if data is None:
+        if os.path.exists(path):
+            os.remove(path)
+    else:
+        _atomic_savez(path, data)
+    return path
+
+
+# ----------------------------------------------------------------------------- figures
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # keeps a legend outside the axes
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str, cls: str = "") -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}"' + (f' class="{cls}"' if cls else "") + ">"
+
+
+def _curve_figure(d: dict, labels: np.ndarray) -> str:
+    """Image ROC and PR (and pixel ROC and PR where masks exist), every variant in the same axes."""
+    px = any(k.startswith("px0_") for k in d)
+    fig, axes = plt.subplots(1, 4 if px else 2, figsize=(13 if px else 7.5, 3.6))
+    names = [str(v) for v in d["variants"]]
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    pairs = [(0, "image ROC", "fpr", "tpr"), (1, "image PR", "recall", "precision")]
+    if px:
+        pairs += [(2, "pixel ROC", "fpr", "tpr"), (3, "pixel PR", "recall", "precision")]
+    for ax_i, title, xk, yk in pairs:
+        ax = axes[ax_i]
+        for i, name in enumerate(names):
+            c = _curves(d["scores"][i], labels) if ax_i < 2 else {k: d.get(f"px{i}_{k}") for k in (xk, yk)}
+            if not c or c.get(xk) is None:
+                continue
+            ax.plot(c[xk], c[yk], lw=2.4 if i == 0 else 1.0, label=name, zorder=3 if i == 0 else 2,
+                    color="black" if i == 0 and len(names) > 1 else colours[i % len(colours)])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("false positive rate" if xk == "fpr" else "recall", fontsize=9)
+        ax.set_ylabel("true positive rate" if yk == "tpr" else "precision", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    if len(names) > 1:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _hist_figure(scores: np.ndarray, labels: np.ndarray | None, threshold, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    finite = scores[np.isfinite(scores)]
+    edges = np.histogram_bin_edges(finite if finite.size else [0, 1], bins=40)
+    if labels is None:
+        ax.hist(finite, bins=edges, color="#4c72b0", alpha=0.8, label=f"images ({finite.size})")
+    else:
+        for lab, name, col in ((0, "normal", "#4c72b0"), (1, "defective", "#dd5555")):
+            s = scores[labels == lab]
+            ax.hist(s, bins=edges, color=col, alpha=0.6, label=f"{name} ({s.size})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"stored threshold {threshold:.4g}")
+    ax.set_xlabel("image score", fontsize=9)
+    ax.set_ylabel("images", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _card(d: dict, prefix: str, i: int, lo: float, hi: float, threshold) -> str:
+    """One gallery card: image | anomaly map over it | mask, one PNG, with its caption."""
+    img = d[prefix + "image"][i].astype(np.float32) / 255.0
+    panels = [img]
+    if prefix + "map" in d:
+        amap = d[prefix + "map"][i].astype(np.float32)
+        cmap = plt.get_cmap("jet")((np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)))[..., :3]
+        panels.append(0.5 * img + 0.5 * cmap)
+    if prefix + "mask" in d and bool(d[prefix + "has_mask"][i]):
+        panels.append(np.repeat(d[prefix + "mask"][i][..., None].astype(np.float32), 3, axis=2))
+    gap = np.ones((img.shape[0], 4, 3), np.float32)
+    strip = np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1)
+    buf = io.BytesIO()
+    Image.fromarray((strip * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    name, score = str(d[prefix + "name"][i]), float(d[prefix + "score"][i])
+    decision = ""
+    if threshold is not None and np.isfinite(threshold):
+        decision = " &rarr; " + ("anomalous" if score >= threshold else "normal")
+    defect = str(d[prefix + "defect"][i]) if prefix + "defect" in d else ""
+    what = f" &middot; {html.escape(defect)}" if defect and defect not in ("good", "?") else ""
+    return (f'<figure class="card">{_img(uri, name)}<figcaption><b>{html.escape(name)}</b><br>'
+            f"score {score:.4g}{decision}{what}</figcaption></figure>")
+
+
+def _gallery(d: dict, threshold, groups) -> str:
+    maps = [d[f"g_{g}_map"].astype(np.float32) for g, _ in groups if f"g_{g}_map" in d]
+    if not any(len(d.get(f"g_{g}_name", [])) for g, _ in groups):
+        return "<p>No gallery images were kept.</p>"
+    lo = hi = 0.0
+    if maps:
+        allm = np.concatenate([m.ravel() for m in maps])
+        lo, hi = float(np.percentile(allm, 1)), float(np.percentile(allm, 99.5))  # one colour range for all cards
+        out = [f'<p class="note">Each card: image | anomaly map over it (one colour range for every card: '
+               f"{lo:.3g} blue to {hi:.3g} red) | ground-truth mask where there is one.</p>"]
+    else:
+        out = ['<p class="note">Images only (run without anomaly maps).</p>']
+    for g, title in groups:
+        p = f"g_{g}_"
+        n = len(d.get(p + "name", []))
+        out.append(f"<h4>{html.escape(title)} ({n})</h4>")
+        out.append('<div class="gallery">' + "".join(_card(d, p, i, lo, hi, threshold) for i in range(n))
+                   + "</div>" if n else "<p>none</p>")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- tables
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return '<span title="not defined for this data">&ndash;</span>'
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(tid: str, header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table id="{html.escape(tid)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _kv_table(tid: str, d: dict, digits: int = 2) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v, digits) if not isinstance(v, (dict, list)) else html.escape(json.dumps(v))}</td></tr>"
+                   for k, v in d.items())
+    return f'<table id="{html.escape(tid)}" class="kv">{rows}</table>'
+
+
+def confusion(scores: np.ndarray, labels: np.ndarray, threshold) -> dict:
+    """TP, FP, FN, TN of the decision `score >= threshold` (runner.threshold_metrics' rule)."""
+    if threshold is None or not np.isfinite(threshold):
+        return {}
+    pred, y = scores >= threshold, labels.astype(bool)
+    return {"TP": int(np.sum(pred & y)), "FP": int(np.sum(pred & ~y)), "FN": int(np.sum(~pred & y)),
+            "TN": int(np.sum(~pred & ~y))}
+
+
+# ----------------------------------------------------------------------------- pages
+CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1250px;
+padding:0 16px;color:#222;line-height:1.4}h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;
+padding-bottom:.2em;margin-top:1.8em}h3{margin-top:1.4em}table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+table.kv th{text-align:left;font-weight:normal;color:#555}table.kv td{text-align:left;font-family:monospace;word-break:break-all}
+img.plot{max-width:100%;height:auto;display:block;margin:.4em 0}.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.card{margin:0;border:1px solid #ddd;padding:6px;background:#fafafa;font-size:.82em;max-width:500px}
+.card img{display:block;height:150px;width:auto}.card figcaption{word-break:break-all}
+.note{color:#555;font-size:.9em}pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:.8em;max-height:480px}
+nav a{margin-right:1em}details{margin:.5em 0}"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def _write_atomic(path: str, text: str) -> str:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _category_section(cat: str, e: dict, d: dict | None) -> str:
+    out = [f'<h2 id="cat-{html.escape(cat)}">{html.escape(cat)}</h2>']
+    c = {**e.get("checkpoint_counts", {}), **e.get("counts", {})}
+    out.append(f'<p class="note">mode {html.escape(str(e.get("mode")))}; test images {c.get("test")} '
+               f'({c.get("test_anomalous")} defective); train {c.get("train")}, bank {c.get("bank")} of '
+               f'{c.get("train_patches")} patches.</p>')
+    if d is None:
+        out.append('<p class="note">No report data for this category (a run made before report pages, '
+                   'or no test split): numbers only.</p>')
+    if d is not None and "scores" in d:
+        labels = d["labels"].astype(int)
+        out.append("<h3>ROC and PR curves</h3>" + _img(_curve_figure(d, labels), f"{cat} curves", "plot"))
+        if len(d["variants"]) > 1:
+            out.append('<p class="note">Every variant scored on the same bank and the same test images; the '
+                       "thick line is the configured score.</p>")
+        thr = e.get("threshold")
+        s = d["scores"][0]
+        out.append("<h3>Image scores and the stored threshold</h3>"
+                   + _img(_hist_figure(s, labels, thr, f"{cat}: image scores, {d['variants'][0]}"),
+                          f"{cat} histogram", "plot"))
+        conf = confusion(s, labels, thr)
+        if conf:
+            out.append(_table(f"confusion-{cat}", ["at the stored threshold", "predicted defective",
+                                                     "predicted normal"],
+                              [["defective", conf["TP"], conf["FN"]], ["normal", conf["FP"], conf["TN"]]]))
+    pdt = e.get("per_defect_type")
+    if pdt:
+        keys = [k for k in ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px") if any(k in m for m in pdt.values())]
+        out.append("<h3>Per defect type</h3><p class=\"note\">Each on the normal test images plus that "
+                   "type's images.</p>")
+        out.append(_table(f"defects-{cat}", ["defect type", "n"] + keys,
+                          [[t, m.get("n")] + [m.get(k) for k in keys] for t, m in pdt.items()]))
+    for key, title in (("ablation", "Variants on the same bank (--ablation)"),
+                       ("test_before_after_tuning", "Before and after tuning")):
+        if e.get(key):
+            ks = [k for k in METRIC_KEYS if any(k in m for m in e[key].values())]
+            out.append(f"<h3>{html.escape(title)}</h3>" + _table(f"{key}-{cat}", ["variant"] + ks,
+                                                               [[v] + [m.get(k) for k in ks] for v, m in e[key].items()]))
+    if d is not None and any(k.startswith("g_") for k in d):
+        out.append("<h3>Gallery</h3>" + _gallery(d, e.get("threshold"), [
+            ("normal", "Highest-scoring normal images (the worst false positives)"),
+            ("defective", "Lowest-scoring defective images (the worst misses)")]))
+    out.append("<h3>Provenance, calibration and timings</h3>")
+    prov = dict(e.get("provenance") or {})
+    out.append("<details open><summary>provenance</summary>" + _kv_table(f"provenance-{cat}", prov, 4) + "</details>")
+    if e.get("calibration"):
+        out.append("<details><summary>calibration</summary><pre>"
+                   + html.escape(json.dumps(e["calibration"], indent=1)[:20000]) + "</pre></details>")
+    if e.get("timings"):
+        out.append(_table(f"timings-{cat}", ["stage", "seconds"], [[k, float(v)] for k, v in e["timings"].items()]))
+    if e.get("config"):
+        out.append("<details><summary>configuration</summary><pre>"
+                   + html.escape(json.dumps(e["config"], indent=1)) + "</pre></details>")
+    return "\n".join(out)
+
+
+def load_run(run_dir: str) -> tuple[dict, dict]:
+    """(results.json, {category: report data}) of a finished run; ReportError naming what is missing."""
+    if not os.path.isdir(run_dir):
+        raise ReportError(f"RUN_DIR {run_dir} is not a folder")
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        raise ReportError(f"RUN_DIR {run_dir} holds no results.json: not a finished run of experiments.run, "
+                          f"pn-jax fit or pn-jax test (a predict folder holds {PREDICT_DATA})")
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+        cats = doc["categories"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ReportError(f"{path} is not a results.json pn_jax wrote ({e})") from None
+    data = {}
+    for cat in cats:
+        p = os.path.join(run_dir, DATA_DIR, cat.replace("/", "_") + ".npz")
+        if os.path.isfile(p):
+            try:
+                with np.load(p) as z:
+                    data[cat] = {k: z[k] for k in z.files}
+            except (OSError, ValueError) as e:
+                raise ReportError(f"{p} cannot be read ({e}); rerun the run to rewrite it") from None
+    return doc, data
+
+
+def run_page(run_dir: str) -> str:
+    """The HTML of a finished run's page (`results.json` + `report/*.npz`)."""
+    doc, data = load_run(run_dir)
+    cats = doc["categories"]
+    title = f"pn_jax report: {os.path.basename(os.path.abspath(run_dir))}"
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    argv = doc.get("argv")
+    if argv is not None:
+        body.append(f'<p class="note">command: <code>{html.escape(" ".join(map(str, argv)))}</code>; wall time '
+                    f'{_fmt(doc.get("wall_time_s"), 1)} s</p>')
+    if len(cats) > 1:
+        body.append("<nav>" + "".join(f'<a href="#cat-{html.escape(c)}">{html.escape(c)}</a>' for c in cats) + "</nav>")
+    rows = [[c] + [e["metrics"].get(k) for k in METRIC_KEYS] for c, e in cats.items() if "metrics" in e]
+    if rows:
+        if doc.get("mean"):
+            rows.append(["mean"] + [doc["mean"].get(k) for k in METRIC_KEYS])
+        body.append("<h2>Metrics</h2>" + _table("metrics", ["Name"] + list(METRIC_KEYS), rows)
+                    + '<p class="note">Percent. F1-max is an oracle (the best threshold chosen with the test labels); '
+                      "the row below is what the stored threshold gives.</p>")
+        thr_rows = []
+        for c, e in cats.items():
+            if "at_threshold" in e:
+                d = data.get(c)
+                conf = confusion(d["scores"][0], d["labels"], e.get("threshold")) if d is not None and "scores" in d else {}
+                thr_rows.append([c] + [e["at_threshold"].get(k) for k in THRESHOLD_KEYS]
+                                + [conf.get(k, "") for k in ("TP", "FP", "FN", "TN")])
+        body.append("<h3>At the stored threshold</h3>" + _table(
+            "at_threshold", ["Name"] + list(THRESHOLD_KEYS) + ["TP", "FP", "FN", "TN"], thr_rows))
+    else:
+        body.append("<p>This run has no labelled test split: no metrics.</p>")
+    for c, e in cats.items():
+        body.append(_category_section(c, e, data.get(c)))
+    if doc.get("undefined"):
+        body.append("<h3>Undefined metrics</h3>" + _kv_table("undefined", doc["undefined"]))
+    return _page(title, "\n".join(body))
+
+
+def write_run_page(run_dir: str, out: str | None = None) -> str:
+    return _write_atomic(out or os.path.join(run_dir, PAGE), run_page(run_dir))
+
+
+# ----------------------------------------------------------------------------- predict
+class ScoreGallery:
+    """`pn-jax predict`'s gallery: the `n_high` highest- and `n_low` lowest-scoring images."""
+
+    def __init__(self, n_high: int = 12, n_low: int = 6, size: int = THUMB):
+        self.n_high, self.n_low, self.size = n_high, n_low, size
+        self.high, self.low, self.seen = [], [], 0
+
+    def offer(self, name: str, score: float, rgb: np.ndarray, amap: np.ndarray | None) -> None:
+        self.seen += 1
+        for kept, n, key in ((self.high, self.n_high, (-score, self.seen)), (self.low, self.n_low, (score, self.seen))):
+            if len(kept) == n and key >= kept[-1][0]:
+                continue
+            item = {"image": _thumb(rgb, self.size, "RGB"), "name": name, "score": float(score),
+                    "map": _thumb(np.asarray(amap, np.float32), self.size, "F") if amap is not None else None}
+            kept.append((key, item))
+            kept.sort(key=lambda t: t[0])
+            del kept[n:]
+
+    def arrays(self) -> dict:
+        out = {}
+        in_high = {k[1] for k, _ in self.high}  # few images: each shown once, in score order
+        low = [(k, it) for k, it in reversed(self.low) if k[1] not in in_high]
+        for group, kept in (("high", self.high), ("low", low)):
+            items = [it for _, it in kept]
+            p = f"g_{group}_"
+            out[p + "name"] = np.array([it["name"] for it in items], dtype=str)
+            out[p + "score"] = np.array([it["score"] for it in items], np.float64)
+            if items:  # thumbnails differ in shape with the input's aspect: pad to one square
+                s = self.size
+                out[p + "image"] = np.stack([np.pad(it["image"], ((0, s - it["image"].shape[0]),
+                                                                  (0, s - it["image"].shape[1]), (0, 0)),
+                                                    constant_values=255) for it in items])
+                if all(it["map"] is not None for it in items):
+                    out[p + "map"] = np.stack([np.pad(it["map"], ((0, s - it["map"].shape[0]), (0, s - it["map"].shape[1])),
+                                                      mode="edge") for it in items]).astype(np.float16)
+        return out
+
+
+def write_predict_data(out_dir: str, names, scores, threshold, gallery: ScoreGallery) -> str:
+    path = os.path.join(out_dir, PREDICT_DATA)
+    _atomic_savez(path, {"kind": np.array("predict"), "names": np.array(names, dtype=str),
+                         "scores": np.asarray(scores, np.float64),
+                         "threshold": np.array(np.nan if threshold is None else threshold, np.float64),
+                         **gallery.arrays()})
+    return path
+
+
+def predict_page(out_dir: str) -> str:
+    path = os.path.join(out_dir, PREDICT_DATA)
+    try:
+        with np.load(path) as z:
+            d = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path} cannot be read ({e}); rerun pn-jax predict") from None
+    thr = float(d["threshold"])
+    thr = thr if np.isfinite(thr) else None
+    s = d["scores"]
+    ok = np.isfinite(s)
+    title = f"pn_jax predictions: {os.path.basename(os.path.abspath(out_dir))}"
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    n_anom = int(np.sum(s[ok] >= thr)) if thr is not None else None
+    summary = {"images": int(s.size), "scored": int(ok.sum()), "failed": int((~ok).sum()),
+               "threshold": thr, "at or above the threshold (anomalous)": n_anom,
+               "below the threshold (normal)": None if n_anom is None else int(ok.sum()) - n_anom}
+    body.append(_kv_table("summary", summary, 4))
+    body.append(_img(_hist_figure(s, None, thr, "image scores"), "score histogram", "plot"))
+    body.append("<h2>Gallery by score</h2>" + _gallery(d, thr, [("high", "Highest scores"), ("low", "Lowest scores")]))
+    return _page(title, "\n".join(body))
+
+
+def write_predict_page(out_dir: str) -> str:
+    return _write_atomic(os.path.join(out_dir, PAGE), predict_page(out_dir))
+
+
+def rebuild(run_dir: str, out: str | None = None) -> str:
+    """`pn-jax report RUN_DIR`: a run's page, or a predict folder's."""
+    if os.path.isdir(run_dir) and not os.path.isfile(os.path.join(run_dir, "results.json")) \
+            and os.path.isfile(os.path.join(run_dir, PREDICT_DATA)):
+        return _write_atomic(out or os.path.join(run_dir, PAGE), predict_page(run_dir))
+    return write_run_page(run_dir, out)
