@@ -216,7 +216,7 @@ def cmd_test(a) -> int:
 def cmd_predict(a) -> int:
     from pn_jax import model as model_lib
     from pn_jax import report as report_page
-    from pn_jax import viz
+    from pn_jax import report_data, viz
 
     out = check_writable(a.out, "--out")
     model = model_lib.load(a.checkpoint, category=a.category)
@@ -234,7 +234,7 @@ def cmd_predict(a) -> int:
     n_bad = n_anom = 0
     t0 = time.perf_counter()
     overlay_dir = os.path.join(out, "overlays")
-    gallery, names, scores = report_page.ScoreGallery(), [], []
+    gallery, names, scores = report_data.ScoreGallery(), [], []
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=model_lib.CSV_FIELDS)
         w.writeheader()
@@ -255,7 +255,7 @@ def cmd_predict(a) -> int:
                                  model.threshold, f"{rec['name']}: score {rec['score']:.4g} "
                                  f"({rec['normalized']:.2f} x threshold) -> {row['label']}")
     os.replace(tmp, csv_path)
-    report_page.write_predict_data(out, names, scores, model.threshold, gallery)
+    report_data.write_predict_data(out, names, scores, model.threshold, gallery)
     page = report_page.write_predict_page(out)
     dt = time.perf_counter() - t0
     n = len(items)
@@ -266,8 +266,9 @@ def cmd_predict(a) -> int:
 
 
 def cmd_report(a) -> int:
-    """`pn-jax report RUN_DIR`: rebuild the page of a finished run (or predict folder) from
-    its results.json and report data; nothing is scored again."""
+    """`pn-jax report RUN_DIR [RUN_DIR ...]`: rebuild the page of a finished run (or predict
+    folder) from its results.json and report data, or put several runs side by side; nothing
+    is scored again."""
     from pn_jax import report as report_page
 
     if a.out:
@@ -329,8 +330,10 @@ def report(a, entries: list[dict], out: str, t0: float) -> int:
                 print(runner.format_table(list(e["ablation"].items()),
                                           keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max"]))
     path = os.path.join(out, "results.json")
-    runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:]})
     from pn_jax import report as report_page
+
+    runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:],
+                                         "commit": report_page.commit()})
 
     page = report_page.write_run_page(out)
     print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}; "

@@ -184,8 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description=suggest.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suggest.add_arguments(sg)
     rp = sub.add_parser("report", help="rebuild <RUN_DIR>/report.html from a finished run (or predict folder)")
-    rp.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of experiments.run, fit, test or predict")
-    rp.add_argument("--out", default=None, help="write the page here instead of RUN_DIR/report.html")
+    rp.add_argument("run_dir", metavar="RUN_DIR", nargs="+",
+                    help="the --out folder of experiments.run, fit, test or predict; several runs on the same "
+                         "test images (e.g. --method patchcore and the default) go side by side on one page")
+    rp.add_argument("--out", default=None, help="write the page here instead of RUN_DIR/report.html "
+                                                "(needed with several RUN_DIRs)")
     return p
 
 

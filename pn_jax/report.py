@@ -6,10 +6,11 @@ lowest-scoring defective images (image | map overlay | mask), the configuration,
 and timings. Variants scored on the same bank (`--ablation`, `--tune`) share the curve plots.
 
 Every number on the page is read from `results.json`; the plots and the gallery from
-`<out>/report/<category>.npz`, which the run writes (atomically) from what its test pass
-already computed: nothing is extracted or scored again, so `pn-jax report RUN_DIR` rebuilds
-the same page from a finished run. `pn-jax predict` writes a smaller page of the same kind
-(`report_data.npz` beside predictions.csv): score histogram, threshold, gallery by score.
+`<out>/report/<category>.npz` (`pn_jax.report_data`: what the test pass already computed,
+nothing is extracted or scored again), so `pn-jax report RUN_DIR` rebuilds the same page from
+a finished run. `pn-jax predict` writes a smaller page of the same kind (`report_data.npz`
+beside predictions.csv): score histogram, threshold, gallery by score. Figures are matplotlib
+PNGs and the gallery strips PIL PNGs, inlined as base64; text goes through `html.escape`.
 """
 from __future__ import annotations
 
@@ -25,15 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
-from pn_jax import metrics  # noqa: E402
+from pn_jax import report_data  # noqa: E402
+from pn_jax.report_data import DATA_DIR, PREDICT_DATA  # noqa: E402
 
 PAGE = "report.html"
-DATA_DIR = "report"  # <run>/report/<category>.npz
-PREDICT_DATA = "report_data.npz"
-N_GALLERY = 6  # images per gallery row: highest-scoring normal, lowest-scoring defective
-THUMB = 160  # gallery thumbnails, pixels
-CURVE_POINTS = 2000  # pixel curves are decimated to about this many points for the plots
 METRIC_KEYS = ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max", "mF1_max_sp_max", "mAP_px",
                "mF1_max_px")
 THRESHOLD_KEYS = ("threshold", "precision", "recall", "F1", "accuracy", "FPR")
@@ -41,126 +39,6 @@ THRESHOLD_KEYS = ("threshold", "precision", "recall", "F1", "accuracy", "FPR")
 
 class ReportError(ValueError):
     """A run folder the page cannot be built from; the message names the folder or file."""
-
-
-# ----------------------------------------------------------------------------- what a run keeps
-def _thumb(a: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Downsize an image ("RGB" uint8), a map ("F") or a mask ("L") to at most `size` px."""
-    h, w = a.shape[:2]
-    s = min(1.0, size / max(h, w))
-    shape = (max(1, round(w * s)), max(1, round(h * s)))
-    if mode == "F":
-        return np.asarray(Image.fromarray(a.astype(np.float32), "F").resize(shape, Image.BILINEAR))
-    if mode == "L":
-        return np.asarray(Image.fromarray(a.astype(np.uint8) * 255, "L").resize(shape, Image.NEAREST)) > 127
-    return np.asarray(Image.fromarray(a).resize(shape, Image.BILINEAR))
-
-
-class Gallery:
-    """Keeps, while a test pass streams, the `n` highest-scoring normal and the `n`
-    lowest-scoring defective images (downsized image, anomaly map, mask): the worst false
-    positives and the worst misses. `offer(batch, scores, maps)` per batch (batches.score_source)."""
-
-    def __init__(self, n: int, mean, std, size: int = THUMB):
-        self.n, self.size = n, size
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self.kept = {"normal": [], "defective": []}  # (rank key, item)
-
-    def offer(self, batch, scores, maps) -> None:
-        for i, sc in enumerate(np.asarray(scores, np.float64)):
-            group = "normal" if int(batch["label"][i]) == 0 else "defective"
-            key = -sc if group == "normal" else sc  # smallest key first
-            kept = self.kept[group]
-            if len(kept) == self.n and key >= kept[-1][0]:
-                continue
-            img = np.clip(np.asarray(batch["image"][i]) * self.std + self.mean, 0, 1)
-            mask = np.asarray(batch["mask"][i]) > 0.5
-            kept.append((key, {"image": _thumb((img * 255).round().astype(np.uint8), self.size, "RGB"),
-                               "map": _thumb(np.asarray(maps[i], np.float32), self.size, "F"),
-                               "mask": _thumb(mask, self.size, "L"), "has_mask": bool(mask.any()),
-                               "name": str(batch["name"][i]), "score": float(sc),
-                               "defect": str(batch.get("defect", ["?"] * len(scores))[i])}))
-            kept.sort(key=lambda t: t[0])
-            del kept[self.n:]
-
-    def arrays(self, prefix: str = "g") -> dict:
-        out = {}
-        for group, kept in self.kept.items():
-            items = [it for _, it in kept]
-            p = f"{prefix}_{group}_"
-            if not items:
-                out[p + "name"] = np.array([], dtype=str)
-                continue
-            out[p + "image"] = np.stack([it["image"] for it in items])
-            out[p + "map"] = np.stack([it["map"] for it in items]).astype(np.float16)
-            out[p + "mask"] = np.stack([it["mask"] for it in items])
-            out[p + "has_mask"] = np.array([it["has_mask"] for it in items])
-            for k in ("name", "defect"):
-                out[p + k] = np.array([it[k] for it in items], dtype=str)
-            out[p + "score"] = np.array([it["score"] for it in items], np.float64)
-        return out
-
-
-def _decimate(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS):
-    if len(x) <= n:
-        return x, y
-    idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
-    return x[idx], y[idx]
-
-
-def _curves(scores, labels) -> dict:
-    """ROC (fpr, tpr) and PR (recall, precision) points of one score array (metrics.binary_curve,
-    the same curve the metrics are read off)."""
-    c = metrics.binary_curve(scores, labels)
-    if c.n_pos == 0 or c.n_neg == 0:
-        return {}
-    fpr, tpr = np.concatenate(([0.0], c.fps / c.n_neg)), np.concatenate(([0.0], c.tps / c.n_pos))
-    rec, prec = c.tps / c.n_pos, c.tps / (c.tps + c.fps)
-    fpr, tpr = _decimate(fpr, tpr)
-    rec, prec = _decimate(rec, prec)
-    return {"fpr": fpr, "tpr": tpr, "recall": rec, "precision": prec}
-
-
-def variant_label(model_key: str, variant, main_key: str, configured: str) -> str:
-    """The name of a (model, variant) score on the page; matches results.json's `ablation` keys."""
-    if variant is None:
-        return f"{configured} (configured)" + ("" if model_key == main_key else f" ({model_key})")
-    return f"{variant}" + ("" if model_key == main_key else f" ({model_key})")
-
-
-def category_data(res: dict, main_key: str, configured: str, masks: bool, gallery: Gallery | None) -> dict:
-    """What the page needs of one category's test pass (`batches.score_source`'s result)."""
-    keys = [(main_key, None)] + [k for k in res["scores"] if k != (main_key, None)]
-    data = {"labels": np.asarray(res["labels"], np.int8), "names": np.array(res["names"], dtype=str),
-            "defects": np.asarray(res["defects"], dtype=str),
-            "variants": np.array([variant_label(m, v, main_key, configured) for m, v in keys], dtype=str),
-            "scores": np.stack([np.asarray(res["scores"][k], np.float64) for k in keys])}
-    if masks:
-        for i, k in enumerate(keys):
-            for name, v in _curves(res["maps"][k], res["masks"]).items():
-                data[f"px{i}_{name}"] = v
-    if gallery is not None:
-        data.update(gallery.arrays())
-    return data
-
-
-def _atomic_savez(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **data)
-    os.replace(tmp, path)
-
-
-def save_category_data(out_dir: str, category: str, data: dict | None) -> str:
-    """<out>/report/<category>.npz, written atomically; None removes an earlier run's."""
-    path = os.path.join(out_dir, DATA_DIR, category.replace("/", "_") + ".npz")
-    if data is None:
-        if os.path.exists(path):
-            os.remove(path)
-    else:
-        _atomic_savez(path, data)
-    return path
 
 
 # ----------------------------------------------------------------------------- figures
@@ -187,7 +65,7 @@ def _curve_figure(d: dict, labels: np.ndarray) -> str:
     for ax_i, title, xk, yk in pairs:
         ax = axes[ax_i]
         for i, name in enumerate(names):
-            c = _curves(d["scores"][i], labels) if ax_i < 2 else {k: d.get(f"px{i}_{k}") for k in (xk, yk)}
+            c = report_data.curves(d["scores"][i], labels) if ax_i < 2 else {k: d.get(f"px{i}_{k}") for k in (xk, yk)}
             if not c or c.get(xk) is None:
                 continue
             ax.plot(c[xk], c[yk], lw=2.4 if i == 0 else 1.0, label=name, zorder=3 if i == 0 else 2,
@@ -195,8 +73,8 @@ def _curve_figure(d: dict, labels: np.ndarray) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("false positive rate" if xk == "fpr" else "recall", fontsize=9)
         ax.set_ylabel("true positive rate" if yk == "tpr" else "precision", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     if len(names) > 1:
         fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
@@ -206,7 +84,7 @@ def _curve_figure(d: dict, labels: np.ndarray) -> str:
 
 
 def _hist_figure(scores: np.ndarray, labels: np.ndarray | None, threshold, title: str) -> str:
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(9, 3.4))
     finite = scores[np.isfinite(scores)]
     edges = np.histogram_bin_edges(finite if finite.size else [0, 1], bins=40)
     if labels is None:
@@ -220,7 +98,7 @@ def _hist_figure(scores: np.ndarray, labels: np.ndarray | None, threshold, title
     ax.set_xlabel("image score", fontsize=9)
     ax.set_ylabel("images", fontsize=9)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # never over a bar
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -232,8 +110,11 @@ def _card(d: dict, prefix: str, i: int, lo: float, hi: float, threshold) -> str:
     panels = [img]
     if prefix + "map" in d:
         amap = d[prefix + "map"][i].astype(np.float32)
-        cmap = plt.get_cmap("jet")((np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)))[..., :3]
-        panels.append(0.5 * img + 0.5 * cmap)
+        over = 0.5 * img + 0.5 * plt.get_cmap("jet")((np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)))[..., :3]
+        if threshold is not None and np.isfinite(threshold):  # outline the region above the threshold
+            above = amap >= threshold
+            over[above & ~ndimage.binary_erosion(above, border_value=1)] = 1.0
+        panels.append(over)
     if prefix + "mask" in d and bool(d[prefix + "has_mask"][i]):
         panels.append(np.repeat(d[prefix + "mask"][i][..., None].astype(np.float32), 3, axis=2))
     gap = np.ones((img.shape[0], 4, 3), np.float32)
@@ -256,11 +137,15 @@ def _gallery(d: dict, threshold, groups) -> str:
     if not any(len(d.get(f"g_{g}_name", [])) for g, _ in groups):
         return "<p>No gallery images were kept.</p>"
     lo = hi = 0.0
-    if maps:
+    if maps:  # one colour scale for every card, red from the threshold up: a cool map is a normal one
         allm = np.concatenate([m.ravel() for m in maps])
-        lo, hi = float(np.percentile(allm, 1)), float(np.percentile(allm, 99.5))  # one colour range for all cards
-        out = [f'<p class="note">Each card: image | anomaly map over it (one colour range for every card: '
-               f"{lo:.3g} blue to {hi:.3g} red) | ground-truth mask where there is one.</p>"]
+        lo, hi = float(np.percentile(allm, 1)), float(np.percentile(allm, 99.5))
+        has_thr = threshold is not None and np.isfinite(threshold) and threshold > lo
+        hi = float(threshold) if has_thr else hi
+        scale = (f"blue at {lo:.3g}, red at the stored threshold {hi:.4g} and above; white outline: the "
+                 f"region above the threshold" if has_thr else f"blue at {lo:.3g}, red at {hi:.3g}")
+        out = [f'<p class="note">Each card: image | anomaly map over it (one colour scale for every card: '
+               f"{scale}) | ground-truth mask where there is one.</p>"]
     else:
         out = ['<p class="note">Images only (run without anomaly maps).</p>']
     for g, title in groups:
@@ -342,7 +227,7 @@ def _category_section(cat: str, e: dict, d: dict | None) -> str:
         out.append("<h3>ROC and PR curves</h3>" + _img(_curve_figure(d, labels), f"{cat} curves", "plot"))
         if len(d["variants"]) > 1:
             out.append('<p class="note">Every variant scored on the same bank and the same test images; the '
-                       "thick line is the configured score.</p>")
+                       "thick black line is the configured score.</p>")
         thr = e.get("threshold")
         s = d["scores"][0]
         out.append("<h3>Image scores and the stored threshold</h3>"
@@ -377,7 +262,10 @@ def _category_section(cat: str, e: dict, d: dict | None) -> str:
         out.append("<details><summary>calibration</summary><pre>"
                    + html.escape(json.dumps(e["calibration"], indent=1)[:20000]) + "</pre></details>")
     if e.get("timings"):
-        out.append(_table(f"timings-{cat}", ["stage", "seconds"], [[k, float(v)] for k, v in e["timings"].items()]))
+        where = e.get("knn_ranking") or {}
+        machine = ", ".join(str(where[k]) for k in ("backend", "cpu") if where.get(k))
+        out.append(f"<h4>Timings{' on ' + html.escape(machine) if machine else ''}</h4>"
+                   + _table(f"timings-{cat}", ["stage", "seconds"], [[k, float(v)] for k, v in e["timings"].items()]))
     if e.get("config"):
         out.append("<details><summary>configuration</summary><pre>"
                    + html.escape(json.dumps(e["config"], indent=1)) + "</pre></details>")
@@ -410,32 +298,76 @@ def load_run(run_dir: str) -> tuple[dict, dict]:
     return doc, data
 
 
-def run_page(run_dir: str) -> str:
-    """The HTML of a finished run's page (`results.json` + `report/*.npz`)."""
-    doc, data = load_run(run_dir)
+def _merge(runs: list[tuple[str, str, dict, dict]]) -> dict:
+    """{category: report data} of the first run with every other run's scores and pixel curves
+    on the same test images appended as variants named '<run>: <variant>'."""
+    (_, dir0, _, data0), merged = runs[0], {}
+    for c, d in data0.items():
+        if "scores" not in d:
+            continue
+        d = dict(d, variants=np.array([f"{runs[0][0]}: {v}" for v in d["variants"]]))
+        for name, dir_j, _, data_j in runs[1:]:
+            dj = data_j.get(c)
+            if dj is None or "scores" not in dj:
+                continue
+            if list(dj["names"]) != list(d["names"]):
+                raise ReportError(f"RUN_DIR {dir_j} scored other {c} test images than {dir0}: runs side by side "
+                                  "need the same test images (the same data, --max-test and --seed)")
+            n = len(d["variants"])
+            for i in range(len(dj["variants"])):
+                for k in ("fpr", "tpr", "recall", "precision"):
+                    if f"px{i}_{k}" in dj:
+                        d[f"px{n + i}_{k}"] = dj[f"px{i}_{k}"]
+            d["variants"] = np.concatenate([d["variants"], [f"{name}: {v}" for v in dj["variants"]]])
+            d["scores"] = np.concatenate([d["scores"], dj["scores"]])
+        merged[c] = d
+    return merged
+
+
+def run_page(run_dirs: str | list[str]) -> str:
+    """The HTML of a finished run's page (`results.json` + `report/*.npz`); several runs (e.g.
+    `--method patchcore` and the default on the same data): their rows side by side in the
+    tables and their curves in the same plots, the first run's histograms and gallery."""
+    run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
+    names = [os.path.basename(os.path.abspath(r)) for r in run_dirs]
+    if len(set(names)) < len(names):
+        names = [os.path.abspath(r) for r in run_dirs]
+    runs = [(n, r, *load_run(r)) for n, r in zip(names, run_dirs)]
+    doc, data = runs[0][2], runs[0][3]
+    if len(runs) > 1:
+        data = _merge(runs)
     cats = doc["categories"]
-    title = f"pn_jax report: {os.path.basename(os.path.abspath(run_dir))}"
+    title = "pn_jax report: " + " vs ".join(names)
     body = [f"<h1>{html.escape(title)}</h1>"]
-    argv = doc.get("argv")
-    if argv is not None:
-        body.append(f'<p class="note">command: <code>{html.escape(" ".join(map(str, argv)))}</code>; wall time '
-                    f'{_fmt(doc.get("wall_time_s"), 1)} s</p>')
+    for name, _, d_j, _ in runs:
+        if d_j.get("argv") is not None:
+            body.append(f'<p class="note">{html.escape(name) + ": " if len(runs) > 1 else ""}command: <code>'
+                        f'{html.escape(" ".join(map(str, d_j["argv"])))}</code>; wall time '
+                        f'{_fmt(d_j.get("wall_time_s"), 1)} s; commit {html.escape(str(d_j.get("commit") or "unknown"))}</p>')
     if len(cats) > 1:
         body.append("<nav>" + "".join(f'<a href="#cat-{html.escape(c)}">{html.escape(c)}</a>' for c in cats) + "</nav>")
-    rows = [[c] + [e["metrics"].get(k) for k in METRIC_KEYS] for c, e in cats.items() if "metrics" in e]
-    if rows:
-        if doc.get("mean"):
-            rows.append(["mean"] + [doc["mean"].get(k) for k in METRIC_KEYS])
-        body.append("<h2>Metrics</h2>" + _table("metrics", ["Name"] + list(METRIC_KEYS), rows)
-                    + '<p class="note">Percent. F1-max is an oracle (the best threshold chosen with the test labels); '
-                      "the row below is what the stored threshold gives.</p>")
-        thr_rows = []
-        for c, e in cats.items():
+    label = (lambda c, name: c) if len(runs) == 1 else (lambda c, name: f"{c} ({name})")  # noqa: E731
+    all_entries = [e for _, _, d_j, _ in runs for e in d_j["categories"].values()]
+    keys = [k for k in METRIC_KEYS if any(e.get("metrics", {}).get(k) is not None for e in all_entries)]
+    rows, thr_rows = [], []
+    for name, _, d_j, data_j in runs:
+        rows += [[label(c, name)] + [e["metrics"].get(k) for k in keys]
+                 for c, e in d_j["categories"].items() if "metrics" in e]
+        if d_j.get("mean") and len(d_j["categories"]) > 1:
+            rows.append([label("mean", name)] + [d_j["mean"].get(k) for k in keys])
+        for c, e in d_j["categories"].items():
             if "at_threshold" in e:
-                d = data.get(c)
-                conf = confusion(d["scores"][0], d["labels"], e.get("threshold")) if d is not None and "scores" in d else {}
-                thr_rows.append([c] + [e["at_threshold"].get(k) for k in THRESHOLD_KEYS]
+                dc = data_j.get(c)
+                conf = confusion(dc["scores"][0], dc["labels"], e.get("threshold")) if dc is not None and "scores" in dc else {}
+                thr_rows.append([label(c, name)] + [e["at_threshold"].get(k) for k in THRESHOLD_KEYS]
                                 + [conf.get(k, "") for k in ("TP", "FP", "FN", "TN")])
+    if rows:
+        dropped = [k for k in METRIC_KEYS if k not in keys]
+        body.append("<h2>Metrics</h2>" + _table("metrics", ["Name"] + keys, rows)
+                    + '<p class="note">Percent. F1-max is an oracle (the best threshold chosen with the test labels); '
+                      "the table below is what the stored threshold gives."
+                    + (f" Not defined for this data (no pixel masks): {', '.join(dropped)}." if dropped else "")
+                    + "</p>")
         body.append("<h3>At the stored threshold</h3>" + _table(
             "at_threshold", ["Name"] + list(THRESHOLD_KEYS) + ["TP", "FP", "FN", "TN"], thr_rows))
     else:
@@ -451,54 +383,25 @@ def write_run_page(run_dir: str, out: str | None = None) -> str:
     return _write_atomic(out or os.path.join(run_dir, PAGE), run_page(run_dir))
 
 
+def commit() -> str | None:
+    """The git commit of the pn_jax source that runs, '+' when it has uncommitted changes; None
+    when it is not a git checkout (an installed wheel) or git is missing."""
+    import subprocess
+
+    src = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", src, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+" if dirty else "")
+
+
 # ----------------------------------------------------------------------------- predict
-class ScoreGallery:
-    """`pn-jax predict`'s gallery: the `n_high` highest- and `n_low` lowest-scoring images."""
-
-    def __init__(self, n_high: int = 12, n_low: int = 6, size: int = THUMB):
-        self.n_high, self.n_low, self.size = n_high, n_low, size
-        self.high, self.low, self.seen = [], [], 0
-
-    def offer(self, name: str, score: float, rgb: np.ndarray, amap: np.ndarray | None) -> None:
-        self.seen += 1
-        for kept, n, key in ((self.high, self.n_high, (-score, self.seen)), (self.low, self.n_low, (score, self.seen))):
-            if len(kept) == n and key >= kept[-1][0]:
-                continue
-            item = {"image": _thumb(rgb, self.size, "RGB"), "name": name, "score": float(score),
-                    "map": _thumb(np.asarray(amap, np.float32), self.size, "F") if amap is not None else None}
-            kept.append((key, item))
-            kept.sort(key=lambda t: t[0])
-            del kept[n:]
-
-    def arrays(self) -> dict:
-        out = {}
-        in_high = {k[1] for k, _ in self.high}  # few images: each shown once, in score order
-        low = [(k, it) for k, it in reversed(self.low) if k[1] not in in_high]
-        for group, kept in (("high", self.high), ("low", low)):
-            items = [it for _, it in kept]
-            p = f"g_{group}_"
-            out[p + "name"] = np.array([it["name"] for it in items], dtype=str)
-            out[p + "score"] = np.array([it["score"] for it in items], np.float64)
-            if items:  # thumbnails differ in shape with the input's aspect: pad to one square
-                s = self.size
-                out[p + "image"] = np.stack([np.pad(it["image"], ((0, s - it["image"].shape[0]),
-                                                                  (0, s - it["image"].shape[1]), (0, 0)),
-                                                    constant_values=255) for it in items])
-                if all(it["map"] is not None for it in items):
-                    out[p + "map"] = np.stack([np.pad(it["map"], ((0, s - it["map"].shape[0]), (0, s - it["map"].shape[1])),
-                                                      mode="edge") for it in items]).astype(np.float16)
-        return out
-
-
-def write_predict_data(out_dir: str, names, scores, threshold, gallery: ScoreGallery) -> str:
-    path = os.path.join(out_dir, PREDICT_DATA)
-    _atomic_savez(path, {"kind": np.array("predict"), "names": np.array(names, dtype=str),
-                         "scores": np.asarray(scores, np.float64),
-                         "threshold": np.array(np.nan if threshold is None else threshold, np.float64),
-                         **gallery.arrays()})
-    return path
-
-
 def predict_page(out_dir: str) -> str:
     path = os.path.join(out_dir, PREDICT_DATA)
     try:
@@ -526,8 +429,15 @@ def write_predict_page(out_dir: str) -> str:
     return _write_atomic(os.path.join(out_dir, PAGE), predict_page(out_dir))
 
 
-def rebuild(run_dir: str, out: str | None = None) -> str:
-    """`pn-jax report RUN_DIR`: a run's page, or a predict folder's."""
+def rebuild(run_dirs: list[str], out: str | None = None) -> str:
+    """`pn-jax report RUN_DIR [RUN_DIR ...]`: a run's page, a predict folder's, or several runs
+    side by side (then --out is needed: each run keeps its own page)."""
+    run_dir = run_dirs[0]
+    if len(run_dirs) > 1:
+        if out is None:
+            raise ReportError("several RUN_DIRs go side by side on one page: give --out FILE (each run keeps "
+                              "its own report.html)")
+        return _write_atomic(out, run_page(run_dirs))
     if os.path.isdir(run_dir) and not os.path.isfile(os.path.join(run_dir, "results.json")) \
             and os.path.isfile(os.path.join(run_dir, PREDICT_DATA)):
         return _write_atomic(out or os.path.join(run_dir, PAGE), predict_page(run_dir))

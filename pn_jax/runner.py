@@ -6,7 +6,7 @@ import os
 import time
 import numpy as np
 
-from pn_jax import fitting, hardware, metrics, report, viz
+from pn_jax import fitting, hardware, metrics, report_data, viz
 from pn_jax.batches import MAP_TITLES, score_source
 from pn_jax.detector import ABLATION_VARIANTS, default_variant
 from pn_jax.timing import Timer
@@ -152,14 +152,14 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
     if test_src is not None and len(test_src):
         masks = has_masks(cfg, test_src)
         variants = (None,) + (ABLATION_VARIANTS if ablation else ())
-        gallery = report.Gallery(report.N_GALLERY, models[main_key].mean, models[main_key].std)
+        gallery = report_data.Gallery(report_data.N_GALLERY, models[main_key].mean, models[main_key].std)
         res = score_source({main_key: models[main_key], **models}, test_src, timer,
                            variants=variants, keep_maps=masks, n_figures=n_figures, gallery=gallery)
         with timer("metrics_s"):
             allm = metrics.evaluate_all(res, masks)
             entry["per_defect_type"] = _per_defect_type(res, (main_key, None), masks)
         entry["metrics"] = allm[(main_key, None)]
-        report.save_category_data(out_dir, category, report.category_data(
+        report_data.save_category_data(out_dir, category, report_data.category_data(
             res, main_key, default_variant(models[main_key].cfg), masks, gallery))
         entry["at_threshold"] = threshold_metrics(res["scores"][(main_key, None)], res["labels"],
                                                   models[main_key].threshold)
@@ -181,7 +181,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         entry["throughput"] = {"test_images_per_s": len(res["labels"]) / max(
             timer.get("extract_test_s", 0) + timer.get("score_s", 0), 1e-9)}
     else:
-        report.save_category_data(out_dir, category, None)  # no test split: no stale page data
+        report_data.save_category_data(out_dir, category, None)  # no test split: no stale page data
     timer["total_s"] = time.perf_counter() - t_start
     ext = models[main_key]._extractor  # seconds inside the backbone / aggregation, this run
     if ext is not None:
@@ -216,11 +216,11 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
     for c in categories:
         t = Timer()
         masks = has_masks(cfg, sources[c]["test"])
-        gallery = report.Gallery(report.N_GALLERY, model.mean, model.std)
+        gallery = report_data.Gallery(report_data.N_GALLERY, model.mean, model.std)
         res = score_source({"unified": model}, sources[c]["test"], t, variants=variants, keep_maps=masks,
                            n_figures=n_figures, gallery=gallery)
         allm = metrics.evaluate_all(res, masks)
-        report.save_category_data(out_dir, c, report.category_data(res, "unified", default_variant(model.cfg),
+        report_data.save_category_data(out_dir, c, report_data.category_data(res, "unified", default_variant(model.cfg),
                                                                    masks, gallery))
         entry = {"category": c, "mode": "unified", "metrics": allm[("unified", None)],
                  "threshold": model.threshold,
