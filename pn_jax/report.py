@@ -58,7 +58,7 @@ def _curve_figure(d: dict, labels: np.ndarray) -> str:
     px = any(k.startswith("px0_") for k in d)
     fig, axes = plt.subplots(1, 4 if px else 2, figsize=(13 if px else 7.5, 3.6))
     names = [str(v) for v in d["variants"]]
-    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    colours = plt.get_cmap("tab10").colors  # saturated; past ten variants the lines turn dashed
     pairs = [(0, "image ROC", "fpr", "tpr"), (1, "image PR", "recall", "precision")]
     if px:
         pairs += [(2, "pixel ROC", "fpr", "tpr"), (3, "pixel PR", "recall", "precision")]
@@ -69,7 +69,8 @@ def _curve_figure(d: dict, labels: np.ndarray) -> str:
             if not c or c.get(xk) is None:
                 continue
             ax.plot(c[xk], c[yk], lw=2.4 if i == 0 else 1.0, label=name, zorder=3 if i == 0 else 2,
-                    color="black" if i == 0 and len(names) > 1 else colours[i % len(colours)])
+                    color="black" if i == 0 and len(names) > 1 else colours[(i - 1) % 10],
+                    ls="-" if i <= 10 else "--")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("false positive rate" if xk == "fpr" else "recall", fontsize=9)
         ax.set_ylabel("true positive rate" if yk == "tpr" else "precision", fontsize=9)
@@ -213,7 +214,7 @@ def _write_atomic(path: str, text: str) -> str:
     return path
 
 
-def _category_section(cat: str, e: dict, d: dict | None) -> str:
+def _category_section(cat: str, e: dict, d: dict | None, n_runs: int = 1) -> str:
     out = [f'<h2 id="cat-{html.escape(cat)}">{html.escape(cat)}</h2>']
     c = {**e.get("checkpoint_counts", {}), **e.get("counts", {})}
     out.append(f'<p class="note">mode {html.escape(str(e.get("mode")))}; test images {c.get("test")} '
@@ -225,7 +226,10 @@ def _category_section(cat: str, e: dict, d: dict | None) -> str:
     if d is not None and "scores" in d:
         labels = d["labels"].astype(int)
         out.append("<h3>ROC and PR curves</h3>" + _img(_curve_figure(d, labels), f"{cat} curves", "plot"))
-        if len(d["variants"]) > 1:
+        if n_runs > 1:
+            out.append('<p class="note">Each run\'s scores of the same test images; the thick black line is the '
+                       "first run's configured score. The histogram, gallery and tables below are the first run's.</p>")
+        elif len(d["variants"]) > 1:
             out.append('<p class="note">Every variant scored on the same bank and the same test images; the '
                        "thick black line is the configured score.</p>")
         thr = e.get("threshold")
@@ -373,7 +377,7 @@ def run_page(run_dirs: str | list[str]) -> str:
     else:
         body.append("<p>This run has no labelled test split: no metrics.</p>")
     for c, e in cats.items():
-        body.append(_category_section(c, e, data.get(c)))
+        body.append(_category_section(c, e, data.get(c), len(runs)))
     if doc.get("undefined"):
         body.append("<h3>Undefined metrics</h3>" + _kv_table("undefined", doc["undefined"]))
     return _page(title, "\n".join(body))
