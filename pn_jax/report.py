@@ -69,7 +69,7 @@ def _curve_figure(d: dict, labels: np.ndarray) -> str:
             if not c or c.get(xk) is None:
                 continue
             ax.plot(c[xk], c[yk], lw=2.4 if i == 0 else 1.0, label=name, zorder=3 if i == 0 else 2,
-                    color="black" if i == 0 and len(names) > 1 else colours[(i - 1) % 10],
+                    color=("black" if len(names) > 1 else colours[0]) if i == 0 else colours[(i - 1) % 10],
                     ls="-" if i <= 10 else "--")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("false positive rate" if xk == "fpr" else "recall", fontsize=9)
