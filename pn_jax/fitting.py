@@ -338,7 +338,8 @@ def tune_state(model, val_source, timer: Timer, log=print):
     on a validation source; returns (tuned state, loss curves)."""
     from pn_jax import tune as tune_lib
 
-    feats, masks = batches.extract(model, val_source, desc="validation", with_masks=True)
+    feats, kept = batches.extract(model, val_source, desc="validation", keep=("mask",))
+    masks = kept["mask"]
     curves = {}
     state, cfg = model.state, model.cfg
     with timer("tune_s"):
