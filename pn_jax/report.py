@@ -134,7 +134,7 @@ def _card(d: dict, prefix: str, i: int, lo: float, hi: float, threshold) -> str:
 
 
 def _gallery(d: dict, threshold, groups) -> str:
-    maps = [d[f"g_{g}_map"].astype(np.float32) for g, _ in groups if f"g_{g}_map" in d]
+    maps = [np.asarray(m, np.float32) for g, _ in groups for m in d.get(f"g_{g}_map", [])]
     if not any(len(d.get(f"g_{g}_name", [])) for g, _ in groups):
         return "<p>No gallery images were kept.</p>"
     lo = hi = 0.0
@@ -145,8 +145,9 @@ def _gallery(d: dict, threshold, groups) -> str:
         hi = float(threshold) if has_thr else hi
         scale = (f"blue at {lo:.3g}, red at the stored threshold {hi:.4g} and above; white outline: the "
                  f"region above the threshold" if has_thr else f"blue at {lo:.3g}, red at {hi:.3g}")
+        masks = any(np.any(d.get(f"g_{g}_has_mask", False)) for g, _ in groups)
         out = [f'<p class="note">Each card: image | anomaly map over it (one colour scale for every card: '
-               f"{scale}) | ground-truth mask where there is one.</p>"]
+               f"{scale}){' | ground-truth mask where there is one' if masks else ''}.</p>"]
     else:
         out = ['<p class="note">Images only (run without anomaly maps).</p>']
     for g, title in groups:
@@ -413,8 +414,14 @@ def predict_page(out_dir: str) -> str:
             d = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise ReportError(f"{path} cannot be read ({e}); rerun pn-jax predict") from None
+    d = report_data.predict_gallery(d)
     thr = float(d["threshold"])
     thr = thr if np.isfinite(thr) else None
+    shown = [str(n) for g in ("high", "low") for n in d.get(f"g_{g}_name", [])]
+    root = os.path.commonpath(shown) if len(shown) > 1 and all(os.path.isabs(n) for n in shown) else ""
+    if root and root != os.sep:  # short captions: the names below the common folder
+        for g in ("high", "low"):
+            d[f"g_{g}_name"] = [os.path.relpath(str(n), root) for n in d.get(f"g_{g}_name", [])]
     s = d["scores"]
     ok = np.isfinite(s)
     title = f"pn_jax predictions: {os.path.basename(os.path.abspath(out_dir))}"
@@ -425,7 +432,8 @@ def predict_page(out_dir: str) -> str:
                "below the threshold (normal)": None if n_anom is None else int(ok.sum()) - n_anom}
     body.append(_kv_table("summary", summary, 4))
     body.append(_img(_hist_figure(s, None, thr, "image scores"), "score histogram", "plot"))
-    body.append("<h2>Gallery by score</h2>" + _gallery(d, thr, [("high", "Highest scores"), ("low", "Lowest scores")]))
+    body.append("<h2>Gallery by score</h2>" + (f'<p class="note">Paths below {html.escape(root)}</p>' if root else "")
+                + _gallery(d, thr, [("high", "Highest scores"), ("low", "Lowest scores")]))
     return _page(title, "\n".join(body))
 
 

@@ -165,15 +165,23 @@ class ScoreGallery:
             p = f"g_{group}_"
             out[p + "name"] = np.array([it["name"] for it in items], dtype=str)
             out[p + "score"] = np.array([it["score"] for it in items], np.float64)
-            if items:  # thumbnails differ in shape with the input's aspect: pad to one square
-                s = self.size
-                out[p + "image"] = np.stack([np.pad(it["image"], ((0, s - it["image"].shape[0]),
-                                                                  (0, s - it["image"].shape[1]), (0, 0)),
-                                                    constant_values=255) for it in items])
-                if all(it["map"] is not None for it in items):
-                    out[p + "map"] = np.stack([np.pad(it["map"], ((0, s - it["map"].shape[0]), (0, s - it["map"].shape[1])),
-                                                      mode="edge") for it in items]).astype(np.float16)
+            for i, it in enumerate(items):  # one array per thumbnail: their shapes follow each input's
+                out[f"{p}image_{i}"] = it["image"]
+                if it["map"] is not None:
+                    out[f"{p}map_{i}"] = it["map"].astype(np.float16)
         return out
+
+
+def predict_gallery(d: dict) -> dict:
+    """`report_data.npz`'s per-thumbnail arrays as lists under g_<group>_image / _map (what the
+    page's cards read), maps only where every image of the group has one."""
+    d = dict(d)
+    for g in ("high", "low"):
+        p, n = f"g_{g}_", len(d.get(f"g_{g}_name", []))
+        for k in ("image", "map"):
+            if n and all(f"{p}{k}_{i}" in d for i in range(n)):
+                d[p + k] = [d.pop(f"{p}{k}_{i}") for i in range(n)]
+    return d
 
 
 def write_predict_data(out_dir: str, names, scores, threshold, gallery: ScoreGallery) -> str:

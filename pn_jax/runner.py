@@ -159,8 +159,9 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
             allm = metrics.evaluate_all(res, masks)
             entry["per_defect_type"] = _per_defect_type(res, (main_key, None), masks)
         entry["metrics"] = allm[(main_key, None)]
-        report_data.save_category_data(out_dir, category, report_data.category_data(
-            res, main_key, default_variant(models[main_key].cfg), masks, gallery))
+        with timer("report_data_s"):
+            report_data.save_category_data(out_dir, category, report_data.category_data(
+                res, main_key, default_variant(models[main_key].cfg), masks, gallery))
         entry["at_threshold"] = threshold_metrics(res["scores"][(main_key, None)], res["labels"],
                                                   models[main_key].threshold)
         entry["figures"] = write_figures(res["figures"], os.path.join(out_dir, "figures", category),
@@ -220,8 +221,9 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
         res = score_source({"unified": model}, sources[c]["test"], t, variants=variants, keep_maps=masks,
                            n_figures=n_figures, gallery=gallery)
         allm = metrics.evaluate_all(res, masks)
-        report_data.save_category_data(out_dir, c, report_data.category_data(res, "unified", default_variant(model.cfg),
-                                                                   masks, gallery))
+        with t("report_data_s"):
+            report_data.save_category_data(out_dir, c, report_data.category_data(
+                res, "unified", default_variant(model.cfg), masks, gallery))
         entry = {"category": c, "mode": "unified", "metrics": allm[("unified", None)],
                  "threshold": model.threshold,
                  "at_threshold": threshold_metrics(res["scores"][("unified", None)], res["labels"], model.threshold),

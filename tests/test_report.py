@@ -249,6 +249,28 @@ def test_predict_writes_a_smaller_page(runs, tmp_path, capsys):
     assert again.read_text(encoding="utf-8") == text
 
 
+def test_predict_page_shows_images_of_any_shape_by_score(tmp_path):
+    rng = np.random.default_rng(1)
+    g = report_data.ScoreGallery(n_high=3, n_low=2, size=32)
+    shapes = [(40, 90), (64, 64), (90, 30), (20, 20), (50, 70), (33, 44)]
+    scores = rng.normal(size=len(shapes))
+    for i, (h, w) in enumerate(shapes):
+        g.offer(f"/data/x/img{i}.png", float(scores[i]), rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                rng.random((h, w)))
+    report_data.write_predict_data(str(tmp_path), [f"/data/x/img{i}.png" for i in range(6)], scores, 0.0, g)
+    page = Page(open(report.write_predict_page(str(tmp_path)), encoding="utf-8").read())
+    sizes = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size for src in page.images[1:]]
+    order = np.argsort(-scores, kind="stable")
+    shown = list(order[:3]) + list(order[-2:])  # highest three, then the lowest two, by descending score
+    assert len(sizes) == 5
+    for (w, h), i in zip(sizes, shown):
+        sh, sw = shapes[i]
+        s = min(1.0, 32 / max(sh, sw))
+        assert (w, h) == (2 * round(sw * s) + 4, round(sh * s))  # image | overlay, each its own aspect
+    summary = {r[0]: r[1] for r in page.tables["summary"]}
+    assert int(summary["at or above the threshold (anomalous)"]) == int(np.sum(scores >= 0.0))
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium installed (CI need not have one)")
 def test_page_renders_in_a_headless_browser(runs, tmp_path):
     shot = tmp_path / "shot.png"
