@@ -149,6 +149,13 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ablation", action="store_true", help="also score each signal alone and PatchCore")
 
 
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the run executes (not stored in the checkpoint): several processes."""
+    from pn_jax import distributed
+
+    distributed.add_cli_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pn-jax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(f)
     add_data_flags(f, train=True)
     add_output_flags(f)
+    add_runtime_flags(f)
     f.add_argument("--checkpoint", default=None, help="checkpoint directory (default <out>/checkpoint[/<category>])")
     f.add_argument("--tune", action="store_true", help="tune the learnable weights on validation data")
     f.add_argument("--unified", action="store_true", help="one bank over all --category (multi-class)")
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t)  # each one typed is applied (threshold rule, score, devices) or refused by name
     add_data_flags(t, train=False)
     add_output_flags(t)
+    add_runtime_flags(t)
     pr = sub.add_parser("predict", help="score new images with a checkpoint: CSV + overlays")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
@@ -194,6 +203,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     add_data_flags(p, train=True)
     add_output_flags(p)
+    add_runtime_flags(p)
     p.add_argument("--mode", choices=("train", "test"), default="train",
                    help="train: fit, test and save a checkpoint; test: score with --checkpoint (its config)")
     p.add_argument("--checkpoint", default=None)
@@ -699,7 +709,10 @@ def report(a, entries: list[dict], out: str, t0: float) -> int:
                 print(runner.format_table(list(e["ablation"].items()),
                                           keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max"]))
     path = os.path.join(out, "results.json")
-    runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:]})
+    from pn_jax import distributed
+
+    runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:],
+                                         "processes": distributed.info()})
     print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}")
     return 0
 
@@ -736,6 +749,8 @@ def main(argv=None) -> int:
 
         return _guard(suggest.run_command, a)
     fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
+    if a.command in ("fit", "test"):
+        return _guard(functools.partial(_runtime, fn, fit=a.command == "fit"), a)
     return _guard(fn, a)
 
 
@@ -749,8 +764,41 @@ def run_main(argv=None) -> int:
         if a.tune:
             print("error: --tune needs --mode train (it reads held-out training images)", file=sys.stderr)
             return 2
-        return _guard(cmd_test_from_run, a)
-    return _guard(cmd_fit, a)
+        return _guard(functools.partial(_runtime, cmd_test_from_run, fit=False), a)
+    return _guard(functools.partial(_runtime, cmd_fit, fit=True), a)
+
+
+def _runtime(fn, a, *, fit: bool) -> int:
+    """Run `fn(a)` in this process, or as one process of a jax.distributed run (see
+    `pn_jax.distributed`): every process computes everything; process 0 alone keeps what it
+    writes, the others write into a private temporary folder and print one line."""
+    import contextlib
+
+    from pn_jax import distributed
+
+    args = distributed.check_flags(a)  # bad flags are refused before anything starts
+    if args is None:
+        return fn(a)
+    info = distributed.initialize(args)
+    if a.devices is None:
+        a.devices = "all"  # the bank and the coreset span every process's devices
+    if distributed.is_primary():
+        print(f"distributed: process 0 of {info['processes']}, {info['devices']} devices "
+              f"({info['platform']}); this process writes the results")
+        return fn(a)
+    out = a.out or ("results/run" if fit else "results/test")
+    a.out = os.path.join(distributed.scratch_dir(), os.path.basename(os.path.normpath(out)) or "out")
+    if fit:
+        a.checkpoint = None  # under the scratch --out
+    t0 = time.perf_counter()
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            rc = fn(a)
+    finally:
+        distributed.cleanup()
+    print(f"distributed: process {info['process_id']} of {info['processes']} done in "
+          f"{time.perf_counter() - t0:.1f}s (exit {rc}); process 0 writes the results to {out}")
+    return rc
 
 
 def cmd_test_from_run(a) -> int:
