@@ -83,7 +83,6 @@ def initialize(args: dict) -> dict:
     """Join the run (before any JAX computation). CPU processes talk through gloo."""
     import jax
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**args)
     except (ValueError, TypeError) as e:
@@ -93,6 +92,8 @@ def initialize(args: dict) -> dict:
         raise ValueError(f"--distributed: jax.distributed.initialize failed: {e}{hint}") from None
     except RuntimeError as e:
         raise ValueError(f"--distributed: jax.distributed.initialize failed: {e}") from None
+    # Before the first computation creates the CPU backend: its collectives go through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     _STATE.update(process_id=jax.process_index(), num_processes=jax.process_count())
     return info()
 
