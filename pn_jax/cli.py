@@ -150,13 +150,17 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    """Where and how the run executes (not stored in the checkpoint): several processes."""
-    from pn_jax import distributed
+    """Where and how the run executes (not stored in the checkpoint): several processes, and
+    the compilation cache."""
+    from pn_jax import compile_cache, distributed
 
     distributed.add_cli_flags(p)
+    compile_cache.add_cli_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pn_jax import compile_cache
+
     p = argparse.ArgumentParser(prog="pn-jax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--category", default=None, help="which category, when --checkpoint holds several")
     pr.add_argument("--no-overlays", action="store_true", help="CSV only")
     pr.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None)
+    compile_cache.add_cli_flag(pr)
     e = sub.add_parser("export", help="write a self-contained jax.export artifact of a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True, help="artifact file")
@@ -188,11 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu,cuda,tpu")
     e.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None,
                    help="fixed batch size (default: symbolic where jax.export allows it)")
+    compile_cache.add_cli_flag(e)
     from pn_jax import suggest  # numpy and the standard library at import: cheap
 
     sg = sub.add_parser("suggest", help="rank unlabelled images by how uncertain the model is (which to label next)",
                         description=suggest.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suggest.add_arguments(sg)
+    compile_cache.add_cli_flag(sg)
     return p
 
 
@@ -711,8 +718,11 @@ def report(a, entries: list[dict], out: str, t0: float) -> int:
     path = os.path.join(out, "results.json")
     from pn_jax import distributed
 
+    from pn_jax import compile_cache
+
     runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:],
-                                         "processes": distributed.info()})
+                                         "runtime": {"processes": distributed.info(),
+                                                     "compile_cache": compile_cache.active()}})
     print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}")
     return 0
 
@@ -747,11 +757,9 @@ def main(argv=None) -> int:
     if a.command == "suggest":
         from pn_jax import suggest
 
-        return _guard(suggest.run_command, a)
+        return _guard(functools.partial(_runtime, suggest.run_command, fit=False), a)
     fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
-    if a.command in ("fit", "test"):
-        return _guard(functools.partial(_runtime, fn, fit=a.command == "fit"), a)
-    return _guard(fn, a)
+    return _guard(functools.partial(_runtime, fn, fit=a.command == "fit"), a)
 
 
 def run_main(argv=None) -> int:
@@ -776,10 +784,17 @@ def _runtime(fn, a, *, fit: bool) -> int:
 
     from pn_jax import distributed
 
+    from pn_jax import compile_cache
+
     args = distributed.check_flags(a)  # bad flags are refused before anything starts
+    if args is not None:
+        info = distributed.initialize(args)  # before any computation
+    if getattr(a, "no_compile_cache", False):
+        compile_cache.disable()
+    else:
+        compile_cache.enable()
     if args is None:
         return fn(a)
-    info = distributed.initialize(args)
     if a.devices is None:
         a.devices = "all"  # the bank and the coreset span every process's devices
     if distributed.is_primary():

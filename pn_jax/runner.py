@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import hardware, metrics, viz
+from pn_jax import hardware, metrics, stages, viz
 from pn_jax.config import Config
 
 # Score variants of the ablation, all computed from one pass on the same bank.
@@ -39,17 +39,52 @@ def _load_category(cfg, category, max_train, max_test, masks):
 
 
 class Timer(dict):
+    """Stage name -> wall seconds (what results.json's `timings` holds). It also keeps each
+    stage's wall intervals, from which `stages()` reads the compile seconds and the CPU use
+    of every stage (`pn_jax.stages`). A stage is timed here (`with timer("name"):`) or by the
+    code that ran it (`timer["name"] = seconds` as it ends; `update` with several stages that
+    ran one after the other, in that order, ending now)."""
+
+    SUMS = ("backbone_s", "aggregate_s")  # sums over batches inside other stages: no interval of their own
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.intervals: dict[str, list] = {}
+        stages.clock()  # compile events are seen from now on
+
     def __call__(self, name):
         timer = self
 
         class _T:
             def __enter__(self):
-                self.t0 = time.perf_counter()
+                self.t0, self.w0 = time.perf_counter(), time.time()
 
             def __exit__(self, *exc):
-                timer[name] = timer.get(name, 0.0) + time.perf_counter() - self.t0
+                dict.__setitem__(timer, name, timer.get(name, 0.0) + time.perf_counter() - self.t0)
+                timer.intervals.setdefault(name, []).append((self.w0, time.time()))
 
         return _T()
+
+    def _ended(self, name, seconds, end):
+        delta = seconds - self.get(name, 0.0)
+        if name not in self.SUMS and delta > 0:
+            self.intervals.setdefault(name, []).append((end - delta, end))
+        return delta
+
+    def __setitem__(self, name, seconds):
+        self._ended(name, seconds, time.time())
+        dict.__setitem__(self, name, seconds)
+
+    def update(self, other=(), **kwargs):
+        items = list(dict(other, **kwargs).items())
+        end = time.time()
+        for name, seconds in reversed(items):
+            end -= max(0.0, self._ended(name, seconds, end))
+        dict.update(self, items)
+
+    def stages(self) -> dict:
+        """{stage: wall_s, compile_s, run_s, cpu_s, cpu_percent} for every timed stage."""
+        return stages.summary(self.intervals)
 
 
 def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_maps=True,
@@ -320,7 +355,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         timer["backbone_s"] = ext.timings["backbone_s"] - t_ext["backbone_s"]
         timer["aggregate_s"] = ext.timings["aggregate_s"] - t_ext["aggregate_s"]
         counts["backbone_batches"] = ext.timings["batches"] - t_ext["batches"]
-    entry.update({"timings": dict(timer), "counts": counts, "config": cfg.to_dict(), **extra})
+    entry.update({"timings": dict(timer), "stages": timer.stages(), "counts": counts, "config": cfg.to_dict(),
+                  **extra})
     entry["_models"] = models
     entry["_states"] = {k: m.state for k, m in models.items()}
     return entry
@@ -342,7 +378,7 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
     model.provenance["unified"] = True
     if checkpoint_dir:
         model.save(checkpoint_dir)
-    fit_timings = dict(timer)
+    fit_timings, fit_stages = dict(timer), timer.stages()
     variants = (None,) + (ABLATION_VARIANTS if ablation else ())
     entries = []
     for c in categories:
@@ -355,6 +391,7 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
                  "threshold": model.threshold,
                  "at_threshold": threshold_metrics(res["scores"][("unified", None)], res["labels"], model.threshold),
                  "timings": {**{f"shared_{k}": v for k, v in fit_timings.items()}, **t},
+                 "stages": {**{f"shared_{k}": v for k, v in fit_stages.items()}, **t.stages()},
                  "counts": {"train": sum(len(s["train"]) for s in sources.values()), "test": len(res["labels"]),
                             "test_anomalous": int(res["labels"].sum()), "bank": model.provenance["bank_size"],
                             "train_patches": model.provenance["train_patches"],

@@ -89,9 +89,9 @@ def test_two_processes_give_the_one_process_coreset_scores_and_metrics(runs):
     assert e2["threshold"] == e1["threshold"]
     assert e2["at_threshold"] == e1["at_threshold"]
     # The run really spanned two processes: the bank was sharded over both processes' devices.
-    assert r2["processes"]["processes"] == 2 and r2["processes"]["devices"] == 2
+    assert r2["runtime"]["processes"]["processes"] == 2 and r2["runtime"]["processes"]["devices"] == 2
     assert e2["config"]["devices"] == 2 and e1["config"]["devices"] == 1
-    assert r1["processes"] == {"processes": 1}
+    assert r1["runtime"]["processes"] == {"processes": 1}
 
 
 def test_only_process_zero_writes_and_the_other_prints_one_line(runs):
@@ -118,7 +118,7 @@ def test_checkpoints_move_between_one_and_two_processes(runs):
         np.testing.assert_array_equal(got["bank"], one["bank"], err_msg=name)
         np.testing.assert_array_equal(got["scores"], one["scores"], err_msg=name)
     r = json.load(open(tmp / "two_test" / "results.json"))
-    assert r["processes"]["processes"] == 2
+    assert r["runtime"]["processes"]["processes"] == 2
     assert r["categories"]["synthetic"]["metrics"] == json.load(open(tmp / "one" / "results.json"))[
         "categories"]["synthetic"]["metrics"]
 
