@@ -141,3 +141,15 @@ def orbax_options():
     pid = _STATE["process_id"]
     return ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid},
                                               barrier_sync_key_prefix=f"pn_jax_p{pid}")
+
+
+def bank_bytes_per_row(dim: int, dtype_bytes: int = 4) -> dict:
+    """Device bytes one memory-bank row costs where it lives, from its dimension D and dtype:
+    `stored`: the row itself (D values); `search`: what the exact sharded search adds while
+    it runs (`knn.augment_rows`: [-2b, |b|^2] padded to D + knn.AUG float32 columns);
+    `coreset`: one training patch in the sharded greedy loop (its `coreset_proj_dim`=128
+    float32 projection; per training patch, not per bank row). A host with P of the run's
+    devices holds P / n_devices of the bank's rows."""
+    from pn_jax import knn
+
+    return {"stored": dim * dtype_bytes, "search": (dim + knn.AUG) * 4, "coreset": 128 * 4}

@@ -131,3 +131,19 @@ def test_results_record_the_cache_and_every_stage(tmp_path, cache_off_after):
         st = e["stages"][name]
         assert 0 <= st["compile_s"] <= st["wall_s"] + 1e-6 and st["cpu_percent"] >= 0
         assert st["wall_s"] == pytest.approx(e["timings"][name], abs=0.05)
+
+
+def test_decode_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    from pn_jax import hardware, model as model_lib
+    from pn_jax.data import pipeline
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert hardware.usable_cores() == 3 and hardware.decode_workers() == 3
+    seen = {}
+    monkeypatch.setattr(pipeline, "make_batches", lambda source, **kw: seen.update(kw) or iter(()))
+    m = model_lib.Model.__new__(model_lib.Model)
+    m.cfg, m.mean, m.std = __import__("pn_jax").tiny_config(), (0, 0, 0), (1, 1, 1)
+    list(m.batches([]))
+    assert seen["num_workers"] == 3
+    list(m.batches([], num_workers=1))
+    assert seen["num_workers"] == 1  # an explicit count is applied as given
