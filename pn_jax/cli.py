@@ -795,8 +795,9 @@ def _runtime(fn, a, *, fit: bool) -> int:
         compile_cache.enable()
     if args is None:
         return fn(a)
-    if a.devices is None:
-        a.devices = "all"  # the bank and the coreset span every process's devices
+    import jax
+
+    a.devices = distributed.check_devices(a.devices, jax.device_count())  # every process's devices
     if distributed.is_primary():
         print(f"distributed: process 0 of {info['processes']}, {info['devices']} devices "
               f"({info['platform']}); this process writes the results")

@@ -153,3 +153,12 @@ def bank_bytes_per_row(dim: int, dtype_bytes: int = 4) -> dict:
     from pn_jax import knn
 
     return {"stored": dim * dtype_bytes, "search": (dim + knn.AUG) * 4, "coreset": 128 * 4}
+
+
+def check_devices(flag: str | None, n_global: int) -> str:
+    """The --devices value of a distributed run: every device of every process (a mesh that
+    left out a process's devices would leave that process nothing to compute)."""
+    if flag is None or flag == "all" or (flag.isdigit() and int(flag) == n_global):
+        return "all"
+    raise ValueError(f"--devices {flag}: a --distributed run shards the bank over every device of every process "
+                     f"({n_global} here); drop --devices or give --devices all")

@@ -137,6 +137,13 @@ def test_bad_distributed_flags_are_refused_by_name(argv, flag, tmp_path, capsys)
     assert not distributed.active()
 
 
+def test_a_distributed_run_spans_every_device_of_every_process():
+    assert distributed.check_devices(None, 4) == "all" and distributed.check_devices("4", 4) == "all"
+    assert distributed.check_devices("all", 4) == "all"
+    with pytest.raises(ValueError, match="--devices 2"):
+        distributed.check_devices("2", 4)  # would leave a process without a device
+
+
 @pytest.mark.parametrize("argv", [["--num-processes", "0"], ["--process-id", "-1"]])
 def test_bad_distributed_numbers_are_refused_by_argparse(argv, capsys):
     with pytest.raises(SystemExit):
