@@ -89,4 +89,4 @@ def active() -> str | None:
 def add_cli_flag(p) -> None:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write JAX's persistent compilation cache "
-                        f"(default: on, under $PN_JAX_CACHE or ~/.cache/pn_jax)")
+                        "(default: on, under $PN_JAX_CACHE or ~/.cache/pn_jax)")

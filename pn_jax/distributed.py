@@ -23,7 +23,6 @@ what is missing (SLURM, Open MPI, Cloud TPU, `JAX_COORDINATOR_ADDRESS` with
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 
