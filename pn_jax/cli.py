@@ -717,9 +717,7 @@ def report(a, entries: list[dict], out: str, t0: float) -> int:
                 print(runner.format_table(list(e["ablation"].items()),
                                           keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max"]))
     path = os.path.join(out, "results.json")
-    from pn_jax import distributed
-
-    from pn_jax import compile_cache
+    from pn_jax import compile_cache, distributed
 
     runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:],
                                          "runtime": {"processes": distributed.info(),
@@ -783,9 +781,7 @@ def _runtime(fn, a, *, fit: bool) -> int:
     writes, the others write into a private temporary folder and print one line."""
     import contextlib
 
-    from pn_jax import distributed
-
-    from pn_jax import compile_cache
+    from pn_jax import compile_cache, distributed
 
     args = distributed.check_flags(a)  # bad flags are refused before anything starts
     if args is not None:
