@@ -92,6 +92,9 @@ def test_two_processes_give_the_one_process_coreset_scores_and_metrics(runs):
     assert r2["runtime"]["processes"]["processes"] == 2 and r2["runtime"]["processes"]["devices"] == 2
     assert e2["config"]["devices"] == 2 and e1["config"]["devices"] == 1
     assert r1["runtime"]["processes"] == {"processes": 1}
+    # The backbone's work was split: process 0 extracted 6 of the 12 training images (2 batches
+    # of 4 instead of 3); the threshold and test stages extract every image in each process.
+    assert e1["counts"]["backbone_batches"] - e2["counts"]["backbone_batches"] == -(-12 // 4) - (-(-6 // 4))
 
 
 def test_only_process_zero_writes_and_the_other_prints_one_line(runs):
