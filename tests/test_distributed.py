@@ -170,3 +170,41 @@ def test_distributed_without_a_cluster_names_the_missing_flags(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "--coordinator" in err and "--num-processes" in err and "--process-id" in err
     assert called == {"coordinator_address": None, "num_processes": None, "process_id": None}
+
+
+def test_split_extraction_reassembles_every_image_in_order(monkeypatch):
+    """distributed.extract with 3 processes, 7 images (blocks of 3, 2, 2) and gathers of 2
+    images per process, simulated in one process: each process's block is what it would have
+    extracted; the result is every image's features in source order."""
+    from jax.experimental import multihost_utils
+
+    n_img, n_proc = 7, 3
+    feats_of = lambda i: np.full((4, 5), float(i), np.float32) + np.arange(20, dtype=np.float32).reshape(4, 5)  # noqa: E731
+    blocks = [(0, 3), (3, 5), (5, 7)]
+
+    class FakeModel:
+        def extract(self, source, desc=""):
+            return np.stack([feats_of(int(source[i])) for i in range(len(source))])
+
+    source = [str(i) for i in range(n_img)]  # a record is its own index
+    calls = []
+    for pid in range(n_proc):
+        state = {"num_processes": n_proc, "process_id": pid}
+        monkeypatch.setattr(distributed, "_STATE", state)
+        monkeypatch.setattr(distributed, "GATHER_IMAGES", 2)
+
+        def allgather(part, pid=pid):
+            c = 2 * sum(1 for p_, _ in calls if p_ == pid)  # the c-th gather of this process
+            calls.append((pid, c))
+            out = np.zeros((n_proc,) + part.shape, np.float32)
+            for p, (lo, hi) in enumerate(blocks):
+                rows = [feats_of(i) for i in range(lo + c, min(hi, lo + c + 2))]
+                if rows:
+                    out[p, :len(rows)] = np.stack(rows)
+            np.testing.assert_array_equal(out[pid], part)  # what this process contributed
+            return out
+
+        monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+        got = distributed.extract(FakeModel(), source)
+        np.testing.assert_array_equal(got, np.stack([feats_of(i) for i in range(n_img)]))
+    assert len(calls) == n_proc * 2  # ceil(3 / 2) gathers in every process, the short blocks too
