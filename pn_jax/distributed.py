@@ -181,11 +181,16 @@ def extract(model, source, *, desc: str = "features"):
         return model.extract(source, desc=desc)
     from jax.experimental import multihost_utils
 
-    from pn_jax import fitting
+    from pn_jax.data import records
 
     bounds = np.cumsum([0] + [n // n_proc + (p < n % n_proc) for p in range(n_proc)])
     lo, hi = int(bounds[_STATE["process_id"]]), int(bounds[_STATE["process_id"] + 1])
-    local = model.extract(fitting.subset(source, range(lo, hi), getattr(source, "split", "train")), desc=desc)
+    names = getattr(source, "names", None)
+    block = records.Source(hi - lo, lambda i: source[lo + i],
+                           names[lo:hi] if names is not None else [str(i) for i in range(lo, hi)],
+                           dataset=getattr(source, "dataset", "user"), category=getattr(source, "category", "user"),
+                           split=getattr(source, "split", "train"))
+    local = model.extract(block, desc=desc)
     per = int(np.max(np.diff(bounds)))
     out = np.empty((n,) + local.shape[1:], np.float32)
     for c in range(0, per, GATHER_IMAGES):  # every process joins the same number of gathers
