@@ -90,7 +90,7 @@ def initialize(args: dict) -> dict:
         missing = [f for f, k in (("--coordinator", "coordinator_address"), ("--num-processes", "num_processes"),
                                   ("--process-id", "process_id")) if args.get(k) is None]
         hint = (f"; no cluster was detected to supply {', '.join(missing)}: give them" if missing else "")
-        raise ValueError(f"--distributed: jax.distributed.initialize failed: {e}{hint}") from None
+        raise ValueError(f"--distributed: jax.distributed.initialize failed: {str(e).rstrip('.')}{hint}") from None
     except RuntimeError as e:
         raise ValueError(f"--distributed: jax.distributed.initialize failed: {e}") from None
     # Before the first computation creates the CPU backend: its collectives go through gloo.
