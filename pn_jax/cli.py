@@ -6,6 +6,7 @@ with a message that names the flag or file (exit 2).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import sys
 import time
@@ -330,11 +331,13 @@ def report(a, entries: list[dict], out: str, t0: float) -> int:
                 print(runner.format_table(list(e["ablation"].items()),
                                           keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max"]))
     path = os.path.join(out, "results.json")
+    from pn_jax import compile_cache, distributed
     from pn_jax import report as report_page
 
     runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:],
+                                         "runtime": {"processes": distributed.info(),
+                                                     "compile_cache": compile_cache.active()},
                                          "commit": report_page.commit()})
-
     page = report_page.write_run_page(out)
     print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}; "
           f"report: {page}")
@@ -371,10 +374,11 @@ def main(argv=None) -> int:
     if a.command == "suggest":
         from pn_jax.research import suggest
 
-        return _guard(suggest.run_command, a)
-    fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export,
-          "report": cmd_report}[a.command]
-    return _guard(fn, a)
+        return _guard(functools.partial(_runtime, suggest.run_command, fit=False), a)
+    if a.command == "report":  # reads files and draws: no JAX runtime to set up
+        return _guard(cmd_report, a)
+    fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
+    return _guard(functools.partial(_runtime, fn, fit=a.command == "fit"), a)
 
 
 def run_main(argv=None) -> int:
@@ -387,8 +391,47 @@ def run_main(argv=None) -> int:
         if a.tune:
             print("error: --tune needs --mode train (it reads held-out training images)", file=sys.stderr)
             return 2
-        return _guard(cmd_test_from_run, a)
-    return _guard(cmd_fit, a)
+        return _guard(functools.partial(_runtime, cmd_test_from_run, fit=False), a)
+    return _guard(functools.partial(_runtime, cmd_fit, fit=True), a)
+
+
+def _runtime(fn, a, *, fit: bool) -> int:
+    """Run `fn(a)` in this process, or as one process of a jax.distributed run (see
+    `pn_jax.distributed`): every process computes everything; process 0 alone keeps what it
+    writes, the others write into a private temporary folder and print one line."""
+    import contextlib
+
+    from pn_jax import compile_cache, distributed
+
+    args = distributed.check_flags(a)  # bad flags are refused before anything starts
+    if args is not None:
+        info = distributed.initialize(args)  # before any computation
+    if getattr(a, "no_compile_cache", False):
+        compile_cache.disable()
+    else:
+        compile_cache.enable()
+    if args is None:
+        return fn(a)
+    import jax
+
+    a.devices = distributed.check_devices(a.devices, jax.device_count())  # every process's devices
+    if distributed.is_primary():
+        print(f"distributed: process 0 of {info['processes']}, {info['devices']} devices "
+              f"({info['platform']}); this process writes the results")
+        return fn(a)
+    out = a.out or ("results/run" if fit else "results/test")
+    a.out = os.path.join(distributed.scratch_dir(), os.path.basename(os.path.normpath(out)) or "out")
+    if fit:
+        a.checkpoint = None  # under the scratch --out
+    t0 = time.perf_counter()
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            rc = fn(a)
+    finally:
+        distributed.cleanup()
+    print(f"distributed: process {info['process_id']} of {info['processes']} done in "
+          f"{time.perf_counter() - t0:.1f}s (exit {rc}); process 0 writes the results to {out}")
+    return rc
 
 
 def cmd_test_from_run(a) -> int:

@@ -189,7 +189,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         timer["backbone_s"] = ext.timings["backbone_s"] - t_ext["backbone_s"]
         timer["aggregate_s"] = ext.timings["aggregate_s"] - t_ext["aggregate_s"]
         counts["backbone_batches"] = ext.timings["batches"] - t_ext["batches"]
-    entry.update({"timings": dict(timer), "counts": counts, "config": cfg.to_dict(), **extra})
+    entry.update({"timings": dict(timer), "stages": timer.stages(), "counts": counts, "config": cfg.to_dict(),
+                  **extra})
     entry["_models"] = models
     entry["_states"] = {k: m.state for k, m in models.items()}
     return entry
@@ -211,7 +212,7 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
     model.provenance["unified"] = True
     if checkpoint_dir:
         model.save(checkpoint_dir)
-    fit_timings = dict(timer)
+    fit_timings, fit_stages = dict(timer), timer.stages()
     variants = (None,) + (ABLATION_VARIANTS if ablation else ())
     entries = []
     for c in categories:
@@ -228,6 +229,7 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
                  "threshold": model.threshold,
                  "at_threshold": threshold_metrics(res["scores"][("unified", None)], res["labels"], model.threshold),
                  "timings": {**{f"shared_{k}": v for k, v in fit_timings.items()}, **t},
+                 "stages": {**{f"shared_{k}": v for k, v in fit_stages.items()}, **t.stages()},
                  "counts": {"train": sum(len(s["train"]) for s in sources.values()), "test": len(res["labels"]),
                             "test_anomalous": int(res["labels"].sum()), "bank": model.provenance["bank_size"],
                             "train_patches": model.provenance["train_patches"],
