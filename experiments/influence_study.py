@@ -178,18 +178,12 @@ def patch_classes(labels, masks, grid) -> np.ndarray:
 
 def extract_test(model, source, keep_masks: bool):
     """Test features [n,N,D] (host), labels [n], masks [n,H,W] or None, extraction seconds."""
-    from tqdm.auto import tqdm
+    from pn_jax import batches
 
-    feats, labels, masks = [], [], []
     t0 = time.perf_counter()
-    for batch in tqdm(model.batches(source), desc="features test", unit="batch", leave=False):
-        feats.append(np.asarray(model.features(batch["image"])))
-        labels.append(np.asarray(batch["label"]))
-        if keep_masks:
-            masks.append(np.asarray(batch["mask"]) > 0.5)
+    feats, kept = batches.extract(model, source, desc="features test", keep=("label", "mask"))
     t = time.perf_counter() - t0
-    return (np.concatenate(feats), np.concatenate(labels).astype(int),
-            np.concatenate(masks) if keep_masks else None, t)
+    return feats, kept["label"].astype(int), kept["mask"] > 0.5 if keep_masks else None, t
 
 
 # ---------------------------------------------------------------------------- estimators

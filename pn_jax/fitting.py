@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import batches, calibration, detector, metrics, normalstats
+from pn_jax import batches, calibration, detector, distributed, metrics, normalstats
 from pn_jax import coreset as coreset_lib
 from pn_jax import model as model_lib
 from pn_jax import precision as precision_lib
@@ -87,12 +87,12 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
                                              **(disjoint_from or {})})
     model = Model(cfg, (0, 0), None, extractor=extractor)  # grid is known after the first batch
     t0 = time.perf_counter()
-    train_feats = model.extract(train, desc="features train")
+    train_feats = distributed.extract(model, train, desc="features train")  # split over processes, if several
     timer["extract_train_s"] = time.perf_counter() - t0
     holdout_feats, calib, val = None, None, None
     if holdout is not None and len(holdout):
         t0 = time.perf_counter()
-        holdout_feats = model.extract(holdout, desc="features holdout")
+        holdout_feats = distributed.extract(model, holdout, desc="features holdout")
         timer["extract_holdout_s"] = time.perf_counter() - t0
     if len(train) >= 2:
         # Leave-one-image-out: every image serves the bank; disjoint samples of them calibrate
@@ -381,7 +381,8 @@ def tune_state(model, val_source, timer: Timer, log=print):
     on a validation source; returns (tuned state, loss curves)."""
     from pn_jax import tune as tune_lib
 
-    feats, masks = batches.extract(model, val_source, desc="validation", with_masks=True)
+    feats, kept = batches.extract(model, val_source, desc="validation", keep=("mask",))
+    masks = kept["mask"]
     curves = {}
     state, cfg = model.state, model.cfg
     with timer("tune_s"):
