@@ -126,17 +126,19 @@ def summary(doc: dict) -> list[dict]:
 
 
 def markdown(doc: dict, rows: list[dict]) -> str:
+    from experiments import common
+
     ms = lambda t: f"{t[0]:.2f} ± {t[1]:.2f}"  # noqa: E731
-    lines = ["| type | labelled defects (+ as many good) | untuned | tuned on synthetic: rule / forced | "
-             "tuned on real: rule / forced | real kept by CV | CV AUROC untuned / tuned | F1 at threshold: "
-             "synthetic / labelled |", "|---|---:|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['category']} | {r['n']} | {ms(r['untuned'])} | {ms(r['synthetic_rule'])} / "
-                     f"{ms(r['synthetic_forced'])} | {ms(r['real_rule'])} / {ms(r['real_forced'])} | "
-                     f"{r['kept']} of {r['seeds']} | {r['cv_untuned'][0]:.1f} / {r['cv_tuned'][0]:.1f} | "
-                     f"{r['f1_synthetic_threshold'][0]:.1f} / {r['f1_labelled_threshold'][0]:.1f} |")
-    lines.append(f"\nTest image AUROC (mean ± sd over seeds) on the pool minus the labelled cells. "
-                 f"Synthetic-tuning CV: " + "; ".join(
+    header = ("type", "labelled defects (+ as many good)", "untuned", "tuned on synthetic: rule / forced",
+              "tuned on real: rule / forced", "real kept by CV", "CV AUROC untuned / tuned",
+              "F1 at threshold: synthetic / labelled")
+    lines = common.md_table(header, [
+        (r["category"], r["n"], ms(r["untuned"]), f"{ms(r['synthetic_rule'])} / {ms(r['synthetic_forced'])}",
+         f"{ms(r['real_rule'])} / {ms(r['real_forced'])}", f"{r['kept']} of {r['seeds']}",
+         f"{r['cv_untuned'][0]:.1f} / {r['cv_tuned'][0]:.1f}",
+         f"{r['f1_synthetic_threshold'][0]:.1f} / {r['f1_labelled_threshold'][0]:.1f}") for r in rows])
+    lines.append("\nTest image AUROC (mean ± sd over seeds) on the pool minus the labelled cells. "
+                 "Synthetic-tuning CV: " + "; ".join(
                      f"{c['category']} {c['synthetic_cv']['cv_auroc_untuned']:.2f} -> "
                      f"{c['synthetic_cv']['cv_auroc_tuned']:.2f} (kept: {c['synthetic_cv']['kept']})"
                      for c in doc["categories"]))
@@ -172,6 +174,7 @@ def plot(doc: dict, rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from experiments import common
     from pn_jax import hardware
 
     a = parse_args(argv)
@@ -180,18 +183,23 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
     doc = {"sizes": a.sizes, "seeds": a.seeds, "quick": a.quick, "cpu": hardware.describe_cpu(),
-           "categories": [run_category(c, a) for c in a.categories]}
+           "machine_at_start": common.machine(), "categories": [run_category(c, a) for c in a.categories]}
     doc["wall_s"] = time.perf_counter() - t0
-    rows = summary(doc)
-    doc["summary"] = rows
-    with open(os.path.join(a.out, "labelled_tuning.json"), "w") as fh:
+    doc["loadavg_at_end"] = common.load()
+    print(write(doc, a.out))
+    return 0
+
+
+def write(doc: dict, out: str) -> str:
+    """labelled_tuning.json, .md and .png from the study's rows; returns the markdown."""
+    rows = doc["summary"] = summary(doc)
+    with open(os.path.join(out, "labelled_tuning.json"), "w") as fh:
         json.dump(doc, fh, indent=1)
     md = markdown(doc, rows)
-    with open(os.path.join(a.out, "labelled_tuning.md"), "w") as fh:
+    with open(os.path.join(out, "labelled_tuning.md"), "w") as fh:
         fh.write(md + "\n")
-    plot(doc, rows, os.path.join(a.out, "labelled_tuning.png"))
-    print(md)
-    return 0
+    plot(doc, rows, os.path.join(out, "labelled_tuning.png"))
+    return md
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Tuning on a few labelled defects (issue 28): the overlap refusal, exact signal-level
 scores, the cross-validated keep-or-drop rule, the F1 threshold and the checkpoint round trip."""
-import os
 import shutil
 
 import jax
@@ -9,7 +8,7 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 import pn_jax
-from pn_jax import cli, detector, fitting, labelled
+from pn_jax import cli, fitting, labelled
 from pn_jax import model as model_lib
 from pn_jax.config import tiny_config
 from pn_jax.data import pipeline
