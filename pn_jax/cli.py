@@ -134,7 +134,7 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
                          "(by default every training image is in the bank), or give labelled defects "
                          "with --val-dir")
     check_data(cfg, a, categories)
-    validation = val_source(val_dir) if val_dir else None  # its layout checked before any work
+    validation = val_source(val_dir, masks=not a.no_masks) if val_dir else None  # checked before any work
     print(banner(cfg))
     if a.tune and not val_dir:
         from pn_jax import labelled
@@ -183,13 +183,16 @@ def test_dir_source(test_dir: str, max_test: int | None, *, masks: bool = True):
                                   split="test")
 
 
-def val_source(val_dir: str):
-    """A `--val-dir` (the --test-dir layout: good/ + defect sub-folders, optional masks) as a
-    labelled validation source."""
+def val_source(val_dir: str, *, masks: bool = True):
+    """A `--val-dir` (the --test-dir layout: good/ + defect sub-folders, optional masks; the
+    masks ignored with --no-masks) as a labelled validation source."""
     from pn_jax import data
     from pn_jax.data import records
 
-    samples = data.index_test_dir(val_dir)
+    try:
+        samples = data.index_test_dir(val_dir, masks=masks)
+    except ValueError as e:  # the layout errors name the folder as a test folder
+        raise UsageError(f"--val-dir: {str(e).replace('test folder', 'folder')}") from None
     return records.samples_source(samples, dataset="folder", category=os.path.basename(os.path.normpath(val_dir)),
                                   split="validation")
 

@@ -136,7 +136,8 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
                             "parameters (kept only if they win in cross-validation)")
     g.add_argument("--max-test", type=_int("--max-test", 1), default=None,
                    help="seeded, label-stratified cap on test images")
-    g.add_argument("--no-masks", action="store_true", help="image metrics only, even where masks exist")
+    g.add_argument("--no-masks", action="store_true", help="image metrics only, even where masks exist (test and "
+                                                            "--val-dir: no pixel terms)")
     g.add_argument("--data-backend", choices=("direct", "tfds"), default=None,
                    help="read --dataset mvtec_ad|elpv|synthetic from the files (direct, default) or through "
                         "its tensorflow-datasets builder (array_record, no TensorFlow; the same records)")

@@ -90,6 +90,10 @@ def test_val_dir_is_refused_in_test_mode_and_needs_a_folder(tmp_path, capsys):
     rc = cli.main(["fit", "--train-dir", str(tmp_path), "--val-dir", str(tmp_path / "nope"),
                    "--out", str(tmp_path / "o")])
     assert rc == 2 and "--val-dir" in capsys.readouterr().err
+    (tmp_path / "v" / "scratch").mkdir(parents=True)  # no good/ folder: refused by name, before any fit
+    rc = cli.main(["fit", "--train-dir", str(tmp_path), "--val-dir", str(tmp_path / "v"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--val-dir" in err and "good/" in err
 
 
 # ----------------------------------------------------------------------------- exact scores
