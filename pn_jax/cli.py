@@ -134,11 +134,14 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
                          "(by default every training image is in the bank), or give labelled defects "
                          "with --val-dir")
     check_data(cfg, a, categories)
-    validation = val_source(val_dir, masks=not a.no_masks) if val_dir else None  # checked before any work
+    from pn_jax import labelled
+
+    try:  # the labelled folder's layout, checked before any work
+        validation = labelled.as_source(val_dir, masks=not a.no_masks) if val_dir else None
+    except ValueError as e:
+        raise UsageError(f"--val-dir: {e}") from None
     print(banner(cfg))
     if a.tune and not val_dir:
-        from pn_jax import labelled
-
         print(f"warning: {labelled.TUNE_WARNING}")
     t0 = time.perf_counter()
     if a.unified:
@@ -181,20 +184,6 @@ def test_dir_source(test_dir: str, max_test: int | None, *, masks: bool = True):
     samples = records.cap_samples(data.index_test_dir(test_dir, masks=masks), max_test, 1)
     return records.samples_source(samples, dataset="folder", category=os.path.basename(os.path.normpath(test_dir)),
                                   split="test")
-
-
-def val_source(val_dir: str, *, masks: bool = True):
-    """A `--val-dir` (the --test-dir layout: good/ + defect sub-folders, optional masks; the
-    masks ignored with --no-masks) as a labelled validation source."""
-    from pn_jax import data
-    from pn_jax.data import records
-
-    try:
-        samples = data.index_test_dir(val_dir, masks=masks)
-    except ValueError as e:  # the layout errors name the folder as a test folder
-        raise UsageError(f"--val-dir: {str(e).replace('test folder', 'folder')}") from None
-    return records.samples_source(samples, dataset="folder", category=os.path.basename(os.path.normpath(val_dir)),
-                                  split="validation")
 
 
 def cmd_test(a) -> int:

@@ -437,14 +437,17 @@ def tune(model, lab: Labelled, variant: str, *, folds: int = FOLDS, seed: int = 
 
 
 # ----------------------------------------------------------------------------- on a fitted model
-def as_source(validation):
-    """A labelled set: a folder (good/ + one folder per defect type, masks optional, the
-    `--test-dir` layout and reader) or a data source of labelled records."""
+def as_source(validation, *, masks: bool = True):
+    """A labelled set: a folder (good/ + one folder per defect type, masks optional and ignored
+    with masks=False, the `--test-dir` layout and reader) or a data source of labelled records."""
     from pn_jax.data import folder, records
 
     if isinstance(validation, (str, os.PathLike)):
         d = os.fspath(validation)
-        samples = folder.index_test_dir(d)
+        try:
+            samples = folder.index_test_dir(d, masks=masks)
+        except ValueError as e:  # its layout errors call it a test folder
+            raise LabelledError(str(e).replace("test folder", "labelled folder")) from None
         return records.samples_source(samples, dataset="folder", category=os.path.basename(os.path.normpath(d)),
                                       split="validation")
     if not (hasattr(validation, "__getitem__") and hasattr(validation, "__len__")):
