@@ -45,6 +45,7 @@ _RESERVED = ("arrays", "extra_arrays", "format_version", "created", "versions")
 COMPAT_FIELDS = (
     "data.dataset", "data.image_size", "data.resize_mode",
     "data.crop_size",  # only when either side uses resize_mode="patchcore"
+    "data.tile", "data.tile_overlap",  # the bank holds features of tiles of that size
     "model.backbone",
     "model.weights",  # only when both name a file (None: the standard location); see weights_sha256
     "model.layers", "model.pretrain_embed_dimension", "model.target_embed_dimension", "model.patchsize",

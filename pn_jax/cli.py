@@ -34,7 +34,7 @@ DEFAULT_BACKBONE = {"mvtec_ad": "wide_resnet50_2", "visa": "wide_resnet50_2", "e
 DEFAULTS = dict(image_size=256, resize_mode="resize", embed_dim=1024, coreset_ratio=0.01, k=9,
                 method="propose_noising", influence="fd_fixed", influence_ratio=0.1, dim_selection="random",
                 eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.0, seed=0, batch_size=8, devices="1",
-                precision="highest")
+                precision="highest", tile=0, tile_overlap=0)
 
 
 class UsageError(ValueError):
@@ -86,6 +86,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", default=None, help="comma-separated stage names; default: the backbone's")
     g.add_argument("--image-size", type=_int("--image-size", 32, 4096), default=None, help="default 256")
     g.add_argument("--resize-mode", choices=C.RESIZE_MODES, default=None)
+    g.add_argument("--tile", type=_int("--tile", 0, 4096), default=None,
+                   help="cut each --image-size image into overlapping tiles of this size, featurise each, "
+                        "stitch the maps back (default 0: no tiles)")
+    g.add_argument("--tile-overlap", type=_int("--tile-overlap", 0, 4096), default=None,
+                   help="pixels shared by neighbouring tiles, blended by a linear ramp (default 0)")
     g.add_argument("--embed-dim", type=_int("--embed-dim", 1, 65536), default=None,
                    help="pretrain and target embedding dimension (default 1024)")
     g.add_argument("--precision", choices=C.PRECISIONS, default=None,
@@ -252,6 +257,7 @@ def build_config(a):
         return Config().replace(
             data={"dataset": ds, "root": root, "image_size": v["image_size"],
                   "resize_mode": v["resize_mode"], "holdout_fraction": v["holdout_fraction"],
+                  "tile": v["tile"], "tile_overlap": v["tile_overlap"],
                   **data_backend(a)},
             model={"backbone": backbone, "weights": a.weights, "layers": layers,
                    "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"],
@@ -284,7 +290,8 @@ def n_devices(flag: str) -> int:
     return n
 
 
-CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "embed_dim", "precision",
+CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "tile", "tile_overlap", "embed_dim",
+                "precision",
                 "coreset_ratio", "k", "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm",
                 "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
 
@@ -396,6 +403,8 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
         check_writable(os.path.dirname(os.path.abspath(a.checkpoint)) or ".", "--checkpoint")
     if a.unified and (a.tune or ds == "folder"):
         raise UsageError("--unified fits one bank over several --category; it does not take --tune or --train-dir")
+    if a.tune and cfg.data.tile:
+        raise UsageError("--tune learns from per-patch labels on one patch grid; it does not take --tile yet")
     if a.tune and cfg.data.holdout_fraction == 0:
         raise UsageError("--tune fits weights on held-out normal images: add --holdout-fraction 0.2 "
                          "(by default every training image is in the bank)")
@@ -494,6 +503,8 @@ FIXED_IN_TEST = {
     "layers": ("model.layers", "the memory bank holds features of those layers"),
     "image_size": ("data.image_size", "the memory bank holds features of images of that size"),
     "resize_mode": ("data.resize_mode", "the memory bank holds features of images of that geometry"),
+    "tile": ("data.tile", "the memory bank holds features of tiles of that size"),
+    "tile_overlap": ("data.tile_overlap", "the statistics and the threshold were fitted on maps stitched that way"),
     "embed_dim": ("model.target_embed_dimension", "the memory bank's features have that dimension"),
     "precision": ("model.precision", "the memory bank and the statistics were computed at that precision"),
     "coreset_ratio": ("bank.coreset_ratio", "the memory bank was subsampled at that ratio"),
@@ -663,7 +674,8 @@ def banner(cfg) -> str:
     return (f"pn_jax | dataset={cfg.data.dataset} backbone={cfg.model.backbone} layers={','.join(cfg.model.layers)} "
             f"method={cfg.noising.method} score={cfg.noising.score} influence={cfg.noising.influence} "
             f"k={cfg.noising.k} coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed} "
-            f"precision={cfg.model.precision}")
+            f"precision={cfg.model.precision}"
+            + (f" tile={cfg.data.tile} overlap={cfg.data.tile_overlap}" if cfg.data.tile else ""))
 
 
 def summary_line(e: dict, ck) -> str:

@@ -48,6 +48,11 @@ class DataConfig:
     # checkpoint means: a test run may read its data either way.
     backend: str = "direct"
     tfds_dir: str | None = None
+    # Overlapping tiles (pn_jax/tiles.py): 0 = no tiling; else each image_size image is cut
+    # into tile x tile pieces overlapping by tile_overlap px, featurised one by one, and the
+    # maps stitched back at image_size. One bank serves every tile position.
+    tile: int = 0
+    tile_overlap: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +184,8 @@ def validate(cfg: Config) -> None:
         (d.resize_mode in RESIZE_MODES, f"data.resize_mode must be one of {RESIZE_MODES}"),
         (d.image_size >= 32, f"data.image_size must be >= 32, got {d.image_size}"),
         (0 <= d.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
+        (d.tile >= 0 and d.tile_overlap >= 0, "data.tile and data.tile_overlap must be >= 0"),
+        (d.tile or not d.tile_overlap, "data.tile_overlap needs data.tile (--tile-overlap without --tile)"),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.devices >= 1, "devices must be >= 1"),
         (cfg.threshold_fpr is None or 0 < cfg.threshold_fpr < 1, "threshold_fpr must be in (0, 1)"),
@@ -186,6 +193,10 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    if d.tile:
+        from pn_jax import tiles
+
+        tiles.check(d.crop_size if d.resize_mode == "patchcore" else d.image_size, d.tile, d.tile_overlap)
 
 
 def tiny_config(**overrides) -> Config:

@@ -299,7 +299,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
                                                   models[main_key].threshold)
         entry["figures"] = write_figures(res["figures"], os.path.join(out_dir, "figures", category),
                                          models[main_key].mean, models[main_key].std, category)
-        if res["figures"] and models[main_key].threshold is not None:
+        # Explanations read regions off one patch grid; a tiled model's patches span T grids.
+        if res["figures"] and models[main_key].threshold is not None and not cfg.data.tile:
             with timer("explain_s"):
                 entry["explanations"], figs = explain_figures(models[main_key], res["figures"],
                                                               os.path.join(out_dir, "figures", category))
