@@ -119,6 +119,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                         "(default: F1-max on validation normals + synthetic anomalies)")
     g.add_argument("--seed", type=_int("--seed", 0, 2**31 - 1), default=None)
     g.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None)
+    g.add_argument("--max-memory", type=_float("--max-memory", 0, 1e6), default=None, metavar="GB",
+                   help="bound the run's peak memory: stream the train features to disk (the same bank) and "
+                        "refuse, before reading an image, a run estimated to need more")
     g.add_argument("--devices", type=_devices, default=None,
                    help="shard the bank and coreset over this many devices ('all' = every device JAX sees)")
 
@@ -263,7 +266,8 @@ def build_config(a):
                    "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"],
                    "precision": v["precision"]},
             bank={"coreset_ratio": v["coreset_ratio"]}, noising=noising, seed=v["seed"],
-            batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr)
+            batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr,
+            max_memory_gb=getattr(a, "max_memory", None))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -293,7 +297,8 @@ def n_devices(flag: str) -> int:
 CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "tile", "tile_overlap", "embed_dim",
                 "precision",
                 "coreset_ratio", "k", "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm",
-                "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
+                "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices",
+                "max_memory")
 
 
 # ----------------------------------------------------------------------------- checks before work
@@ -522,7 +527,7 @@ FIXED_IN_TEST = {
 }
 # Applied in test mode: they change where it runs, or re-choose the threshold from the
 # validation scores saved with the checkpoint (never from test data).
-APPLIED_IN_TEST = ("threshold_fpr", "score", "devices", "batch_size", "weights")
+APPLIED_IN_TEST = ("threshold_fpr", "score", "devices", "batch_size", "weights", "max_memory")
 
 
 def _typed_value(a, flag: str):
@@ -597,6 +602,8 @@ def apply_test_flags(model, a):
         runtime["devices"] = n_devices(a.devices)  # only where the bank is searched
     if _given(a, "batch_size"):
         runtime["batch_size"] = a.batch_size  # scores do not depend on the batch
+    if _given(a, "max_memory"):
+        runtime["max_memory_gb"] = a.max_memory  # the test run's estimate is checked against it
     if runtime:
         model.cfg = model.cfg.replace(**runtime)
     return model

@@ -109,6 +109,11 @@ class Config:
     # Decision threshold, chosen at fit time without test labels (SPEC 6): None = F1-max on the
     # validation split; q = the (1 - q) quantile of the validation normals' image scores.
     threshold_fpr: float | None = None
+    # Bound on the run's peak resident memory, in GB (pn_jax/membudget.py): None = no bound.
+    # When set, the fit streams its train features to disk and keeps only their coreset
+    # projection in memory (pn_jax/streaming.py: the same bank, exactly), and a run estimated
+    # to exceed the bound is refused before it reads an image. How a fit runs, not what it fits.
+    max_memory_gb: float | None = None
 
     def __post_init__(self):
         validate(self)
@@ -189,6 +194,7 @@ def validate(cfg: Config) -> None:
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.devices >= 1, "devices must be >= 1"),
         (cfg.threshold_fpr is None or 0 < cfg.threshold_fpr < 1, "threshold_fpr must be in (0, 1)"),
+        (cfg.max_memory_gb is None or cfg.max_memory_gb > 0, "max_memory_gb must be > 0 (--max-memory)"),
     ]
     for ok, msg in checks:
         if not ok:

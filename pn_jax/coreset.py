@@ -376,14 +376,32 @@ def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim:
     loop (default `greedy_select`; `greedy_select_stepwise` picks the same points).
     `precision`: of the projection and every distance matmul (`pn_jax.precision`)."""
     n, d = features.shape
+    if n_coreset(n, ratio) >= n:
+        return jnp.arange(n, dtype=jnp.int32)
+    k_proj, _ = jax.random.split(key)
+    projected = project_chunked(features, random_projection(k_proj, d, proj_dim), precision=precision) \
+        if proj_dim < d else jnp.asarray(features, jnp.float32)
+    return select_projected(key, projected, ratio, n_starts, progress=progress, select=select, precision=precision)
+
+
+def select_projected(key: jax.Array, projected, ratio: float, n_starts: int = 10, progress: bool = False,
+                     select=None, precision=HIGHEST) -> jax.Array:
+    """The greedy part of `coreset_indices`, on points already projected with `key`'s
+    projection (`projection_key`): a streamed fit projects batch by batch
+    (`pn_jax.streaming`) and selects exactly the points the in-memory fit selects."""
+    n = projected.shape[0]
     n_select = n_coreset(n, ratio)
     if n_select >= n:
         return jnp.arange(n, dtype=jnp.int32)
-    k_proj, k_start = jax.random.split(key)
-    projected = project_chunked(features, random_projection(k_proj, d, proj_dim), precision=precision) \
-        if proj_dim < d else jnp.asarray(features, jnp.float32)
+    _, k_start = jax.random.split(key)
     starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
-    return (select or greedy_select)(projected, starts, n_select, progress=progress, precision=precision)
+    return (select or greedy_select)(jnp.asarray(projected, jnp.float32), starts, n_select, progress=progress,
+                                     precision=precision)
+
+
+def projection_key(key: jax.Array) -> jax.Array:
+    """The key of `coreset_indices(key, ...)`'s random projection."""
+    return jax.random.split(key)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))

@@ -525,9 +525,12 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
     key = jax.random.key(cfg.seed) if key is None else key
     k_core, k_dims = jax.random.split(key)
     n_img, n_patch, dim = train_feats.shape
-    flat = train_feats.reshape(-1, dim)
+    streamed = hasattr(train_feats, "coreset")  # a streaming.FeatureStore: features on disk, projection in memory
+    flat = None if streamed else train_feats.reshape(-1, dim)
     t0 = time.perf_counter()
-    if cfg.devices > 1:
+    if streamed:
+        idx = train_feats.coreset(k_core, cfg)
+    elif cfg.devices > 1:
         from pn_jax import sharding
 
         mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
@@ -538,7 +541,7 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
                                           cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True,
                                           precision=precision_lib.of(cfg))
     idx = np.asarray(idx)
-    bank = jnp.asarray(flat[idx])
+    bank = jnp.asarray(train_feats.rows(idx) if streamed else flat[idx])
     bank_owner = (idx // n_patch).astype(np.int32)
     t_core = time.perf_counter() - t0
     if bank.shape[0] < cfg.noising.k:
@@ -591,5 +594,5 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
     stats = fit_stats(cfg, params, bank, dims, calib_feats, neighbours, exclude=loo)
     t_stats = time.perf_counter() - t0
     state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)
-    return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},
+    return state, FitReport(n_img * n_patch, int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},
                             bank_owner=bank_owner, calibration=info)

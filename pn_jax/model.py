@@ -500,9 +500,30 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
                                                      cfg.data.holdout_min, cfg.seed)
         train, holdout = _subset(train, tr_idx, "train"), _subset(train, ho_idx, "holdout")
     model = Model(cfg, (0, 0), None, extractor=extractor)  # grid is known after the first batch
+    store = None
+    if cfg.max_memory_gb is not None:  # refuse before any image is read; then stream (pn_jax/streaming.py)
+        from pn_jax import membudget, streaming
+
+        membudget.check(cfg, len(train))
+        if cfg.devices > 1:
+            raise ModelError("--max-memory streams the train features on one device; drop --devices")
     t0 = time.perf_counter()
-    train_feats = model.extract(train, desc="features train")
+    if cfg.max_memory_gb is not None:
+        # detector.fit splits `key` into (coreset key, dims key): the projection is the coreset key's
+        store = train_feats = streaming.extract(model, train, jax.random.split(key)[0])
+    else:
+        train_feats = model.extract(train, desc="features train")
     timer["extract_train_s"] = time.perf_counter() - t0
+    try:
+        return _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer,
+                         validation_variants, auto)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer, validation_variants,
+              auto) -> Model:
     holdout_feats, calib, val = None, None, None
     if holdout is not None and len(holdout):
         t0 = time.perf_counter()
