@@ -34,7 +34,7 @@ DEFAULT_BACKBONE = {"mvtec_ad": "wide_resnet50_2", "visa": "wide_resnet50_2", "e
 DEFAULTS = dict(image_size=256, resize_mode="resize", embed_dim=1024, coreset_ratio=0.01, k=9,
                 method="propose_noising", influence="fd_fixed", influence_ratio=0.1, dim_selection="random",
                 eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.0, seed=0, batch_size=8, devices="1",
-                precision="highest", tile=0, tile_overlap=0)
+                precision="highest", tile=0, tile_overlap=0, coreset_preselect=0.0)
 
 
 class UsageError(ValueError):
@@ -98,6 +98,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                         "CPU, GPU and TPU (default); fast = the backend's default (TF32 / bf16 passes on "
                         "accelerators, other digits)")
     g.add_argument("--coreset-ratio", type=_float("--coreset-ratio", 0, 1), default=None, help="default 0.01")
+    g.add_argument("--coreset-preselect", type=_float("--coreset-preselect", 0, 1e4, lo_open=False), default=None,
+                   metavar="FACTOR", help="two-stage coreset: every 32,768 train patches keep FACTOR x the ratio "
+                        "first, then the greedy runs on those (default 0: the exact greedy over all patches)")
     g.add_argument("--k", type=_int("--k", 1, 1024), default=None, help="K nearest neighbours (default 9; 1 for --method patchcore)")
     g.add_argument("--method", choices=C.METHODS, default=None)
     g.add_argument("--influence", choices=C.INFLUENCE_METHODS, default=None)
@@ -265,7 +268,8 @@ def build_config(a):
             model={"backbone": backbone, "weights": a.weights, "layers": layers,
                    "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"],
                    "precision": v["precision"]},
-            bank={"coreset_ratio": v["coreset_ratio"]}, noising=noising, seed=v["seed"],
+            bank={"coreset_ratio": v["coreset_ratio"], "coreset_preselect": v["coreset_preselect"]},
+            noising=noising, seed=v["seed"],
             batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr,
             max_memory_gb=getattr(a, "max_memory", None))
     except ValueError as e:
@@ -295,9 +299,8 @@ def n_devices(flag: str) -> int:
 
 
 CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "tile", "tile_overlap", "embed_dim",
-                "precision",
-                "coreset_ratio", "k", "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm",
-                "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices",
+                "precision", "coreset_ratio", "coreset_preselect", "k", "method", "influence", "influence_ratio",
+                "dim_selection", "eps", "znorm", "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices",
                 "max_memory")
 
 
@@ -513,6 +516,7 @@ FIXED_IN_TEST = {
     "embed_dim": ("model.target_embed_dimension", "the memory bank's features have that dimension"),
     "precision": ("model.precision", "the memory bank and the statistics were computed at that precision"),
     "coreset_ratio": ("bank.coreset_ratio", "the memory bank was subsampled at that ratio"),
+    "coreset_preselect": ("bank.coreset_preselect", "the memory bank was subsampled that way"),
     "k": ("noising.k", "the statistics, the noise scale and the threshold were fitted with that K"),
     "method": ("noising.method", "the statistics and the threshold were fitted for that method"),
     "influence": ("noising.influence", "the influence statistics were fitted with that estimator"),

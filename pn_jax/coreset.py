@@ -371,32 +371,74 @@ def greedy_select_stepwise(projected: jax.Array, starts: jax.Array, n_select: in
 
 
 def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim: int = 128,
-                    n_starts: int = 10, progress: bool = False, select=None, precision=HIGHEST) -> jax.Array:
+                    n_starts: int = 10, progress: bool = False, select=None, precision=HIGHEST,
+                    preselect: float = 0.0) -> jax.Array:
     """Indices of the approximate greedy coreset of features [N, D]. `select`: the greedy
     loop (default `greedy_select`; `greedy_select_stepwise` picks the same points).
-    `precision`: of the projection and every distance matmul (`pn_jax.precision`)."""
+    `precision`: of the projection and every distance matmul (`pn_jax.precision`).
+    `preselect` > 0: the two-stage coreset (`preselect_chunk`), not the exact greedy."""
     n, d = features.shape
     if n_coreset(n, ratio) >= n:
         return jnp.arange(n, dtype=jnp.int32)
     k_proj, _ = jax.random.split(key)
     projected = project_chunked(features, random_projection(k_proj, d, proj_dim), precision=precision) \
         if proj_dim < d else jnp.asarray(features, jnp.float32)
-    return select_projected(key, projected, ratio, n_starts, progress=progress, select=select, precision=precision)
+    survivors = None
+    if preselect:
+        projected = np.asarray(projected)
+        survivors = np.concatenate([
+            i + preselect_chunk(key, i // PRESELECT_CHUNK, projected[i:i + PRESELECT_CHUNK], ratio, preselect,
+                                n_starts, precision) for i in range(0, n, PRESELECT_CHUNK)])
+        projected = projected[survivors]
+    return select_projected(key, projected, ratio, n_starts, progress=progress, select=select, precision=precision,
+                            n_total=n, survivors=survivors)
 
 
 def select_projected(key: jax.Array, projected, ratio: float, n_starts: int = 10, progress: bool = False,
-                     select=None, precision=HIGHEST) -> jax.Array:
+                     select=None, precision=HIGHEST, n_total: int | None = None, survivors=None) -> jax.Array:
     """The greedy part of `coreset_indices`, on points already projected with `key`'s
     projection (`projection_key`): a streamed fit projects batch by batch
-    (`pn_jax.streaming`) and selects exactly the points the in-memory fit selects."""
+    (`pn_jax.streaming`) and selects exactly the points the in-memory fit selects.
+    `survivors`: the global indices of `projected`'s rows after a pre-selection, of `n_total`
+    points in all (the bank keeps int(n_total * ratio) of them)."""
     n = projected.shape[0]
-    n_select = n_coreset(n, ratio)
+    n_select = min(n, n_coreset(n if n_total is None else n_total, ratio))
     if n_select >= n:
-        return jnp.arange(n, dtype=jnp.int32)
-    _, k_start = jax.random.split(key)
-    starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
-    return (select or greedy_select)(jnp.asarray(projected, jnp.float32), starts, n_select, progress=progress,
-                                     precision=precision)
+        sel = jnp.arange(n, dtype=jnp.int32)
+    else:
+        _, k_start = jax.random.split(key)
+        starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
+        sel = (select or greedy_select)(jnp.asarray(projected, jnp.float32), starts, n_select, progress=progress,
+                                        precision=precision)
+    return sel if survivors is None else jnp.asarray(np.asarray(survivors)[np.asarray(sel)], jnp.int32)
+
+
+# Two-stage coreset (`bank.coreset_preselect`, issue 26). The exact greedy costs
+# n_select * N * 2 * proj_dim flops, quadratic in the patches: 1024 px images have 16x the
+# patches of 256 px ones, so 256x the cost (hours on a 2-core CPU for 400 images). Each
+# chunk of PRESELECT_CHUNK consecutive rows (about 8 images at 512 px) first keeps its own
+# greedy coreset of `factor` times the final ratio; the global greedy then runs on those
+# survivors. Not the same points as the exact greedy: its accuracy cost is measured in the
+# README ("Resolution"). The chunks are the projection's chunks, so a streamed fit and an
+# in-memory one pre-select the same survivors.
+PRESELECT_CHUNK = 32768
+
+
+def n_preselect(n_rows: int, ratio: float, factor: float) -> int:
+    return min(n_rows, max(1, int(np.ceil(factor * ratio * n_rows))))
+
+
+def preselect_chunk(key, i: int, projected_chunk, ratio: float, factor: float, n_starts: int = 10,
+                    precision=HIGHEST) -> np.ndarray:
+    """Sorted local indices of chunk i's greedy coreset of `factor` x `ratio` of its rows."""
+    n = projected_chunk.shape[0]
+    keep = n_preselect(n, ratio, factor)
+    if keep >= n:
+        return np.arange(n)
+    k = jax.random.fold_in(jax.random.fold_in(key, 0x5e1ec7), i)
+    starts = jax.random.choice(k, n, (min(n_starts, n),), replace=False)
+    return np.sort(np.asarray(greedy_select(jnp.asarray(projected_chunk, jnp.float32), starts, keep,
+                                            precision=precision)))
 
 
 def projection_key(key: jax.Array) -> jax.Array:

@@ -539,7 +539,7 @@ def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
     else:
         idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
                                           cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True,
-                                          precision=precision_lib.of(cfg))
+                                          precision=precision_lib.of(cfg), preselect=cfg.bank.coreset_preselect)
     idx = np.asarray(idx)
     bank = jnp.asarray(train_feats.rows(idx) if streamed else flat[idx])
     bank_owner = (idx // n_patch).astype(np.int32)

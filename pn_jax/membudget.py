@@ -40,10 +40,12 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
 
     n_patch, unit = patches_per_image(cfg)
     d, p = cfg.model.target_embed_dimension, min(cfg.bank.coreset_proj_dim, cfg.model.target_embed_dimension)
-    side = n_side = (cfg.data.crop_size if cfg.data.resize_mode == "patchcore" else cfg.data.image_size)
+    side = cfg.data.crop_size if cfg.data.resize_mode == "patchcore" else cfg.data.image_size
     lay = tiles.of_config(cfg)
     per_call = cfg.batch_size * (lay.n_tiles if lay else 1)  # backbone inputs per batch of images
     rows = n_train * n_patch
+    pre = cfg.bank.coreset_preselect
+    kept = min(rows, math.ceil(pre * cfg.bank.coreset_ratio * rows) + CHUNK_ROWS) if pre else rows  # greedy's points
     f32 = 4
     n_cal = min(32, max(1, -(-n_train // 2))) if n_train >= 2 else 0
     n_val = min(32, n_train - n_cal)
@@ -53,14 +55,14 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
         "batch": per_call * unit * unit * ACT_PER_PIXEL + 3 * cfg.batch_size * n_patch * d * f32,
         # train features: streamed = the projection (host + device copy) and one chunk buffer;
         # in memory = the features and the projection
-        "train": (2 * rows * p * f32 + 2 * CHUNK_ROWS * d * f32) if streamed else (rows * d + 2 * rows * p) * f32,
-        "coreset": 4 * rows * f32,  # min-distance, squared norms and their temporaries
+        "train": (2 * kept * p * f32 + 2 * CHUNK_ROWS * d * f32) if streamed else (rows * d + 2 * rows * p) * f32,
+        "coreset": 4 * kept * f32,  # min-distance, squared norms and their temporaries
         "bank": 3 * coreset.n_coreset(rows, cfg.bank.coreset_ratio) * d * f32,
         # calibration (held with a device copy) and validation normals + synthetic anomalies
         "calibration": 2 * n_cal * n_patch * d * f32,
         "validation": 2 * n_val * n_patch * d * f32 + 3 * n_val * side * side * f32,
         # one anomaly map per test image, the masks, and the pixel metrics' sort of all pixels
-        "test": n_test * n_side * n_side * ((f32 + 1 + 12) if pixel_metrics else 0),
+        "test": n_test * side * side * ((f32 + 1 + 12) if pixel_metrics else 0),
     }
     # The phases do not all overlap: the fit's train part is freed before the test holds maps.
     fit_peak = parts["base"] + parts["batch"] + parts["train"] + parts["coreset"] + parts["bank"] + max(

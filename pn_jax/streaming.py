@@ -45,11 +45,19 @@ class FeatureStore:
         self._buf, self._done = [], 0  # rows waiting for a full projection chunk; rows projected
 
     # -- writing ---------------------------------------------------------------------------
-    def start(self, n_patch: int, dim: int, proj: np.ndarray | None, precision) -> None:
+    def start(self, n_patch: int, dim: int, proj: np.ndarray | None, precision, *, ratio: float = 0.01,
+              preselect: float = 0.0, n_starts: int = 10) -> None:
+        """`preselect` > 0: each projected chunk keeps only its own pre-selected coreset
+        (`coreset.preselect_chunk`), so the projection too stops growing with the patches."""
         self.shape = (self.n_images, n_patch, dim)
         self._proj, self._precision = proj, precision
+        self._ratio, self._pre, self._n_starts = ratio, preselect, n_starts
         out = dim if proj is None else proj.shape[1]
-        self.projected = np.empty((self.n_images * n_patch, out), np.float32)
+        rows = self.n_images * n_patch
+        if preselect:
+            rows = -(-rows // CHUNK) * coreset_lib.n_preselect(min(rows, CHUNK), ratio, preselect)
+        self.projected = np.empty((rows, out), np.float32)
+        self.survivors, self._kept = [], 0
 
     def append(self, feats: np.ndarray) -> None:
         flat = np.ascontiguousarray(feats, np.float32).reshape(-1, self.shape[2])
@@ -73,13 +81,19 @@ class FeatureStore:
         use = len(rows) if final else (len(rows) // CHUNK) * CHUNK
         for i in range(0, use, CHUNK):
             part = rows[i:i + CHUNK]
-            dst = self.projected[self._done:self._done + len(part)]
             if self._proj is None:
-                dst[...] = part
+                proj = part
             elif jax.default_backend() == "cpu":  # the call project_chunked makes on a CPU
-                np.matmul(part.astype(np.float32, copy=False), self._proj, out=dst)
+                proj = np.matmul(part.astype(np.float32, copy=False), self._proj)
             else:
-                dst[...] = np.asarray(coreset_lib.project(jax.numpy.asarray(part), self._proj, self._precision))
+                proj = np.asarray(coreset_lib.project(jax.numpy.asarray(part), self._proj, self._precision))
+            if self._pre:  # keep the chunk's own coreset only (coreset.preselect_chunk)
+                keep = coreset_lib.preselect_chunk(self._key, self._done // CHUNK, proj, self._ratio, self._pre,
+                                                   self._n_starts, self._precision)
+                self.survivors.append(self._done + keep)
+                proj = proj[keep]
+            self.projected[self._kept:self._kept + len(proj)] = proj
+            self._kept += len(proj)
             self._done += len(part)
         if use < len(rows):
             self._buf = [rows[use:].copy()]
@@ -117,9 +131,11 @@ class FeatureStore:
         """`coreset.coreset_indices(key, <all features>, ...)`, from the projected rows."""
         if not np.array_equal(jax.random.key_data(self._key), jax.random.key_data(key)):
             raise ValueError("feature store: the coreset key differs from the one its projection was drawn with")
-        idx = np.asarray(coreset_lib.select_projected(key, self.projected, cfg.bank.coreset_ratio,
+        surv = np.concatenate(self.survivors) if self._pre else None
+        idx = np.asarray(coreset_lib.select_projected(key, self.projected[:self._kept], cfg.bank.coreset_ratio,
                                                       cfg.bank.coreset_starts, progress=progress,
-                                                      precision=precision_lib.of(cfg)))
+                                                      precision=precision_lib.of(cfg), n_total=self._done,
+                                                      survivors=surv))
         self.projected = None  # the selection was all it was for
         return idx
 
@@ -145,7 +161,8 @@ def extract(model, source, coreset_key, *, directory: str | None = None, desc: s
                 d, p = f.shape[2], cfg.bank.coreset_proj_dim
                 proj = (np.asarray(coreset_lib.random_projection(coreset_lib.projection_key(coreset_key), d, p))
                         if p < d else None)
-                store.start(f.shape[1], d, proj, precision_lib.of(cfg))
+                store.start(f.shape[1], d, proj, precision_lib.of(cfg), ratio=cfg.bank.coreset_ratio,
+                            preselect=cfg.bank.coreset_preselect, n_starts=cfg.bank.coreset_starts)
             store.append(f)
             n += len(f)
         if store.shape is None:

@@ -97,3 +97,47 @@ def test_max_memory_flag_refuses_in_the_cli(train_dir, capsys, tmp_path):
     assert rc == 2
     err = capsys.readouterr().err
     assert "error: --max-memory 1: this run needs about" in err and "Traceback" not in err
+
+
+def test_two_stage_coreset_is_chunk_greedy_then_global_greedy_and_streams_alike():
+    """--coreset-preselect against a float64 reference built from its definition: the greedy
+    of each 32,768-row chunk keeps ceil(factor * ratio * rows), the global greedy picks
+    int(N * ratio) of the survivors; the streamed store selects the same points."""
+    from tests import reference
+
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(70, 1000, 24)).astype(np.float32)  # 70,000 rows: chunks 32768, 32768, 4464
+    key, ratio, factor = jax.random.key(3), 0.002, 2.0
+    flat = feats.reshape(-1, 24)
+    got = np.asarray(coreset.coreset_indices(key, flat, ratio, 8, 10, preselect=factor))
+    proj = np.asarray(coreset.project_chunked(flat, coreset.random_projection(coreset.projection_key(key), 24, 8)),
+                      np.float64)
+    survivors = []
+    for c, lo in enumerate(range(0, len(flat), coreset.PRESELECT_CHUNK)):
+        part = proj[lo:lo + coreset.PRESELECT_CHUNK]
+        k = jax.random.fold_in(jax.random.fold_in(key, 0x5e1ec7), c)
+        starts = np.asarray(jax.random.choice(k, len(part), (10,), replace=False))
+        keep = int(np.ceil(factor * ratio * len(part)))
+        survivors.append(lo + np.sort(reference.greedy_coreset(part, starts, keep)))
+    survivors = np.concatenate(survivors)
+    starts = np.asarray(jax.random.choice(jax.random.split(key)[1], len(survivors), (10,), replace=False))
+    want = survivors[reference.greedy_coreset(proj[survivors], starts, int(len(flat) * ratio))]
+    assert len(survivors) == 132 + 132 + 18 and len(got) == 140
+    np.testing.assert_array_equal(got, want)
+    cfg = tiny_config(bank={"coreset_ratio": ratio, "coreset_proj_dim": 8, "coreset_preselect": factor})
+    store = streaming.FeatureStore(70)
+    store._key = key
+    store.start(1000, 24, np.asarray(coreset.random_projection(coreset.projection_key(key), 24, 8)),
+                coreset.HIGHEST, ratio=ratio, preselect=factor, n_starts=10)
+    try:
+        for lo in range(0, 70, 9):
+            store.append(feats[lo:lo + 9])
+        store.finish(70)
+        np.testing.assert_array_equal(store.coreset(key, cfg, progress=False), want)
+    finally:
+        store.close()
+
+
+def test_preselect_flag_is_validated():
+    with pytest.raises(ValueError, match=r"--coreset-preselect\) must be 0 \(off\) or >= 1"):
+        tiny_config(bank={"coreset_preselect": 0.5})

@@ -1,0 +1,186 @@
+"""What resolution buys (issue 26): image sizes 256-1024 px and tiles of 256 px, PatchCore
+against the default score, on ELPV and on a seeded small-defect set made at 1024 px.
+
+    python -m experiments.resolution_study --out docs/resolution   # ~30 min on a 2-core CPU
+    python -m experiments.resolution_study --settings 256,512,512/t256 --datasets texture --n-train 8
+
+Each (dataset, setting) runs in a fresh process (`--one`): the library fits one model (the
+default score; under `--max-memory`, so the train features stream to disk) and scores the
+test images once with both scores (PatchCore = the same bank's nearest-neighbour distance,
+`--method patchcore`'s score, taken from the same search). The parent reads the child's
+peak RSS and CPU time from wait4 (`bench.timed_run`'s way). Writes results.json, table.md
+and resolution.png; every timing is printed beside the CPU model and its flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from experiments import bench
+
+SETTINGS = ("256", "384", "512", "768", "1024", "512/t256", "1024/t256")
+DATASETS = ("elpv", "texture", "pattern")  # ELPV mono; the small-defect categories
+OVERLAP = 32
+
+
+def setting_flags(s: str) -> list[str]:
+    size, _, tile = s.partition("/t")
+    out = ["--image-size", size]
+    return out + (["--tile", tile, "--tile-overlap", str(OVERLAP)] if tile else [])
+
+
+def run_argv(ds: str, setting: str, a) -> list[str]:
+    data = (["--dataset", "elpv", "--category", "mono"] if ds == "elpv" else
+            ["--dataset", "mvtec_ad", "--data-root", str(a.small_root), "--category", ds])
+    return data + setting_flags(setting) + ["--max-train", str(a.n_train), "--max-test", str(a.n_test),
+                                            "--max-memory", str(a.max_memory), "--batch-size", "4",
+                                            "--backbone", "efficientnet_lite0"]
+
+
+# ----------------------------------------------------------------------------- one run (child)
+def one(argv: list[str], out: str) -> None:
+    import numpy as np
+
+    from pn_jax import cli, runner
+    from pn_jax import model as model_lib
+
+    a = cli.build_run_parser().parse_args(argv)
+    cfg = cli.build_config(a)
+    cat = a.category[0]
+    src = runner.load_sources(cfg, cat, max_train=a.max_train, max_test=a.max_test)
+    runner._check_memory(cfg, len(src["train"]), src)
+    timer = runner.Timer()
+    t0 = time.perf_counter()
+    model = model_lib.fit(cfg, src["train"], category=cat, timer=timer, log=lambda *_: None)
+    t_fit = time.perf_counter() - t0
+    masks = runner.has_masks(cfg, src["test"])
+    t0 = time.perf_counter()
+    res = runner.score_source({"m": model}, src["test"], timer, variants=(None, "patchcore"), keep_maps=masks)
+    t_test = time.perf_counter() - t0
+    allm = runner.evaluate_all(res, masks)
+    keep = ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px")
+    doc = {"argv": argv, "n_train": len(src["train"]), "n_test": len(src["test"]),
+           "n_anomalous": int(np.sum(res["labels"])), "bank": int(model.state.bank.shape[0]),
+           "patches_per_image": model.provenance.get("train_patches", 0) // max(1, len(src["train"])),
+           "fit_s": t_fit, "test_s": t_test, "timings": {k: float(v) for k, v in timer.items()},
+           "metrics": {name: {k: allm[("m", v)].get(k) for k in keep}
+                       for name, v in (("default", None), ("patchcore", "patchcore"))}}
+    Path(out).write_text(json.dumps(doc, indent=1, default=float))
+
+
+# ----------------------------------------------------------------------------- the study
+def run_all(a) -> dict:
+    from pn_jax import hardware
+    from pn_jax.data import small_defects
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for ds in a.datasets:
+        if ds != "elpv":  # n_test split evenly between good and the two defect types
+            small_defects.generate(str(a.small_root), ds, n_train=a.n_train, n_test_good=a.n_test // 2,
+                                   n_test_defect=-(-a.n_test // 4))
+    rows = []
+    for ds in a.datasets:
+        for s in a.settings:
+            tag = f"{ds}_{s.replace('/', '_')}"
+            bench.log(f"{tag}: start")
+            child = [sys.executable, "-m", "experiments.resolution_study", "--one", str(out / f"{tag}.json"), "--"]
+            with open(out / f"{tag}.log", "w") as fh:
+                t0 = time.perf_counter()
+                p = subprocess.Popen(child + run_argv(ds, s, a), stdout=fh, stderr=subprocess.STDOUT,
+                                     cwd=bench.REPO)
+                _, status, ru = os.wait4(p.pid, 0)
+                wall = time.perf_counter() - t0
+            if os.waitstatus_to_exitcode(status) != 0:
+                rows.append({"dataset": ds, "setting": s, "error": (out / f"{tag}.log").read_text()[-400:]})
+                bench.log(f"{tag}: FAILED (see {tag}.log)")
+                continue
+            r = json.loads((out / f"{tag}.json").read_text())
+            r.update(dataset=ds, setting=s, wall_s=wall, cpu_s=ru.ru_utime + ru.ru_stime,
+                     peak_rss_gb=ru.ru_maxrss * 1024 / 1e9, load=bench.load())
+            rows.append(r)
+            bench.log(f"{tag}: {wall:.0f} s, peak {r['peak_rss_gb']:.2f} GB, "
+                      f"I-AUROC {r['metrics']['default']['mAUROC_sp_max']}")
+    doc = {"cpu": hardware.describe_cpu(), "counts": {"n_train": a.n_train, "n_test": a.n_test},
+           "max_memory_gb": a.max_memory, "tile_overlap": OVERLAP, "rows": rows}
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=float))
+    (out / "table.md").write_text(table(doc))
+    figure(doc, out / "resolution.png")
+    return doc
+
+
+def _p(x):
+    return "-" if x is None or x != x else f"{x:.1f}"  # metrics come in percent
+
+
+def table(doc: dict) -> str:
+    L = [f"CPU: {doc['cpu']}. Up to {doc['counts']['n_train']} train / {doc['counts']['n_test']} test images per "
+         f"dataset, `--max-memory {doc['max_memory_gb']:g}`, tiles overlap {doc['tile_overlap']} px. "
+         "I / P / PRO: image AUROC, pixel AUROC, AUPRO (%); s/img: wall time of the fresh process "
+         "(compilation included) / (train + test images).", "",
+         "| dataset | setting | patches/img | PatchCore I / P / PRO | default I / P / PRO | s/img | peak RSS GB |",
+         "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "error" in r:
+            L.append(f"| {r['dataset']} | {r['setting']} | failed: {r['error'].splitlines()[-1][:80]} |||||")
+            continue
+        m = r["metrics"]
+        cell = lambda k: " / ".join(_p(m[k][x]) for x in ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px"))  # noqa: E731
+        L.append(f"| {r['dataset']} | {r['setting']} | {r['patches_per_image']} | {cell('patchcore')} | "
+                 f"{cell('default')} | {r['wall_s'] / (r['n_train'] + r['n_test']):.2f} | {r['peak_rss_gb']:.2f} |")
+    return "\n".join(L) + "\n"
+
+
+def figure(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["rows"] if "error" not in r]
+    dss = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ds in dss:
+        rs = [r for r in rows if r["dataset"] == ds]
+        x = range(len(rs))
+        for name, style in (("default", "-o"), ("patchcore", "--s")):
+            axes[0].plot(x, [r["metrics"][name]["mAUROC_sp_max"] or 0 for r in rs], style,
+                         label=f"{ds} {name}")
+        axes[1].plot(x, [r["wall_s"] / (r["n_train"] + r["n_test"]) for r in rs], "-o", label=ds)
+        for ax in axes:
+            ax.set_xticks(list(x), [r["setting"] for r in rs], rotation=30)
+    axes[0].set_ylabel("image AUROC (%)")
+    axes[1].set_ylabel("s / image (2-core CPU)")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Resolution and tiles: " + doc["cpu"][:60], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one"]:
+        return one(argv[3:], argv[1])  # --one OUT.json -- <experiments.run flags>
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/resolution")
+    p.add_argument("--settings", default=",".join(SETTINGS), type=lambda s: s.split(","))
+    p.add_argument("--datasets", default=",".join(DATASETS), type=lambda s: s.split(","))
+    p.add_argument("--n-train", type=int, default=24)
+    p.add_argument("--n-test", type=int, default=24)
+    p.add_argument("--max-memory", type=float, default=8.0)
+    p.add_argument("--small-root", type=Path, default=Path("data/small_defects"))
+    a = p.parse_args(argv)
+    bad = [s for s in a.settings if s not in SETTINGS] + [d for d in a.datasets if d not in DATASETS]
+    if bad:
+        p.error(f"unknown setting(s)/dataset(s) {bad}; settings: {SETTINGS}, datasets: {DATASETS}")
+    print(table(run_all(a)))
+
+
+if __name__ == "__main__":
+    main()
