@@ -86,7 +86,7 @@ def run_all(a) -> dict:
                                    n_test_defect=-(-a.n_test // 4))
     rows = []
     for ds in a.datasets:
-        for s in a.settings:
+        for s in (a.elpv_settings if ds == "elpv" else a.settings):
             tag = f"{ds}_{s.replace('/', '_')}"
             bench.log(f"{tag}: start")
             child = [sys.executable, "-m", "experiments.resolution_study", "--one", str(out / f"{tag}.json"), "--"]
@@ -170,13 +170,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/resolution")
     p.add_argument("--settings", default=",".join(SETTINGS), type=lambda s: s.split(","))
+    p.add_argument("--elpv-settings", default="256,384,512,512/t256", type=lambda s: s.split(","),
+                   help="ELPV's cells are 300 px: larger sizes only upsample them")
     p.add_argument("--datasets", default=",".join(DATASETS), type=lambda s: s.split(","))
-    p.add_argument("--n-train", type=int, default=24)
-    p.add_argument("--n-test", type=int, default=24)
+    p.add_argument("--n-train", type=int, default=20)
+    p.add_argument("--n-test", type=int, default=20)
     p.add_argument("--max-memory", type=float, default=8.0)
     p.add_argument("--small-root", type=Path, default=Path("data/small_defects"))
     a = p.parse_args(argv)
-    bad = [s for s in a.settings if s not in SETTINGS] + [d for d in a.datasets if d not in DATASETS]
+    bad = [s for s in a.settings + a.elpv_settings if s not in SETTINGS] + [d for d in a.datasets if d not in DATASETS]
     if bad:
         p.error(f"unknown setting(s)/dataset(s) {bad}; settings: {SETTINGS}, datasets: {DATASETS}")
     print(table(run_all(a)))

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 
 GB = 1e9
-BASE = 1.3 * GB  # python, jax, XLA:CPU, backbone weights and compiled code (measured ~1.1 GB)
-ACT_PER_PIXEL = 1200.0  # backbone activations per input pixel of a batch (bytes; measured, with margin)
+BASE = 1.0 * GB  # python, jax, XLA:CPU, backbone weights and compiled code (measured 0.6-1.1 GB)
+ACT_PER_PIXEL = 200.0  # backbone activations per input pixel of a batch (bytes; measured ~130 at 1024 px)
 CHUNK_ROWS = 32768  # streaming.CHUNK: rows buffered for one projection chunk
 
 

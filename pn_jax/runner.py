@@ -178,6 +178,8 @@ def tune_state(model, val_source, timer: Timer, log=print):
     on a validation source; returns (tuned state, loss curves)."""
     from pn_jax import tune as tune_lib
 
+    if model.cfg.data.tile:
+        raise ValueError("--tune learns from per-patch labels on one patch grid; it does not take --tile yet")
     feats, masks = [], []
     for batch in model.batches(val_source):
         feats.append(np.asarray(model.features(batch["image"])))
