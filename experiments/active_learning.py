@@ -80,7 +80,7 @@ def simulate(cfg, feats, pool_idx, initial_idx, holdout, val, test, *, strategy:
     """One strategy: [{"added", "n_train", metrics..., "picked"}] per round (round 0 = initial set)."""
     import jax
 
-    from pn_jax import detector, metrics, model as model_lib, suggest
+    from pn_jax import fitting, metrics, model as model_lib, suggest
 
     n = cfg.noising
     std_range = (n.noise_std_min, n.noise_std_max)
@@ -90,9 +90,9 @@ def simulate(cfg, feats, pool_idx, initial_idx, holdout, val, test, *, strategy:
     out = []
     for r in range(rounds + 1):
         t0 = time.perf_counter()
-        state, _ = detector.fit(cfg, feats[current], holdout, jax.random.key(cfg.seed))
+        state, _ = fitting.fit_state(cfg, feats[current], holdout, jax.random.key(cfg.seed))
         model = model_lib.Model(cfg, grid, state, extractor=extractor)
-        thr, _ = model_lib.choose_threshold(model.score_features(val[0])["image_scores"],
+        thr, _ = fitting.choose_threshold(model.score_features(val[0])["image_scores"],
                                             model.score_features(val[1])["image_scores"], fpr=cfg.threshold_fpr)
         res = model.score_features(test_feats)
         m = metrics.evaluate(res["image_scores"], test_labels, res["anomaly_maps"] if has_masks else None,
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     feats = np.zeros((n_train,) + feats_sub.shape[1:], np.float32)
     feats[keep] = feats_sub
     holdout = extractor_model.extract(sources["holdout"], desc="features holdout")
-    normal_recs, anom_recs = model_lib.validation_records(sources["holdout"], cfg.seed)
+    normal_recs, anom_recs = fitting.validation_records(sources["holdout"], cfg.seed)
     src = lambda recs: data.records_source(recs, dataset="validation", category="validation",  # noqa: E731
                                            split="validation")
     val = (extractor_model.extract(src(normal_recs), desc="validation"),

@@ -6,7 +6,7 @@ greedy coreset by candidate batching vs deferred batches.
 
 Features: efficientnet_lite0 (its pip weights) on ELPV `all` at 256x256, 1024 patches of
 D = 1024 per image, extracted once through the library (`data.load_category`,
-`detector.FeatureExtractor`, `detector.extract_all`) and cached as float16 under --cache.
+`Model.extract`) and cached as float16 under --cache.
 Random Gaussian features would hide what real features look like: they are nearly low-rank.
 `--features synthetic` uses points with a decaying spectrum instead (no download needed).
 
@@ -68,7 +68,8 @@ def elpv_features(cache: Path, n_train: int, n_test: int, batch_size: int = 8):
     f_train, f_test = cache / f"{tag}_train.npy", cache / f"{tag}_test.npy"
     if f_train.exists() and f_test.exists():
         return np.load(f_train, mmap_mode="r"), np.load(f_test, mmap_mode="r")
-    from pn_jax import backbones, data, detector
+    from pn_jax import backbones, data
+    from pn_jax import model as model_lib
     from pn_jax.config import Config
 
     info = backbones.info("efficientnet_lite0")
@@ -81,11 +82,10 @@ def elpv_features(cache: Path, n_train: int, n_test: int, batch_size: int = 8):
         src = data.load_category("elpv", None, "all", require_masks=False, max_train=n_train, max_test=n_test)
     except data.MissingDataError as e:
         sys.exit(f"bench_knn: {e}\n(or run with --features synthetic)")
-    extractor = detector.FeatureExtractor(cfg)
+    extractor = model_lib.Model(cfg, (0, 0), None)  # the pipeline a user runs, up to the features
 
     def extract(source, desc):
-        batches = data.make_batches(source, image_size=256, mean=info.mean, std=info.std, batch_size=batch_size)
-        return detector.extract_all(extractor, batches, batch_size, desc=desc).astype(np.float16)
+        return extractor.extract(source, desc=desc).astype(np.float16)
 
     # Train and holdout are both normal training images: both feed the bank / coreset.
     train = np.concatenate([extract(src[s], s) for s in ("train", "holdout") if len(src.get(s) or [])])

@@ -170,7 +170,7 @@ def fit_and_test(root: str, precision: str, size: str) -> tuple[dict, dict]:
     import numpy as np
 
     from pn_jax import metrics
-    from pn_jax import model as model_lib
+    from pn_jax import fitting
     from pn_jax.data import pipeline
 
     cfg = fit_config(precision, size)
@@ -178,7 +178,7 @@ def fit_and_test(root: str, precision: str, size: str) -> tuple[dict, dict]:
                                  holdout_min=cfg.data.holdout_min, seed=cfg.seed,
                                  synthetic_kwargs=SIZES[size]["synthetic"])
     t0 = time.perf_counter()
-    model = model_lib.fit(cfg, src["train"], holdout=src["holdout"] if len(src["holdout"]) else None,
+    model = fitting.fit(cfg, src["train"], holdout=src["holdout"] if len(src["holdout"]) else None,
                           key=jax.random.key(cfg.seed), category="synthetic", dataset="synthetic", log=lambda *_: None)
     t_fit = time.perf_counter() - t0
     scores, maps, labels, masks = [], [], [], []

@@ -221,12 +221,12 @@ def fit_predictor(model, sources, holdout, mode: str, steps: int, hidden: int, l
     """The InfluencePredictor on the held-out normals (+ anomalies) -> (PredictorFit, seconds incl. extraction)."""
     import jax
 
-    from pn_jax import data, model as model_lib, predictor
+    from pn_jax import data, fitting, predictor
 
     t0 = time.perf_counter()
     anomalous = None
     if mode == "synthetic":
-        _, recs = model_lib.validation_records(sources["holdout"], model.cfg.seed)
+        _, recs = fitting.validation_records(sources["holdout"], model.cfg.seed)
         anomalous = model.extract(data.records_source(recs, dataset="validation", category="validation",
                                                       split="validation"), desc="features synthetic anomalies")
     cfg = model.cfg
@@ -381,7 +381,7 @@ def local_signal_fn(cfg, fn):
 
 def local_stats(cfg, params, bank, dims, holdout, neighbours, fn):
     """Fit-time statistics with estimator `fn` on the held-out normals: the same two passes as
-    detector.fit_stats (influence/distance moments, then the three signals' moments)."""
+    normalstats.fit_stats (influence/distance moments, then the three signals' moments)."""
     import jax
     import jax.numpy as jnp
 
@@ -408,13 +408,13 @@ def part_metrics(model, holdout, test, est, switch_rtol):
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from pn_jax import config as config_lib, detector, metrics
+    from pn_jax import config as config_lib, detector, metrics, normalstats
 
     cfg, state = model.cfg, model.state
     feats, labels, masks = test
     bs, n = cfg.batch_size, len(feats)
     maps_fn = model.scorer().maps
-    neighbours = detector.holdout_neighbours(cfg, state.bank, holdout)
+    neighbours = normalstats.holdout_neighbours(cfg, state.bank, holdout)
 
     def run_signals(signal_fn, stats, name):
         """-> per-patch signals {name: [n, N]} and scoring seconds per image (compile excluded)."""
@@ -453,7 +453,7 @@ def part_metrics(model, holdout, test, est, switch_rtol):
         if m in config_lib.INFLUENCE_METHODS:
             cfg_m = cfg.replace(noising={"influence": m})
             params = state.params if m != PREDICTOR else {**state.params, "predictor": fn.args[0]}
-            stats = detector.fit_stats(cfg_m, params, state.bank, state.dims, holdout, neighbours)
+            stats = normalstats.fit_stats(cfg_m, params, state.bank, state.dims, holdout, neighbours)
             sig_fn = detector.make_signal_fn(cfg_m, need_influence=True, calibrated=True)
             sig_fn = functools.partial(_with_params, sig_fn, params) if m == PREDICTOR else sig_fn
             res["scoring_path"][m] = "library (detector.make_signal_fn)"
@@ -685,7 +685,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from pn_jax import model as model_lib, runner
+    from pn_jax import fitting, runner
 
     t_start = time.perf_counter()
     os.makedirs(mine.out, exist_ok=True)
@@ -702,7 +702,7 @@ def main(argv=None) -> int:
 
     # 1. fit once, through the public pipeline
     with timer("fit_s"):
-        model = model_lib.fit(cfg, sources["train"], holdout=sources["holdout"], key=jax.random.key(cfg.seed),
+        model = fitting.fit(cfg, sources["train"], holdout=sources["holdout"], key=jax.random.key(cfg.seed),
                               category=category, dataset=cfg.data.dataset, timer=timer)
     state = model.state
     with timer("extract_holdout_again_s"):  # per-estimator statistics, predictor training

@@ -46,23 +46,22 @@ def run_argv(ds: str, setting: str, a) -> list[str]:
 def one(argv: list[str], out: str) -> None:
     import numpy as np
 
-    from pn_jax import cli, runner
-    from pn_jax import model as model_lib
+    from pn_jax import batches, cli, fitting, metrics, runner, timing
 
     a = cli.build_run_parser().parse_args(argv)
     cfg = cli.build_config(a)
     cat = a.category[0]
     src = runner.load_sources(cfg, cat, max_train=a.max_train, max_test=a.max_test)
-    runner._check_memory(cfg, len(src["train"]), src)
-    timer = runner.Timer()
+    runner.check_memory(cfg, len(src["train"]), src)
+    timer = timing.Timer()
     t0 = time.perf_counter()
-    model = model_lib.fit(cfg, src["train"], category=cat, timer=timer, log=lambda *_: None)
+    model = fitting.fit(cfg, src["train"], category=cat, timer=timer, log=lambda *_: None)
     t_fit = time.perf_counter() - t0
     masks = runner.has_masks(cfg, src["test"])
     t0 = time.perf_counter()
-    res = runner.score_source({"m": model}, src["test"], timer, variants=(None, "patchcore"), keep_maps=masks)
+    res = batches.score_source({"m": model}, src["test"], timer, variants=(None, "patchcore"), keep_maps=masks)
     t_test = time.perf_counter() - t0
-    allm = runner.evaluate_all(res, masks)
+    allm = metrics.evaluate_all(res, masks)
     keep = ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px")
     doc = {"argv": argv, "n_train": len(src["train"]), "n_test": len(src["test"]),
            "n_anomalous": int(np.sum(res["labels"])), "bank": int(model.state.bank.shape[0]),

@@ -220,7 +220,7 @@ def config_for(ds: str, quick: bool):
 def run_dataset(name: str, *, quick: bool, fits: list, log=print) -> dict:
     import jax
 
-    from pn_jax import data, detector, metrics
+    from pn_jax import data, fitting, metrics
     from pn_jax import model as model_lib
 
     ds, cat = name.split(":")
@@ -239,11 +239,11 @@ def run_dataset(name: str, *, quick: bool, fits: list, log=print) -> dict:
     train_feats = base.extract(train, desc="features train")
     grid = tuple(base.extractor.grid)
     n = len(train)
-    calib, val = detector.calibration_split(n, cfg.seed)
+    calib, val = fitting.calibration_split(n, cfg.seed)
     rest = np.setdiff1d(np.setdiff1d(np.arange(n), calib), val)
     all_idx = np.concatenate([val, rest])  # val first: the "_all" proxies extend the val ones
     recs = [train[int(i)] for i in all_idx]
-    anom = {"shipped": model_lib.validation_records(recs, cfg.seed)[1], "subtle": subtle_records(recs, cfg.seed)}
+    anom = {"shipped": fitting.validation_records(recs, cfg.seed)[1], "subtle": subtle_records(recs, cfg.seed)}
     anom_feats = {k: base.extract(data.records_source(r, dataset="validation", category=cat, split="validation"),
                                   desc=f"features {k}") for k, r in anom.items()}
     timings["extract_validation_s"] = time.perf_counter() - t0
@@ -257,7 +257,7 @@ def run_dataset(name: str, *, quick: bool, fits: list, log=print) -> dict:
         t0 = time.perf_counter()
         k, ratio = FITS[fname]
         cfg_f = cfg.replace(noising={"k": k}, bank={"coreset_ratio": ratio})
-        state, report = detector.fit(cfg_f, train_feats, None, jax.random.key(cfg.seed), calibrate_on=calib)
+        state, report = fitting.fit_state(cfg_f, train_feats, None, jax.random.key(cfg.seed), calibrate_on=calib)
         m = model_lib.Model(cfg_f, grid, state, extractor=base.extractor)
         models[fname] = m
         owners = all_idx if fname == BASE_FIT else val  # the "_all" proxies only at the shipped bank

@@ -11,7 +11,7 @@ numpy alone (no flax, orbax or detector code is imported).
 __version__ = "0.1.0"
 
 _LAZY = {"Config": "pn_jax.config", "tiny_config": "pn_jax.config", "Model": "pn_jax.model",
-         "Prediction": "pn_jax.model", "choose_threshold": "pn_jax.model", "fit": "pn_jax.model",
+         "Prediction": "pn_jax.model", "choose_threshold": "pn_jax.fitting", "fit": "pn_jax.fitting",
          "load": "pn_jax.model", "load_exported": "pn_jax.export"}
 __all__ = sorted(_LAZY) + ["__version__"]
 

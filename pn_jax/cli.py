@@ -381,9 +381,9 @@ def check_data(cfg, a, categories: list[str]) -> None:
 
 
 def folder_name(train_dir: str) -> str:
-    from pn_jax import model as model_lib
+    from pn_jax import fitting
 
-    return model_lib.folder_category(train_dir)
+    return fitting.folder_category(train_dir)
 
 
 def folder_sources(cfg, a):
@@ -550,6 +550,7 @@ def _flag(flag: str) -> str:
 def apply_test_flags(model, a):
     """The loaded `model` with every config flag the user typed applied, or a UsageError naming
     the flag and why it cannot apply. Nothing typed is ever dropped without a word."""
+    from pn_jax import fitting
     from pn_jax import model as model_lib
 
     saved = model.cfg
@@ -597,7 +598,7 @@ def apply_test_flags(model, a):
     fpr = a.threshold_fpr if _given(a, "threshold_fpr") and a.threshold_fpr != saved.threshold_fpr else ...
     if score is not None or fpr is not ...:
         try:
-            model = model.rethresholded(score=score, threshold_fpr=fpr)
+            model = fitting.rethreshold(model, score=score, threshold_fpr=fpr)
         except model_lib.ModelError as e:
             flag = f"--score {score}" if score is not None else f"--threshold-fpr {a.threshold_fpr}"
             raise UsageError(f"{flag} cannot apply to checkpoint {a.checkpoint}: {e}") from None

@@ -1,4 +1,4 @@
-"""Fit a memory bank (+ fit-time statistics) and score images: the orchestration layer.
+"""The detector's maths: patch features, the scoring signals, the Scorer over a memory bank.
 
     images -> backbone -> patch features -+- fit:   coreset -> bank, dims S, statistics
                                           +- score: k-NN -> influence -> noise -> scores -> maps
@@ -8,19 +8,14 @@ padded to a fixed batch size so the compiled scorer is traced once per configura
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import time
-import warnings
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from pn_jax import calibration
-from pn_jax import coreset as coreset_lib
 from pn_jax import features as features_lib
 from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
@@ -114,23 +109,6 @@ def pad_batch(x, size: int):
     return jnp.pad(x, widths) if isinstance(x, jax.Array) else np.pad(x, widths)
 
 
-_pad_batch = pad_batch  # old name, until every caller has moved to the public pipeline
-
-
-def extract_all(extractor: FeatureExtractor, batches: Iterable[dict], batch_size: int,
-                desc: str = "features", keep: Callable | None = None):
-    """Run the extractor over batches (padded to `batch_size`); returns [n_images, N, D] host float32."""
-    out = []
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-        n = len(batch["image"])
-        feats = extractor(_pad_batch(np.asarray(batch["image"]), batch_size))
-        feats = np.asarray(feats[:n])
-        out.append(keep(feats) if keep else feats)
-    if not out:
-        raise ValueError(f"no images to extract features from ({desc})")
-    return np.concatenate(out, axis=0)
-
-
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
                    calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None,
@@ -205,6 +183,11 @@ def check_loo_bank(bank_owner, owners, k: int) -> None:
         if o >= 0 and len(bank_owner) - owned[o] < k:
             raise ValueError(f"leave-one-image-out: without training image {o}'s entries the memory bank "
                              f"has {len(bank_owner) - owned[o]} rows but k={k}; raise --coreset-ratio or lower --k")
+
+
+# Score variants of the ablation, all computed from one pass on the same bank.
+ABLATION_VARIANTS = ("patchcore", "distance", "influence", "noise", "seed", "seed_z",
+                     "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
 
 
 def default_variant(cfg: Config) -> str:
@@ -308,6 +291,7 @@ class Scorer:
                 "signals", key, lambda on_trace: make_signal_fn(cfg, on_trace=on_trace, **flags))
         self._flags = flags
         grid_, size, sigma = self.grid, self.size, cfg.noising.blur_sigma
+
         lay = tiles.of_config(cfg)
 
         def build_maps(on_trace):
@@ -376,223 +360,5 @@ class Scorer:
 
 
 # ----------------------------------------------------------------------------- fit
-@functools.partial(jax.jit, static_argnames=("k", "block"))
-def _holdout_knn(feats, index, *, k, block):
-    return jax.lax.map(lambda f: knn_lib.knn_indexed(f, index, k=k, block=block), feats)
 
 
-def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax.Array]:
-    """The K-NN of every held-out patch, searched once for all fit-time statistics:
-    (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image)."""
-    return _holdout_knn(jnp.asarray(holdout_feats), knn_lib.prepare_bank(bank), k=cfg.noising.k,
-                        block=cfg.bank.knn_block)
-
-
-def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None, neighbours=None) -> jax.Array:
-    """The influence dims S: random (PRNG key) or by importance on held-out normal patches."""
-    s = n_influence_dims(cfg, dim)
-    if cfg.noising.dim_selection == "random" or holdout_feats is None:
-        return jnp.sort(jax.random.choice(key, dim, (s,), replace=False)).astype(jnp.int32)
-    # importance: mean influence of each dim over held-out normal patches (all D dims)
-    dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
-    f = jnp.asarray(holdout_feats).reshape(-1, dim)
-    k = cfg.noising.k
-    imp = _importance(f, bank, dist.reshape(-1, k), idx.reshape(-1, k), cfg.noising.eps)
-    return jnp.sort(jax.lax.top_k(imp, s)[1]).astype(jnp.int32)
-
-
-IMPORTANCE_CHUNK = 512  # held-out patches per step: [chunk, K, D] floats (~19 MB at K=9, D=1024)
-
-
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _importance(f, bank, dist, idx, eps, chunk: int = IMPORTANCE_CHUNK):
-    """Mean fd_fixed influence of every dim over the patches f [P, D]: [D]. Streamed over
-    chunks of patches, since the residuals of all patches at once are [P, K, D] (~0.8 GB at
-    bottle size); the sum runs over the chunks, then one division by P."""
-    p, d = f.shape
-    chunk = min(chunk, p)
-    n = -(-p // chunk)
-    pad = n * chunk - p
-    valid = (jnp.arange(n * chunk) < p).reshape(n, chunk)
-    # pad rows get distance 1 (no 0/0) and are masked out of the sum
-    f_c = jnp.pad(f, ((0, pad), (0, 0))).reshape(n, chunk, d)
-    dist_c = jnp.pad(dist, ((0, pad), (0, 0)), constant_values=1.0).reshape(n, chunk, -1)
-    idx_c = jnp.pad(idx, ((0, pad), (0, 0))).reshape(n, chunk, -1)
-    all_dims = jnp.arange(d)
-
-    def step(acc, xs):
-        fc, dc, ic, vc = xs
-        infl = influence_lib.fd_fixed(fc, bank, dc, ic, all_dims, eps, bank_s=bank)  # [chunk, D]
-        return acc + jnp.sum(jnp.where(vc[:, None], infl, 0.0), axis=0), None
-
-    total, _ = jax.lax.scan(step, jnp.zeros((d,), jnp.float32), (f_c, dist_c, idx_c, valid))
-    return total / p
-
-
-def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighbours=None, *,
-              exclude=None) -> noising.Stats:
-    """Normalisation statistics from held-out normal images (never the batch being scored).
-    `neighbours`: their (dist, idx) from `holdout_neighbours`, when already searched.
-    `exclude`: (bank_owner [M], owners [h]) when the images are training images scored
-    leave-one-image-out (`loo_neighbours`): image i's search, `fd`'s re-search included, then
-    never returns the bank rows that came from training image owners[i]."""
-    if holdout_feats is None or len(holdout_feats) == 0:
-        return noising.identity_stats()
-    n = cfg.noising
-    if exclude is not None and neighbours is None:
-        neighbours = loo_neighbours(cfg, bank, exclude[0], holdout_feats, exclude[1])
-    dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
-    owner_of = (None, None) if exclude is None else (jnp.asarray(exclude[0], jnp.int32),
-                                                     jnp.asarray(exclude[1], jnp.int32))
-    infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
-                              *owner_of, method=n.influence, eps=n.eps, precision=precision_lib.of(cfg))
-    # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
-    # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
-    return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
-
-
-@functools.partial(jax.jit, static_argnames=("method", "eps", "precision"))
-def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owner, owners, *, method, eps,
-                       precision=precision_lib.HIGHEST):
-    bank_s = influence_lib.bank_columns(bank, dims)
-    if method == "predictor":
-        from pn_jax import predictor
-
-        return jax.lax.map(lambda a: predictor.influence(predictor_params, a[0], bank, a[1], a[2], dims, eps, bank_s),
-                           (feats, dist, idx))
-    # owners None: held-out images, nothing excluded
-    return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps, bank_s,
-                                                         excluded=None if a[3] is None else bank_owner == a[3],
-                                                         precision=precision),
-                       (feats, dist, idx, owners))
-
-
-@functools.partial(jax.jit, static_argnames=("std_range",))
-def _stats_from(params, dims, dist, infl, std_range):
-    # Pass 1: influence and distance statistics (the noise proposal needs them).
-    infl_w = infl * params["influence_weight"][dims]
-    dsig = jnp.mean(dist, axis=-1)
-    std = lambda x: jnp.maximum(jnp.std(x), 1e-12)  # noqa: E731
-    stats = noising.identity_stats()._replace(infl_mean=jnp.mean(infl_w), infl_std=std(infl_w),
-                                              dist_mean=jnp.mean(dsig), dist_std=std(dsig))
-    # Pass 2: patch-level signal statistics for the optional z-normalisation.
-    sig, _ = noising.signals_from(params, dims, stats, dist, infl, std_range)
-    parts = jnp.stack([sig[name].reshape(-1) for name in noising.SIGNALS])
-    return stats._replace(signal_mean=parts.mean(-1), signal_std=jnp.maximum(parts.std(-1), 1e-12))
-
-
-@dataclasses.dataclass
-class FitReport:
-    n_train_patches: int
-    bank_size: int
-    timings: dict
-    bank_owner: np.ndarray | None = None  # [M] the training image each bank entry came from
-    calibration: dict = dataclasses.field(default_factory=dict)  # what the statistics were fitted on
-
-
-@functools.partial(jax.jit, static_argnames=("k", "block"))
-def _loo_knn(feats, owners, index, bank_owner, *, k, block):
-    return jax.lax.map(lambda a: knn_excluding(a[0], index, bank_owner, a[1], k=k, block=block), (feats, owners))
-
-
-def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
-    """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
-    against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
-    check_loo_bank(bank_owner, owners, cfg.noising.k)
-    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), knn_lib.prepare_bank(bank),
-                    jnp.asarray(bank_owner, jnp.int32),
-                    k=cfg.noising.k, block=cfg.bank.knn_block)
-
-
-def calibration_split(n_images: int, seed: int, max_images: int = 32, *,
-                      calibrate: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-    """Disjoint seeded samples of training images: (calibration, validation), each at most
-    `max_images` (32 images = 32k patches at 32x32: the per-dim RMS residual s_j is then an
-    average over thousands of roughly independent patches, a few percent of standard error)."""
-    perm = np.random.default_rng([seed, 1729]).permutation(n_images)
-    if not calibrate:  # held-out images calibrate: every training image may validate
-        return None, np.sort(perm[:max_images])
-    n_cal = min(max_images, max(1, -(-n_images // 2)))
-    n_val = min(max_images, n_images - n_cal)
-    return np.sort(perm[:n_cal]), np.sort(perm[n_cal:n_cal + n_val])
-
-
-def fit(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
-        key: jax.Array | None = None, *, calibrate_on: np.ndarray | None = None) -> tuple[DetectorState, FitReport]:
-    """train_feats [n, N, D] (host) -> state. The noise scale, the importance dims and the
-    statistics come from `holdout_feats` [h, N, D] (normal images not in the bank) or, with
-    `calibrate_on` (training image indices), from those images scored leave-one-image-out."""
-    key = jax.random.key(cfg.seed) if key is None else key
-    k_core, k_dims = jax.random.split(key)
-    n_img, n_patch, dim = train_feats.shape
-    streamed = hasattr(train_feats, "coreset")  # a streaming.FeatureStore: features on disk, projection in memory
-    flat = None if streamed else train_feats.reshape(-1, dim)
-    t0 = time.perf_counter()
-    if streamed:
-        idx = train_feats.coreset(k_core, cfg)
-    elif cfg.devices > 1:
-        from pn_jax import sharding
-
-        mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
-        idx = sharding.coreset_indices_sharded(k_core, flat, cfg.bank.coreset_ratio,
-                                               cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, mesh)
-    else:
-        idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
-                                          cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True,
-                                          precision=precision_lib.of(cfg), preselect=cfg.bank.coreset_preselect)
-    idx = np.asarray(idx)
-    bank = jnp.asarray(train_feats.rows(idx) if streamed else flat[idx])
-    bank_owner = (idx // n_patch).astype(np.int32)
-    t_core = time.perf_counter() - t0
-    if bank.shape[0] < cfg.noising.k:
-        raise ValueError(f"memory bank has {bank.shape[0]} entries but k={cfg.noising.k}; "
-                         f"raise --coreset-ratio or lower --k")
-    params = init_params(dim)
-    t0 = time.perf_counter()
-    neighbours, calib_feats = None, None
-    if holdout_feats is not None and len(holdout_feats):
-        calib_feats = holdout_feats
-        neighbours = holdout_neighbours(cfg, bank, holdout_feats)  # one search serves all below
-        info = {"source": "held-out images", "images": int(len(holdout_feats))}
-    elif calibrate_on is not None and len(calibrate_on):
-        calib = np.asarray(calibrate_on)
-        if n_img < 2:
-            raise ValueError("leave-one-image-out calibration needs at least 2 training images "
-                             "(one image's patches are searched against the others')")
-        calib_feats = train_feats[calib]
-        neighbours = loo_neighbours(cfg, bank, bank_owner, calib_feats, calib)
-        info = {"source": "leave-one-image-out", "images": int(len(calib))}
-    else:
-        info = {"source": "none: identity statistics and noise scale 1", "images": 0}
-        warnings.warn("fit: no calibration images (no held-out images and no leave-one-image-out sample): "
-                      "identity statistics and noise scale s = 1 are used, so calibrated scores equal "
-                      "unwhitened distances", stacklevel=2)
-    if calib_feats is not None:
-        params["noise_scale"] = calibration.fit_noise_scale(
-            bank, jnp.asarray(calib_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
-            floor=cfg.noising.noise_floor, nearest=neighbours[1][..., 0].reshape(-1))
-    dims = select_dims(cfg, k_dims, dim, calib_feats, bank, neighbours)
-    info["dim_selection"] = cfg.noising.dim_selection if calib_feats is not None else "random"
-    if cfg.noising.dim_selection != info["dim_selection"]:
-        warnings.warn("fit: dim_selection=importance needs calibration images; the dims S were drawn at "
-                      "random instead (recorded in the checkpoint's calibration info)", stacklevel=2)
-    info["patches"] = 0 if calib_feats is None else int(calib_feats.shape[0] * calib_feats.shape[1])
-    if cfg.noising.influence == "predictor":
-        if calib_feats is None:
-            raise ValueError("--influence predictor learns from calibration images: fit on at least 2 "
-                             "training images (or give held-out images)")
-        from pn_jax import predictor
-
-        # Targets: grad influence of the calibration patches (under leave-one-image-out they are
-        # also in the bank, so the smallest distances are over-represented; see README).
-        pf = predictor.fit_predictor(calib_feats, bank, dims, k=cfg.noising.k, key=jax.random.fold_in(key, 17),
-                                     steps=cfg.noising.predictor_steps, hidden=cfg.noising.predictor_hidden,
-                                     block=cfg.bank.knn_block)
-        params["predictor"] = pf.params
-        info["predictor"] = {**pf.info, "val_loss_before": pf.val_loss_init, "val_loss_after": pf.val_loss}
-    loo = (bank_owner, np.asarray(calibrate_on)) if info["source"] == "leave-one-image-out" else None
-    stats = fit_stats(cfg, params, bank, dims, calib_feats, neighbours, exclude=loo)
-    t_stats = time.perf_counter() - t0
-    state = DetectorState(bank=bank, dims=dims, params=params, stats=stats)
-    return state, FitReport(n_img * n_patch, int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},
-                            bank_owner=bank_owner, calibration=info)

@@ -298,3 +298,12 @@ def mean_over_categories(results: Sequence[dict[str, float]]) -> dict[str, float
         if set(r) != set(keys):
             raise ValueError(f"categories report different metrics: {sorted(keys)} vs {sorted(r)}")
     return {k: float(np.mean([r[k] for r in results])) for k in keys}
+
+
+def evaluate_all(res: dict, has_masks: bool) -> dict:
+    """{(state, variant): metrics dict} for every scored combination."""
+    out = {}
+    for key, sc in res["scores"].items():
+        out[key] = evaluate(sc, res["labels"], res["maps"][key] if has_masks else None,
+                                    res["masks"] if has_masks else None)
+    return out

@@ -21,16 +21,15 @@ import concurrent.futures
 import dataclasses
 import datetime
 import os
-import time
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import detector, hostmem, metrics, tiles
+from pn_jax import batches, detector, tiles
 from pn_jax.config import Config
 
 FORMAT = "pn_jax.Model/1"
@@ -110,7 +109,7 @@ class Model:
         self._scorers: dict = {}
         self.bank_owner = None  # [M] source training image of each bank entry (known at fit time)
         # variant -> (normal, synthetic-anomaly) validation image scores; saved with the model,
-        # so a loaded model can re-choose its threshold (`rethresholded`) without test data
+        # so a loaded model can re-choose its threshold (`fitting.rethreshold`) without test data
         self.validation: dict = {}
         from pn_jax import backbones
 
@@ -139,33 +138,6 @@ class Model:
         kw.update(changes)
         out = Model(self.cfg, self.grid, state, **kw)
         out.bank_owner = self.bank_owner
-        return out
-
-    def rethresholded(self, *, score: str | None = None, threshold_fpr=...) -> "Model":
-        """The same model scoring with `score` (a configured score name, as `--score`) and/or
-        another threshold rule (`threshold_fpr`: None = F1-max, q = FPR q; `...` keeps the
-        model's), its threshold chosen again from the validation scores saved with it (never
-        test data). Refused when it holds none for that score: a threshold chosen on another
-        score's values would label by a meaningless number."""
-        from pn_jax import select
-
-        cfg = self.cfg if score is None else select.config_for(self.cfg, score)
-        if threshold_fpr is not ...:
-            cfg = cfg.replace(threshold_fpr=threshold_fpr)
-        variant = detector.default_variant(cfg)
-        if variant not in self.validation:
-            have = sorted(self.validation)
-            raise ModelError(
-                f"this model holds no validation scores for score {variant!r} "
-                + (f"(only for {have})" if have else "(it was saved by an older pn_jax)")
-                + ", so no threshold can be chosen for it without re-fitting; re-fit with that score"
-                + (" or --score auto (which keeps every candidate's validation scores)" if score else ""))
-        thr, info = choose_threshold(*self.validation[variant], fpr=cfg.threshold_fpr)
-        where = (self.calibration.get("threshold") or {}).get("validation", "validation images")
-        calib = {**self.calibration, "threshold": {**info, "value": thr, "validation": where,
-                                                   "rechosen": "from the validation scores saved with the model"}}
-        out = self.with_state(self.state, threshold=thr, calibration=calib)
-        out.cfg, out.validation = cfg, self.validation
         return out
 
     @property
@@ -209,23 +181,11 @@ class Model:
 
     def extract(self, images, *, desc: str = "features") -> np.ndarray:
         """Patch features [n, N, D] (host float32) of a source, a folder, paths or an array."""
-        if not _is_source(images):
-            images = _items_source(as_items(images))
-        # One array filled in place, its pages faulted in ahead of the writes (`hostmem`): a
-        # concatenate of the batches would first-touch a second copy of every feature.
-        out, n = None, 0
-        try:
-            for b in tqdm(self.batches(images), desc=desc, unit="batch", leave=False):
-                f = self.features(b["image"])
-                if out is None:
-                    out = hostmem.PrefaultedArray((len(images),) + tuple(f.shape[1:]), np.float32)
-                out.claim(n + len(f))[n:n + len(f)] = np.asarray(f)
-                n += len(f)
-        finally:
-            arr = out.close() if out is not None else None
-        if arr is None:
+        if not is_source(images):
+            images = items_source(as_items(images))
+        if not len(images):
             raise ModelError(f"no images to extract features from ({desc})")
-        return arr[:n]
+        return batches.extract(self, images, desc=desc)
 
     def scorer(self, variants=(None,), *, single_device: bool = False) -> detector.Scorer:
         cfg = self.cfg.replace(devices=1) if single_device else self.cfg
@@ -383,13 +343,13 @@ class Model:
         return export.export_model(self.cfg, self.state, self.grid, self.threshold, self.meta(), path, **kw)
 
 
-def _is_source(x) -> bool:
+def is_source(x) -> bool:
     return hasattr(x, "__getitem__") and hasattr(x, "__len__") and not isinstance(
         x, (str, bytes, os.PathLike, np.ndarray, list, tuple)) or (
         isinstance(x, list) and bool(x) and isinstance(x[0], dict))
 
 
-def _items_source(items: Sequence[Item]):
+def items_source(items: Sequence[Item]):
     """Items -> a records source (label 0, no mask) for the batch pipeline."""
     from pn_jax.data import records
 
@@ -431,204 +391,6 @@ def provenance(cfg: Config, *, dataset: str | None = None, category: str | None 
             "weights_sha256": weights_sha256(cfg), "dataset": dataset or cfg.data.dataset,
             "category": category, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), "knn_ranking": hardware.knn_ranking(), **extra}
-
-
-def choose_threshold(normal_scores, anomaly_scores=None, *, fpr: float | None = None) -> tuple[float, dict]:
-    """The decision threshold from validation image scores (never test labels).
-
-    fpr=None: F1-max over the normals and synthetic anomalies, placed halfway between the
-    F1-max threshold and the next lower validation score (the same F1 on validation, and not
-    flush against one synthetic anomaly's score). fpr=q: the (1 - q) quantile of the normals.
-    """
-    normal = np.asarray(normal_scores, np.float64)
-    if normal.size == 0:
-        raise ModelError("no validation normal images to choose a threshold from")
-    if fpr is not None:
-        thr = float(np.quantile(normal, 1.0 - fpr, method="higher"))
-        thr = float(np.nextafter(thr, np.inf))  # strictly above that normal: FPR <= q on validation
-        return thr, {"rule": f"quantile 1-{fpr} of {normal.size} validation normal scores", "fpr": fpr}
-    anom = np.asarray(anomaly_scores, np.float64)
-    if anom.size == 0:
-        raise ModelError("no synthetic anomalies to choose an F1-max threshold from")
-    scores = np.concatenate([normal, anom])
-    labels = np.concatenate([np.zeros(normal.size, bool), np.ones(anom.size, bool)])
-    f1, thr = metrics.f1_max_with_threshold(scores, labels)
-    below = scores[scores < thr]
-    if below.size:
-        thr = 0.5 * (thr + below.max())
-    return float(thr), {"rule": f"F1-max on validation ({normal.size} normal, {anom.size} synthetic anomalies)",
-                        "validation_f1": 100.0 * f1}
-
-
-def validation_records(holdout, seed: int) -> tuple[list, list]:
-    """(normal records, synthetic anomaly records) made from held-out normal images."""
-    from pn_jax import data
-
-    recs = data.make_validation_records(holdout, seed=seed)  # [normal_i, anomaly_i, ...]
-    return recs[0::2], recs[1::2]
-
-
-def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, category: str | None = None,
-        dataset: str | None = None, log: Callable = print, timer: dict | None = None,
-        extractor: detector.FeatureExtractor | None = None, validation_variants: Sequence[str] = ()) -> Model:
-    """Fit a model on normal images: a folder, paths, an array, or a data `Source`.
-
-    `holdout`: normal images kept out of the bank for the fit-time statistics and the
-    threshold; None splits them off `train` by `cfg.data.holdout_fraction` (seeded). `timer`
-    receives the stage timings (seconds). `validation_variants`: score variants whose image
-    scores on the validation split are kept in `model.validation` (score selection, studies)."""
-    from pn_jax.data import records
-
-    auto = cfg.noising.score == "auto"
-    if auto:  # fit as the first candidate, then choose among all on validation data
-        from pn_jax import select
-
-        cfg = select.config_for(cfg, select.CANDIDATES[0])
-        validation_variants = tuple(validation_variants) + select.CANDIDATES
-    timer = {} if timer is None else timer
-    category = category or (getattr(train, "category", None) if _is_source(train) else None)
-    key = jax.random.key(cfg.seed) if key is None else key
-    if isinstance(train, (str, os.PathLike)) and os.path.isdir(train):
-        from pn_jax import data
-
-        category = category or folder_category(os.fspath(train))
-        train = data.folder_source(os.fspath(train), category=category)  # skips non-images with a note
-    elif not _is_source(train):
-        train = _items_source(as_items(train))
-    if holdout is None and cfg.data.holdout_fraction > 0:
-        tr_idx, ho_idx = records.split_train_holdout(list(range(len(train))), cfg.data.holdout_fraction,
-                                                     cfg.data.holdout_min, cfg.seed)
-        train, holdout = _subset(train, tr_idx, "train"), _subset(train, ho_idx, "holdout")
-    model = Model(cfg, (0, 0), None, extractor=extractor)  # grid is known after the first batch
-    store = None
-    if cfg.max_memory_gb is not None:  # refuse before any image is read; then stream (pn_jax/streaming.py)
-        from pn_jax import membudget, streaming
-
-        membudget.check(cfg, len(train))
-        if cfg.devices > 1:
-            raise ModelError("--max-memory streams the train features on one device; drop --devices")
-    t0 = time.perf_counter()
-    if cfg.max_memory_gb is not None:
-        # detector.fit splits `key` into (coreset key, dims key): the projection is the coreset key's
-        store = train_feats = streaming.extract(model, train, jax.random.split(key)[0])
-    else:
-        train_feats = model.extract(train, desc="features train")
-    timer["extract_train_s"] = time.perf_counter() - t0
-    try:
-        return _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer,
-                         validation_variants, auto)
-    finally:
-        if store is not None:
-            store.close()
-
-
-def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer, validation_variants,
-              auto) -> Model:
-    holdout_feats, calib, val = None, None, None
-    if holdout is not None and len(holdout):
-        t0 = time.perf_counter()
-        holdout_feats = model.extract(holdout, desc="features holdout")
-        timer["extract_holdout_s"] = time.perf_counter() - t0
-    if len(train) >= 2:
-        # Leave-one-image-out: every image serves the bank; disjoint samples of them calibrate
-        # (s, dims, statistics; unless held-out images do) and validate (the threshold), each
-        # scored without its own entries. Calibration and validation never share an image.
-        calib, val = detector.calibration_split(len(train), cfg.seed, calibrate=holdout_feats is None)
-    state, report = detector.fit(cfg, train_feats, holdout_feats, key, calibrate_on=calib)
-    timer.update(report.timings)
-    model.grid = tuple(model.extractor.grid)
-    model.state = state
-    model.bank_owner = report.bank_owner
-    model.provenance = provenance(cfg, dataset=dataset or getattr(train, "dataset", None), category=category,
-                                  n_train=len(train), n_holdout=0 if holdout is None else len(holdout),
-                                  bank_size=report.bank_size, train_patches=report.n_train_patches)
-    model.calibration = dict(report.calibration)
-    if report.calibration["images"] == 0:
-        log(f"warning: {report.calibration['source']}")
-    t0 = time.perf_counter()
-    if val is not None and len(val):
-        set_threshold_loo(model, train, val, train_feats=train_feats, validation_variants=validation_variants,
-                          log=log)
-    else:
-        warnings.warn("fit: no validation images (a single training image): no decision threshold; "
-                      "labels stay empty", stacklevel=2)
-    if auto and model.validation:
-        choose_score(model, log=log)
-    timer["threshold_s"] = time.perf_counter() - t0
-    return model
-
-
-def choose_score(model: Model, *, log: Callable = print) -> None:
-    """`--score auto`: the candidate score that wins on this model's own validation data
-    (`select.choose`; never test data); the model's config and threshold become that score's."""
-    from pn_jax import select
-
-    choice, table = select.choose(model.validation, select.CANDIDATES)
-    model.cfg = select.config_for(model.cfg, choice)
-    model.calibration["auto"] = {"choice": choice, "validation_auroc": table}
-    log(f"--score auto chose {choice} on validation data")
-    _store_threshold(model, *model.validation[choice], model.calibration["threshold"]["validation"], log)
-
-
-def set_threshold_loo(model: Model, train, val, *, train_feats=None, validation_variants: Sequence[str] = (),
-                      log: Callable = print) -> None:
-    """Choose and store the threshold from training images `val` (indices into `train`) and one
-    seeded synthetic anomaly of each, all scored leave-one-image-out (never a test image)."""
-    val = np.asarray(val)
-    variants = (None,) + tuple(v for v in validation_variants if v is not None)
-    feats = train_feats[val] if train_feats is not None else model.extract(_subset(train, val, "validation"),
-                                                                           desc="threshold")
-    normal = model.score_features(feats, variants, exclude=(model.bank_owner, val))
-    del feats
-    anomal = _loo_anomaly_scores(model, train, val, model.bank_owner, variants)
-    _keep_validation(model, normal, anomal, variants)
-    model.calibration["validation_images"] = [int(i) for i in val]
-    _store_threshold(model, normal["image_scores"], anomal["image_scores"],
-                     f"leave-one-image-out on {len(val)} training images", log)
-
-
-def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:
-    """model.validation[variant] = (normal image scores, synthetic-anomaly image scores), keyed
-    by the variant's name (None: the configured one's)."""
-    model.validation = {v or detector.default_variant(model.cfg): (normal["variants"][v][0], anomal["variants"][v][0])
-                        for v in variants}
-
-
-def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) -> dict:
-    """Image scores of one seeded synthetic anomaly of each validation training image, scored
-    without that image's own bank entries."""
-    from pn_jax import data
-
-    recs = [train[int(i)] for i in val]
-    anomalies = validation_records(recs, model.cfg.seed)[1]
-    src = data.records_source(anomalies, dataset="validation", category="validation", split="validation")
-    feats = model.extract(src, desc="threshold")
-    return model.score_features(feats, variants, exclude=(bank_owner, np.asarray(val)))
-
-
-def _store_threshold(model: Model, normal, anomal, where: str, log: Callable) -> None:
-    thr, info = choose_threshold(normal, anomal, fpr=model.cfg.threshold_fpr)
-    model.threshold = thr
-    model.calibration["threshold"] = {**info, "value": thr, "validation": where}
-    log(f"threshold {thr:.5g} ({info['rule']}; {where})")
-
-
-def folder_category(train_dir: str) -> str:
-    """A name for a fit on a folder: the folder's, or the one above an MVTec-style train/good."""
-    parts = os.path.normpath(os.path.abspath(train_dir)).split(os.sep)
-    while len(parts) > 1 and parts[-1] in ("good", "train"):
-        parts.pop()
-    return parts[-1] or "folder"
-
-
-def _subset(source, idx: Sequence[int], split: str):
-    from pn_jax.data import records
-
-    idx = list(idx)
-    names = [source.names[i] for i in idx] if hasattr(source, "names") else [str(i) for i in idx]
-    return records.Source(len(idx), lambda i: source[idx[i]], names,
-                          dataset=getattr(source, "dataset", "user"),
-                          category=getattr(source, "category", "user"), split=split)
 
 
 # ----------------------------------------------------------------------------- load

@@ -4,24 +4,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
-
-import jax
 import numpy as np
-from tqdm.auto import tqdm
 
-from pn_jax import hardware, metrics, viz
+from pn_jax import fitting, hardware, metrics, viz
+from pn_jax.batches import MAP_TITLES, score_source
+from pn_jax.detector import ABLATION_VARIANTS
+from pn_jax.timing import Timer
 from pn_jax.config import Config
 
-# Score variants of the ablation, all computed from one pass on the same bank.
-ABLATION_VARIANTS = ("patchcore", "distance", "influence", "noise", "seed", "seed_z",
-                     "calibrated", "calibrated_mean", "calibrated_nll", "calibrated_rerank", "proposed")
 
 
 def load_sources(cfg: Config, category: str, *, max_train=None, max_test=None, masks: bool = True):
     """The category's train / holdout / test sources; masks=False: image metrics only."""
-    from pn_jax import data
-
     src = _load_category(cfg, category, max_train, max_test, masks)
     if not masks and src.get("test") is not None:
         src["test"].has_masks = False
@@ -38,78 +32,6 @@ def _load_category(cfg, category, max_train, max_test, masks):
                               max_train=max_train, max_test=max_test)
 
 
-class Timer(dict):
-    def __call__(self, name):
-        timer = self
-
-        class _T:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer[name] = timer.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _T()
-
-
-def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_maps=True,
-                 n_figures=0, desc="scoring"):
-    """Score every image of `source` with each model (same config and extractor); features
-    are extracted once per batch. Returns labels, masks and {(model name, variant): image
-    scores / maps}. Variant None is the configured score."""
-    labels, masks, names, fig_items = [], [], [], []
-    keys = [(s, v) for s in models for v in variants]
-    scores = {k: [] for k in keys}
-    maps = {k: [] for k in keys}
-    first = next(iter(models))
-    lead = models[first]
-    for batch in tqdm(lead.batches(source), desc=desc, unit="batch", leave=False):
-        n = len(batch["image"])
-        with timer("extract_test_s"):
-            feats = lead.features(batch["image"])
-            feats.block_until_ready()
-        with timer("score_s"):
-            for sname, model in models.items():
-                out = model.score_features(feats, variants)
-                for v in variants:
-                    sc, amap = out["variants"][v]
-                    scores[(sname, v)].append(sc)
-                    if keep_maps:
-                        maps[(sname, v)].append(amap.astype(np.float32))
-                if sname == first and len(fig_items) < n_figures:
-                    # up to half the figures per label, so both normal and anomalous images are shown
-                    extra = {k: out[k] for k in MAP_TITLES if k in out}
-                    for i in range(n):
-                        label = int(batch["label"][i])
-                        if sum(f[4] == label for f in fig_items) < -(-n_figures // 2) and len(fig_items) < n_figures:
-                            fig_items.append((np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
-                                              np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]), label))
-        labels.append(np.asarray(batch["label"][:n]))
-        if keep_maps:
-            masks.append(np.asarray(batch["mask"][:n]) > 0.5)
-        names.extend(list(batch["name"][:n]))
-    if not labels:
-        raise ValueError(f"no images to score ({desc})")
-    return {
-        "labels": np.concatenate(labels),
-        "masks": np.concatenate(masks) if keep_maps else None,
-        "names": names,
-        "scores": {k: np.concatenate(v) for k, v in scores.items()},
-        "maps": {k: np.concatenate(v) for k, v in maps.items()} if keep_maps else None,
-        "figures": fig_items,
-    }
-
-
-def evaluate_all(res: dict, has_masks: bool) -> dict:
-    """{(state, variant): metrics dict} for every scored combination."""
-    out = {}
-    for key, sc in res["scores"].items():
-        out[key] = metrics.evaluate(sc, res["labels"], res["maps"][key] if has_masks else None,
-                                    res["masks"] if has_masks else None)
-    return out
-
-
-MAP_TITLES = {"anomaly_maps": "anomaly map", "influence_maps": "influence map", "noise_maps": "noise map"}
 
 
 def write_figures(items, out_dir, mean, std, category):
@@ -117,10 +39,10 @@ def write_figures(items, out_dir, mean, std, category):
     paths = []
     limits = {}
     for key, title in MAP_TITLES.items():
-        vals = [maps[key] for _, maps, _, _, _ in items if key in maps]
+        vals = [f.maps[key] for f in items if key in f.maps]
         if vals:
             limits[title] = (float(min(v.min() for v in vals)), float(max(v.max() for v in vals)))
-    for img, maps, mask, name, label in items:
+    for img, maps, mask, name, label, *_ in items:
         stem = name.replace("/", "_").rsplit(".", 1)[0]
         title = f"{category}: {name} ({'anomalous' if label else 'normal'})"
         named = {MAP_TITLES[k]: v for k, v in maps.items()}
@@ -132,17 +54,16 @@ def write_figures(items, out_dir, mean, std, category):
 def explain_figures(model, items, out_dir: str) -> tuple[list[dict], list[str]]:
     """Coarse-to-fine explanation of the figure images (issue 17): for the patches above the
     decision threshold, the full-D influence and each flagged region's top dimensions by share
-    of the whitened residual; a PNG panel per image with a flagged region."""
+    of the whitened residual; a PNG panel per image with a flagged region. `items`: the
+    `batches.Figure`s of the test pass, whose features and patch scores it reuses."""
     from pn_jax import explain
 
-    images = np.stack([img for img, *_ in items])
-    feats = model.features(images)
-    patch = model.score_features(feats)["patch_scores"]
-    names = [name for _, _, _, name, _ in items]
+    feats = np.stack([f.feats for f in items])
+    patch = np.stack([f.patch_scores for f in items])
     expl = explain.Explainer.from_state(model.state, model.cfg).explain(
-        np.asarray(feats), patch, model.grid, model.threshold, names)
+        feats, patch, model.grid, model.threshold, [f.name for f in items])
     paths = []
-    for (img, maps, _, name, _), e, p in zip(items, expl, patch):
+    for (img, maps, _, name, *_), e, p in zip(items, expl, patch):
         if e["regions"]:
             stem = name.replace("/", "_").rsplit(".", 1)[0]
             paths.append(explain.save_explanation_figure(
@@ -150,51 +71,6 @@ def explain_figures(model, items, out_dir: str) -> tuple[list[dict], list[str]]:
                 maps["anomaly_maps"], explain.label_grid(p, model.grid, model.threshold), e,
                 f"{name}: top dims per flagged region"))
     return expl, paths
-
-
-def selection_criterion(m: dict) -> float:
-    """How validation results are compared (tuning kept or not; the default score): the mean of
-    image AUROC and pixel AUROC, ADer's two headline numbers."""
-    return (m["mAUROC_sp_max"] + m["mAUROC_px"]) / 2
-
-
-def validation_split(cfg: Config, sources: dict, category: str):
-    """Held-out normal images + one seeded synthetic anomaly of each (never test images),
-    split by image into a half to tune on and a half to judge the tuning and the scores on."""
-    from pn_jax import data
-
-    recs = data.make_validation_records(sources["holdout"], seed=cfg.seed)  # [normal_i, anomaly_i, ...]
-    halves = {"validation_tune": [], "validation_select": []}
-    for i in range(0, len(recs), 2):
-        halves["validation_tune" if (i // 2) % 2 == 0 else "validation_select"].extend(recs[i:i + 2])
-    if not halves["validation_select"]:  # a single held-out image: tune and judge on it
-        halves["validation_select"] = halves["validation_tune"]
-    return {name: data.records_source(r, dataset=cfg.data.dataset, category=category, split=name)
-            for name, r in halves.items()}
-
-
-def tune_state(model, val_source, timer: Timer, log=print):
-    """Tune the note's weights (on the seed score) and the noise scale (on the calibrated score)
-    on a validation source; returns (tuned state, loss curves)."""
-    from pn_jax import tune as tune_lib
-
-    if model.cfg.data.tile:
-        raise ValueError("--tune learns from per-patch labels on one patch grid; it does not take --tile yet")
-    feats, masks = [], []
-    for batch in model.batches(val_source):
-        feats.append(np.asarray(model.features(batch["image"])))
-        masks.append(np.asarray(batch["mask"]))
-    feats, masks = np.concatenate(feats), np.concatenate(masks)
-    curves = {}
-    state, cfg = model.state, model.cfg
-    with timer("tune_s"):
-        score = cfg.noising.score
-        for variant in ("seed", score if score.startswith("calibrated") else "calibrated"):
-            res = tune_lib.tune(cfg, state, feats, masks, model.grid, variant=variant, log=log)
-            state = res.state
-            curves[variant] = res.losses
-            log(f"  tune[{variant}]: validation loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")
-    return state, curves
 
 
 def threshold_metrics(scores, labels, threshold) -> dict:
@@ -218,7 +94,7 @@ def has_masks(cfg: Config, source) -> bool:
     return bool(found) if found is not None else cfg.data.dataset not in ("elpv",)
 
 
-def _check_memory(cfg: Config, n_train: int, sources: dict) -> None:
+def check_memory(cfg: Config, n_train: int, sources: dict) -> None:
     """--max-memory: refuse before any image is read a run estimated not to fit (pn_jax/membudget.py)."""
     if cfg.max_memory_gb is None:
         return
@@ -255,7 +131,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         if sources is None:
             sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
         counts = {"test": len(sources["test"])}
-        _check_memory(cfg, 0, sources)  # the model's bound, or the one typed (cli.apply_test_flags)
+        check_memory(cfg, 0, sources)  # the model's bound, or the one typed (cli.apply_test_flags)
         extra["checkpoint_counts"] = {k: v for k, v in (model.provenance.get("counts") or {}).items()
                                       if not k.startswith("test")}  # older checkpoints kept their run's test count
         models = {"checkpoint": model}
@@ -263,8 +139,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
     else:
         if sources is None:
             sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
-        _check_memory(cfg, len(sources["train"]), sources)
-        model = model_lib.fit(cfg, sources["train"], holdout=sources.get("holdout"), category=category,
+        check_memory(cfg, len(sources["train"]), sources)
+        model = fitting.fit(cfg, sources["train"], holdout=sources.get("holdout"), category=category,
                               timer=timer, log=log)
         counts = {"test": len(sources["test"]) if sources.get("test") is not None else 0,
                   "train": len(sources["train"]), "holdout": len(sources.get("holdout") or []),
@@ -273,28 +149,12 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         models = {"untuned": model}
         main_key = "untuned"
         if tune:
-            vals = validation_split(cfg, sources, category)
-            tuned, curves = tune_state(model, vals["validation_tune"], timer, log)
-            models["tuned"] = model.with_state(tuned)
-            extra["tune_curves"] = curves
+            models, main_key, tuned_info = fitting.tune(model, sources, category, timer, log)
+            extra.update(tuned_info)
             extra["tune_plot"] = viz.plot_curves(
                 os.path.join(out_dir, "figures", category, "tune_loss.png"),
-                {k: (list(range(len(v))), v) for k, v in curves.items()}, "step", "validation ranking loss",
-                f"{category}: tuning")
-            # metrics before / after on the validation half NOT tuned on, every score variant
-            vres = score_source(models, vals["validation_select"], Timer(),
-                                variants=(None,) + ABLATION_VARIANTS, keep_maps=True, desc="validation")
-            vm = evaluate_all(vres, True)
-            extra["validation"] = {f"{s}/{v or 'default'}": m for (s, v), m in vm.items()}
-            # Keep the tuned weights only if they help on the validation half not tuned on.
-            crit = {s: selection_criterion(vm[(s, None)]) for s in models}
-            main_key = "tuned" if crit["tuned"] > crit["untuned"] else "untuned"
-            extra["tuning_kept"] = main_key == "tuned"
-            log(f"  tuning {'kept' if main_key == 'tuned' else 'discarded'}: validation criterion "
-                f"(mean of image and pixel AUROC) untuned {crit['untuned']:.2f}, tuned {crit['tuned']:.2f}")
-            if main_key == "tuned":  # the threshold belongs to the scores it will be applied to
-                model_lib.set_threshold_loo(models["tuned"], sources["train"],
-                                            model.calibration["validation_images"], log=log)
+                {k: (list(range(len(v))), v) for k, v in tuned_info["tune_curves"].items()}, "step",
+                "validation ranking loss", f"{category}: tuning")
         if checkpoint_dir:
             with timer("checkpoint_s"):
                 models[main_key].save(checkpoint_dir)
@@ -308,7 +168,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         res = score_source({main_key: models[main_key], **models}, test_src, timer,
                            variants=variants, keep_maps=masks, n_figures=n_figures)
         with timer("metrics_s"):
-            allm = evaluate_all(res, masks)
+            allm = metrics.evaluate_all(res, masks)
         entry["metrics"] = allm[(main_key, None)]
         entry["at_threshold"] = threshold_metrics(res["scores"][(main_key, None)], res["labels"],
                                                   models[main_key].threshold)
@@ -347,13 +207,13 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
                 log=print) -> list[dict]:
     """ADer-style multi-class setting: ONE bank over every category's train images, then
     metrics per category on that shared bank."""
-    from pn_jax import model as model_lib
+    from pn_jax import fitting
 
     timer = Timer()
     t_start = time.perf_counter()
     sources = {c: load_sources(cfg, c, max_train=max_train, max_test=max_test) for c in categories}
     cat = lambda split: _concat_sources([s[split] for s in sources.values()], split)  # noqa: E731
-    model = model_lib.fit(cfg, cat("train"), holdout=cat("holdout"), category="+".join(categories),
+    model = fitting.fit(cfg, cat("train"), holdout=cat("holdout"), category="+".join(categories),
                           timer=timer, log=log)
     model.provenance["unified"] = True
     if checkpoint_dir:
@@ -366,7 +226,7 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
         masks = has_masks(cfg, sources[c]["test"])
         res = score_source({"unified": model}, sources[c]["test"], t, variants=variants, keep_maps=masks,
                            n_figures=n_figures)
-        allm = evaluate_all(res, masks)
+        allm = metrics.evaluate_all(res, masks)
         entry = {"category": c, "mode": "unified", "metrics": allm[("unified", None)],
                  "threshold": model.threshold,
                  "at_threshold": threshold_metrics(res["scores"][("unified", None)], res["labels"], model.threshold),

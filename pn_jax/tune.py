@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pn_jax import detector
+from pn_jax import detector, normalstats
 from pn_jax.config import Config
 
 SEED_PARAMS = ("influence_weight", "distance_weight")
@@ -143,5 +143,5 @@ def tune(cfg: Config, state: detector.DetectorState, val_feats: np.ndarray, val_
     params = {**state.params, **{k: v for k, v in to_params(theta).items() if k in names}}
     state = state._replace(params=params)
     if names == SEED_PARAMS:  # the statistics of the weighted influence, with the tuned weights
-        state = state._replace(stats=detector.fit_stats(cfg, params, state.bank, state.dims, stats_feats))
+        state = state._replace(stats=normalstats.fit_stats(cfg, params, state.bank, state.dims, stats_feats))
     return TuneResult(state, losses, variant, names)

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import calibration, detector
+from pn_jax import calibration, detector, fitting
 from tests import reference
 from tests.test_detector import make
 
@@ -59,11 +59,11 @@ def test_noise_scale_comes_from_holdout_only():
     rng = np.random.default_rng(3)
     hold_a = train_feats[:2] + rng.normal(size=train_feats[:2].shape).astype(np.float32) * 0.01
     hold_b = train_feats[:2] + rng.normal(size=train_feats[:2].shape).astype(np.float32) * 0.5
-    sa, _ = detector.fit(cfg, train_feats, hold_a, jax.random.key(0))
-    sb, _ = detector.fit(cfg, train_feats, hold_b, jax.random.key(0))
+    sa, _ = fitting.fit_state(cfg, train_feats, hold_a, jax.random.key(0))
+    sb, _ = fitting.fit_state(cfg, train_feats, hold_b, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(sa.bank), np.asarray(sb.bank))  # same train -> same bank
     assert float(np.mean(np.asarray(sb.params["noise_scale"]))) > 3 * float(np.mean(np.asarray(sa.params["noise_scale"])))
-    s_none, _ = detector.fit(cfg, train_feats, None, jax.random.key(0))
+    s_none, _ = fitting.fit_state(cfg, train_feats, None, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(s_none.params["noise_scale"]), 1.0)  # nothing fitted without holdout
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pn_jax import detector, maps
+from pn_jax import detector, fitting, maps, normalstats
 from pn_jax.config import tiny_config
 from tests import reference
 
@@ -34,7 +34,7 @@ def make(method="propose_noising", influence="fd_fixed"):
     test[3, 10:30, 10:30] += 3.0  # an anomaly
     tf = np.asarray(ext(train))
     hf = np.asarray(ext(hold))
-    state, _ = detector.fit(cfg, tf, hf, jax.random.key(0))
+    state, _ = fitting.fit_state(cfg, tf, hf, jax.random.key(0))
     return cfg, ext, state, tf, test
 
 
@@ -109,8 +109,8 @@ def test_scorer_compiles_once_per_configuration():
 
 def test_fit_is_seeded():
     cfg, _, s1, tf, _ = make()
-    s2, _ = detector.fit(cfg, tf, None, jax.random.key(0))
-    s3, _ = detector.fit(cfg, tf, None, jax.random.key(1))
+    s2, _ = fitting.fit_state(cfg, tf, None, jax.random.key(0))
+    s3, _ = fitting.fit_state(cfg, tf, None, jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(s1.bank), np.asarray(s2.bank))
     np.testing.assert_array_equal(np.asarray(s1.dims), np.asarray(s2.dims))
     assert not np.array_equal(np.asarray(s1.dims), np.asarray(s3.dims))
@@ -182,7 +182,7 @@ def test_importance_dim_selection_picks_the_most_influential_dims():
     cfg, ext, state, train_feats, test = make()
     cfg = cfg.replace(noising={"dim_selection": "importance"})
     hold = np.asarray(ext(test[:2]))
-    dims = np.asarray(detector.select_dims(cfg, jax.random.key(0), hold.shape[-1], hold, state.bank))
+    dims = np.asarray(normalstats.select_dims(cfg, jax.random.key(0), hold.shape[-1], hold, state.bank))
     f = hold.reshape(-1, hold.shape[-1])
     d, i = ref.knn_bruteforce(f, np.asarray(state.bank), cfg.noising.k)
     r = f[:, None, :] - np.asarray(state.bank)[i]
@@ -201,11 +201,11 @@ def test_importance_is_streamed_and_equals_the_unchunked_mean():
     dist, idx = knn.knn(f, bank, k=3, block=8)
     want = np.asarray(influence.fd_fixed(f, bank, dist, idx, jnp.arange(16), 1e-3)).mean(0)
     for chunk in (5, 37, 64):  # a ragged last chunk, one chunk, a chunk larger than P
-        got = np.asarray(detector._importance(f, bank, dist, idx, 1e-3, chunk=chunk))
+        got = np.asarray(normalstats._importance(f, bank, dist, idx, 1e-3, chunk=chunk))
         np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(chunk))
     # Held-out patches P=4000, K=9, D=256: the unstreamed residuals alone are [P,K,D] (37 MB).
     p, k, d = 4000, 9, 256
     shapes = (jax.ShapeDtypeStruct((p, d), jnp.float32), jax.ShapeDtypeStruct((300, d), jnp.float32),
               jax.ShapeDtypeStruct((p, k), jnp.float32), jax.ShapeDtypeStruct((p, k), jnp.int32))
-    temp = detector._importance.lower(*shapes, 1e-3).compile().memory_analysis().temp_size_in_bytes
+    temp = normalstats._importance.lower(*shapes, 1e-3).compile().memory_analysis().temp_size_in_bytes
     assert temp < p * k * d * 4 / 2, temp

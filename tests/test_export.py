@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from pn_jax import backbones, detector, export
+from pn_jax import backbones, detector, export, fitting
+from pn_jax import model as model_lib
 from pn_jax.config import tiny_config
 from pn_jax.data import pipeline, preprocess
 
@@ -20,11 +21,7 @@ SYNTH = dict(n_train=12, n_test_good=3, n_test_defect=4, size=96)
 
 
 def features(cfg, ext, source):
-    info = backbones.info(cfg.model.backbone)
-    d = cfg.data
-    return detector.extract_all(ext, pipeline.make_batches(
-        source, image_size=d.image_size, mean=info.mean, std=info.std, batch_size=cfg.batch_size,
-        resize_mode=d.resize_mode, crop_size=d.crop_size), cfg.batch_size)
+    return model_lib.Model(cfg, (0, 0), None, extractor=ext).extract(source)
 
 
 def reference(cfg, ext, state, source, root):
@@ -45,7 +42,7 @@ def fitted(tmp_path_factory):
     src = pipeline.load_category("synthetic", root, "synthetic", holdout_fraction=cfg.data.holdout_fraction,
                                  holdout_min=2, seed=0, synthetic_kwargs=SYNTH)
     ext = detector.FeatureExtractor(cfg)
-    state, _ = detector.fit(cfg, features(cfg, ext, src["train"]), features(cfg, ext, src["holdout"]),
+    state, _ = fitting.fit_state(cfg, features(cfg, ext, src["train"]), features(cfg, ext, src["holdout"]),
                             jax.random.key(0))
     m = dict(cfg=cfg, ext=ext, state=state, grid=ext.grid, src=src, root=root,
              **reference(cfg, ext, state, src["test"], root))

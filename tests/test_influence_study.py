@@ -55,22 +55,22 @@ def test_influence_study_tiny(tmp_path):
 
 def test_local_scoring_path_equals_the_library_for_a_library_estimator():
     # The study scores `predictor` and `nearest` with pieces it assembles itself; for `grad` that
-    # path must give exactly what detector.make_signal_fn / detector.fit_stats give.
+    # path must give exactly what detector.make_signal_fn / normalstats.fit_stats give.
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from pn_jax import detector
+    from pn_jax import detector, fitting, normalstats
     from pn_jax.config import tiny_config
 
     cfg = tiny_config(noising={"influence": "grad", "k": 3}, bank={"knn_block": 16})
     rng = np.random.default_rng(0)
     train = rng.normal(size=(3, 16, 12)).astype(np.float32)
     holdout = rng.normal(size=(2, 16, 12)).astype(np.float32)
-    state, _ = detector.fit(cfg, train, holdout, jax.random.key(0))
-    nbrs = detector.holdout_neighbours(cfg, state.bank, holdout)
+    state, _ = fitting.fit_state(cfg, train, holdout, jax.random.key(0))
+    nbrs = normalstats.holdout_neighbours(cfg, state.bank, holdout)
     fn = influence_study.estimators(["grad"])["grad"]
-    want_stats = detector.fit_stats(cfg, state.params, state.bank, state.dims, holdout, nbrs)
+    want_stats = normalstats.fit_stats(cfg, state.params, state.bank, state.dims, holdout, nbrs)
     got_stats = influence_study.local_stats(cfg, state.params, state.bank, state.dims, holdout, nbrs, fn)
     for a, b in zip(want_stats, got_stats):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pn_jax import detector, influence, knn
+from pn_jax import detector, fitting, influence, knn, normalstats
 from pn_jax.config import INFLUENCE_METHODS, tiny_config
 
 
@@ -33,7 +33,7 @@ def test_loo_search_equals_brute_force_with_ties():
     feats[0, 0] = bank[3]  # a patch identical to an entry of another image...
     owners = np.array([bank_owner[3] + 1 if bank_owner[3] != bank_owner[7] else 9, 0, 1, 2], np.int32)
     feats[1, 0] = bank[np.flatnonzero(bank_owner == 0)[0]]  # ...and one identical to its own image's entry
-    dist, idx = detector.loo_neighbours(cfg, jnp.asarray(bank), bank_owner, feats, owners)
+    dist, idx = normalstats.loo_neighbours(cfg, jnp.asarray(bank), bank_owner, feats, owners)
     rd, ri = brute_loo(feats, owners, bank, bank_owner, 3)
     np.testing.assert_array_equal(np.asarray(idx), ri)
     np.testing.assert_allclose(np.asarray(dist), rd, rtol=1e-5, atol=1e-5)
@@ -51,8 +51,8 @@ def _fit(method="propose_noising", score="calibrated_rerank", influence_method="
     ext = detector.FeatureExtractor(cfg, backbone_fn=fake_backbone)
     train = np.random.default_rng(0).normal(size=(8, 64, 64, 3)).astype(np.float32)
     tf = np.asarray(ext(train))
-    cal, val = detector.calibration_split(len(tf), cfg.seed)
-    state, rep = detector.fit(cfg, tf, None, jax.random.key(0), calibrate_on=cal)
+    cal, val = fitting.calibration_split(len(tf), cfg.seed)
+    state, rep = fitting.fit_state(cfg, tf, None, jax.random.key(0), calibrate_on=cal)
     return cfg, ext, tf, state, rep, cal, val
 
 
@@ -163,7 +163,7 @@ def test_fit_statistics_under_loo_equal_a_bank_without_each_image(method):
         dists.append(d)
         infls.append(influence.influence(method, jnp.asarray(tf[i]), reduced, d, ix, state.dims, cfg.noising.eps))
     n = cfg.noising
-    want = detector._stats_from(state.params, state.dims, jnp.stack(dists), jnp.stack(infls),
+    want = normalstats._stats_from(state.params, state.dims, jnp.stack(dists), jnp.stack(infls),
                                 std_range=(n.noise_std_min, n.noise_std_max))
     for name, got, ref in zip(want._fields, state.stats, want):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6, err_msg=name)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import pn_jax
-from pn_jax import cli, metrics
+from pn_jax import cli, fitting, metrics
 from pn_jax.data import pipeline
 
 TINY = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--embed-dim", "64", "--coreset-ratio", "0.1",
@@ -211,7 +211,7 @@ def test_score_auto_picks_a_concrete_score_on_validation_and_saves_it(data_root,
         for a, b in zip(again.validation[v], m.validation[v]):
             np.testing.assert_array_equal(a, b)
     other = next(c for c in select.CANDIDATES if c != choice)
-    r = again.rethresholded(score=other)
+    r = fitting.rethreshold(again, score=other)
     assert r.cfg == select.config_for(m.cfg, other) and r.threshold == pn_jax.choose_threshold(*m.validation[other])[0]
     images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     want = pn_jax.Model(r.cfg, m.grid, m.state).predict(images, progress=False, maps=False).scores
@@ -220,7 +220,7 @@ def test_score_auto_picks_a_concrete_score_on_validation_and_saves_it(data_root,
     np.testing.assert_array_equal(got.labels, want >= r.threshold)
     # another threshold rule: the (1 - q) quantile of the validation normals (numpy here)
     normal = np.asarray(m.validation[choice][0], np.float64)
-    q = again.rethresholded(threshold_fpr=0.25)
+    q = fitting.rethreshold(again, threshold_fpr=0.25)
     assert q.threshold == float(np.nextafter(np.quantile(normal, 0.75, method="higher"), np.inf))
     assert q.cfg.threshold_fpr == 0.25 and q.cfg.noising == again.cfg.noising
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pn_jax import checkpoint, coreset, detector, export, features, influence, noising, predictor
+from pn_jax import checkpoint, coreset, detector, export, features, fitting, influence, noising, normalstats, predictor
 from pn_jax import model as model_lib
 from pn_jax import precision as P
 from pn_jax.backbones import efficientnet_lite as effnet
@@ -205,7 +205,7 @@ def test_influence_estimators(policy, method):
     if method == "fd":  # the re-search: one matmul that follows the policy
         assert list(P.matmul_eqns(j))
     # the fit-time path over held-out images
-    j = jax.make_jaxpr(lambda *a: detector._holdout_influence(
+    j = jax.make_jaxpr(lambda *a: normalstats._holdout_influence(
         *a, None, None, None, method=method, eps=1e-3, precision=P.lax_precision(policy)))(
         f[None], state.bank, dist[None], idx[None], state.dims)
     if list(P.matmul_eqns(j)) and (policy == "highest" or method == "fd"):
@@ -243,12 +243,12 @@ def test_fit_passes_the_policy_on(monkeypatch):
             return fn(*a, **kw)
         return wrapped
 
-    monkeypatch.setattr(detector.coreset_lib, "coreset_indices", spy(coreset.coreset_indices, "coreset"))
-    monkeypatch.setattr(detector.influence_lib, "influence", spy(influence.influence, "influence"))
+    monkeypatch.setattr(coreset, "coreset_indices", spy(coreset.coreset_indices, "coreset"))
+    monkeypatch.setattr(influence, "influence", spy(influence.influence, "influence"))
     cfg = r18_cfg("fast", influence="fd")
     rng = np.random.default_rng(0)
     train = rng.normal(size=(4, 16, DIM)).astype(np.float32)
-    detector.fit(cfg, train, train[:2] + 0.1, jax.random.key(0))
+    fitting.fit_state(cfg, train, train[:2] + 0.1, jax.random.key(0))
     assert ("coreset", None) in seen and ("influence", None) in seen, seen
     assert all(p is None for _, p in seen), seen
 

@@ -8,7 +8,7 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     assert len(jax.devices()) == 8, jax.devices()
-    from pn_jax import detector
+    from pn_jax import detector, fitting
     from tests.test_detector import fake_backbone
     from pn_jax.config import tiny_config
     rng = np.random.default_rng(0)
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
         cfg = tiny_config(devices=devices, noising={"score": "seed"},
                           model={"pretrain_embed_dimension": 32, "target_embed_dimension": 32})
         ext = detector.FeatureExtractor(cfg, backbone_fn=fake_backbone)
-        state, _ = detector.fit(cfg, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
+        state, _ = fitting.fit_state(cfg, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
         scorer = detector.Scorer(cfg, ext.grid, variants=(None, "patchcore"))
         res = scorer(state, ext(test))
         out[devices] = (np.asarray(state.bank), np.asarray(res["image_scores"]),
@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
 VARIANTS_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     assert len(jax.devices()) == 8, jax.devices()
-    from pn_jax import detector
+    from pn_jax import detector, fitting
     from tests.test_detector import fake_backbone
     from pn_jax.config import tiny_config
     rng = np.random.default_rng(0)
@@ -55,7 +55,7 @@ VARIANTS_SCRIPT = textwrap.dedent("""
     test[1, 8:30, 8:30] += 2.0
     base = tiny_config(model={"pretrain_embed_dimension": 32, "target_embed_dimension": 32})
     ext = detector.FeatureExtractor(base, backbone_fn=fake_backbone)
-    state, _ = detector.fit(base, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
+    state, _ = fitting.fit_state(base, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
     assert state.bank.shape[0] % 8, state.bank.shape  # 8 devices: the sharded bank has pad rows
     feats = np.array(ext(test))
     # Patches at or near the origin: a zero pad row would be their nearest entry if any search

@@ -1,0 +1,110 @@
+"""The one loop over images: preprocessed batches -> backbone features on the device, used by
+fit, test, tuning, the figures and the studies (`Model.extract` collects them on the host,
+`score_source` scores each batch with every model; the feature loop over a feature array is
+`Model.score_features`). Decoding runs on worker threads while the device works on the
+previous batch (`data.pipeline.make_batches`).
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from pn_jax import hostmem
+from pn_jax.timing import Timer
+
+# Maps kept for the figures, with their titles.
+MAP_TITLES = {"anomaly_maps": "anomaly map", "influence_maps": "influence map", "noise_maps": "noise map"}
+
+
+def feature_batches(model, source, *, desc: str = "features", timer: Timer | None = None,
+                    stage: str = "extract_s") -> Iterator[tuple[dict, jax.Array]]:
+    """(batch, patch features [n, N, D] on the device) for every batch of `source`; with a
+    `timer`, the extraction (waited for) is added to `timer[stage]`."""
+    for batch in tqdm(model.batches(source), desc=desc, unit="batch", leave=False):
+        if timer is None:
+            yield batch, model.features(batch["image"])
+            continue
+        with timer(stage):
+            feats = jax.block_until_ready(model.features(batch["image"]))
+        yield batch, feats
+
+
+def extract(model, source, *, desc: str = "features", with_masks: bool = False):
+    """Patch features [n, N, D] (host float32) of a source; with_masks: (features, masks).
+
+    One array filled in place, its pages faulted in ahead of the writes (`hostmem`): a
+    concatenate of the batches would first-touch a second copy of every feature."""
+    out, n, masks = None, 0, []
+    try:
+        for batch, f in feature_batches(model, source, desc=desc):
+            if out is None:
+                out = hostmem.PrefaultedArray((len(source),) + tuple(f.shape[1:]), np.float32)
+            out.claim(n + len(f))[n:n + len(f)] = np.asarray(f)
+            n += len(f)
+            if with_masks:
+                masks.append(np.asarray(batch["mask"]))
+    finally:
+        arr = out.close() if out is not None else None
+    if arr is None:
+        raise ValueError(f"no images to extract features from ({desc})")
+    return (arr[:n], np.concatenate(masks)) if with_masks else arr[:n]
+
+
+class Figure(NamedTuple):
+    """A test image kept for the figures, with what its test pass computed (nothing is
+    extracted or scored a second time for them)."""
+    image: np.ndarray  # normalised model input [S, S, 3]
+    maps: dict  # MAP_TITLES key -> map at the input resolution
+    mask: np.ndarray  # bool ground truth
+    name: str
+    label: int
+    feats: np.ndarray  # patch features [N, D]
+    patch_scores: np.ndarray  # [N], the configured score of the first model
+
+
+def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_maps=True,
+                 n_figures=0, desc="scoring"):
+    """Score every image of `source` with each model (same config and extractor); features
+    are extracted once per batch. Returns labels, masks, {(model name, variant): image
+    scores / maps} and up to `n_figures` `Figure`s. Variant None is the configured score."""
+    labels, masks, names, fig_items = [], [], [], []
+    keys = [(s, v) for s in models for v in variants]
+    scores = {k: [] for k in keys}
+    maps = {k: [] for k in keys}
+    first = next(iter(models))
+    for batch, feats in feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s"):
+        n = len(batch["image"])
+        with timer("score_s"):
+            for sname, model in models.items():
+                out = model.score_features(feats, variants)
+                for v in variants:
+                    sc, amap = out["variants"][v]
+                    scores[(sname, v)].append(sc)
+                    if keep_maps:
+                        maps[(sname, v)].append(amap.astype(np.float32))
+                if sname == first and len(fig_items) < n_figures:
+                    # up to half the figures per label, so both normal and anomalous images are shown
+                    extra = {k: out[k] for k in MAP_TITLES if k in out}
+                    for i in range(n):
+                        label = int(batch["label"][i])
+                        if sum(f.label == label for f in fig_items) < -(-n_figures // 2) and len(fig_items) < n_figures:
+                            fig_items.append(Figure(np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
+                                                    np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]), label,
+                                                    np.asarray(feats[i]), out["patch_scores"][i]))
+        labels.append(np.asarray(batch["label"][:n]))
+        if keep_maps:
+            masks.append(np.asarray(batch["mask"][:n]) > 0.5)
+        names.extend(list(batch["name"][:n]))
+    if not labels:
+        raise ValueError(f"no images to score ({desc})")
+    return {
+        "labels": np.concatenate(labels),
+        "masks": np.concatenate(masks) if keep_maps else None,
+        "names": names,
+        "scores": {k: np.concatenate(v) for k, v in scores.items()},
+        "maps": {k: np.concatenate(v) for k, v in maps.items()} if keep_maps else None,
+        "figures": fig_items,
+    }

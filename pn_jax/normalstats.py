@@ -1,0 +1,138 @@
+"""What a fit measures on normal images that are not scored against themselves: their k-NN
+(held-out images, or training images leave-one-image-out), the importance dims S, and the
+signal statistics that normalise every score (SPEC 3.4). `fitting` decides which images these
+are; this module holds the maths, jitted.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pn_jax import detector
+from pn_jax import influence as influence_lib
+from pn_jax import knn as knn_lib
+from pn_jax import noising
+from pn_jax import precision as precision_lib
+from pn_jax.config import Config
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _holdout_knn(feats, index, *, k, block):
+    return jax.lax.map(lambda f: knn_lib.knn_indexed(f, index, k=k, block=block), feats)
+
+
+def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax.Array]:
+    """The K-NN of every held-out patch, searched once for all fit-time statistics:
+    (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image)."""
+    return _holdout_knn(jnp.asarray(holdout_feats), knn_lib.prepare_bank(bank), k=cfg.noising.k,
+                        block=cfg.bank.knn_block)
+
+
+def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None, neighbours=None) -> jax.Array:
+    """The influence dims S: random (PRNG key) or by importance on held-out normal patches."""
+    s = detector.n_influence_dims(cfg, dim)
+    if cfg.noising.dim_selection == "random" or holdout_feats is None:
+        return jnp.sort(jax.random.choice(key, dim, (s,), replace=False)).astype(jnp.int32)
+    # importance: mean influence of each dim over held-out normal patches (all D dims)
+    dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
+    f = jnp.asarray(holdout_feats).reshape(-1, dim)
+    k = cfg.noising.k
+    imp = _importance(f, bank, dist.reshape(-1, k), idx.reshape(-1, k), cfg.noising.eps)
+    return jnp.sort(jax.lax.top_k(imp, s)[1]).astype(jnp.int32)
+
+
+IMPORTANCE_CHUNK = 512  # held-out patches per step: [chunk, K, D] floats (~19 MB at K=9, D=1024)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _importance(f, bank, dist, idx, eps, chunk: int = IMPORTANCE_CHUNK):
+    """Mean fd_fixed influence of every dim over the patches f [P, D]: [D]. Streamed over
+    chunks of patches, since the residuals of all patches at once are [P, K, D] (~0.8 GB at
+    bottle size); the sum runs over the chunks, then one division by P."""
+    p, d = f.shape
+    chunk = min(chunk, p)
+    n = -(-p // chunk)
+    pad = n * chunk - p
+    valid = (jnp.arange(n * chunk) < p).reshape(n, chunk)
+    # pad rows get distance 1 (no 0/0) and are masked out of the sum
+    f_c = jnp.pad(f, ((0, pad), (0, 0))).reshape(n, chunk, d)
+    dist_c = jnp.pad(dist, ((0, pad), (0, 0)), constant_values=1.0).reshape(n, chunk, -1)
+    idx_c = jnp.pad(idx, ((0, pad), (0, 0))).reshape(n, chunk, -1)
+    all_dims = jnp.arange(d)
+
+    def step(acc, xs):
+        fc, dc, ic, vc = xs
+        infl = influence_lib.fd_fixed(fc, bank, dc, ic, all_dims, eps, bank_s=bank)  # [chunk, D]
+        return acc + jnp.sum(jnp.where(vc[:, None], infl, 0.0), axis=0), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((d,), jnp.float32), (f_c, dist_c, idx_c, valid))
+    return total / p
+
+
+def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighbours=None, *,
+              exclude=None) -> noising.Stats:
+    """Normalisation statistics from held-out normal images (never the batch being scored).
+    `neighbours`: their (dist, idx) from `holdout_neighbours`, when already searched.
+    `exclude`: (bank_owner [M], owners [h]) when the images are training images scored
+    leave-one-image-out (`loo_neighbours`): image i's search, `fd`'s re-search included, then
+    never returns the bank rows that came from training image owners[i]."""
+    if holdout_feats is None or len(holdout_feats) == 0:
+        return noising.identity_stats()
+    n = cfg.noising
+    if exclude is not None and neighbours is None:
+        neighbours = loo_neighbours(cfg, bank, exclude[0], holdout_feats, exclude[1])
+    dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
+    owner_of = (None, None) if exclude is None else (jnp.asarray(exclude[0], jnp.int32),
+                                                     jnp.asarray(exclude[1], jnp.int32))
+    infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
+                              *owner_of, method=n.influence, eps=n.eps, precision=precision_lib.of(cfg))
+    # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
+    # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
+    return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
+
+
+@functools.partial(jax.jit, static_argnames=("method", "eps", "precision"))
+def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owner, owners, *, method, eps,
+                       precision=precision_lib.HIGHEST):
+    bank_s = influence_lib.bank_columns(bank, dims)
+    if method == "predictor":
+        from pn_jax import predictor
+
+        return jax.lax.map(lambda a: predictor.influence(predictor_params, a[0], bank, a[1], a[2], dims, eps, bank_s),
+                           (feats, dist, idx))
+    # owners None: held-out images, nothing excluded
+    return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps, bank_s,
+                                                         excluded=None if a[3] is None else bank_owner == a[3],
+                                                         precision=precision),
+                       (feats, dist, idx, owners))
+
+
+@functools.partial(jax.jit, static_argnames=("std_range",))
+def _stats_from(params, dims, dist, infl, std_range):
+    # Pass 1: influence and distance statistics (the noise proposal needs them).
+    infl_w = infl * params["influence_weight"][dims]
+    dsig = jnp.mean(dist, axis=-1)
+    std = lambda x: jnp.maximum(jnp.std(x), 1e-12)  # noqa: E731
+    stats = noising.identity_stats()._replace(infl_mean=jnp.mean(infl_w), infl_std=std(infl_w),
+                                              dist_mean=jnp.mean(dsig), dist_std=std(dsig))
+    # Pass 2: patch-level signal statistics for the optional z-normalisation.
+    sig, _ = noising.signals_from(params, dims, stats, dist, infl, std_range)
+    parts = jnp.stack([sig[name].reshape(-1) for name in noising.SIGNALS])
+    return stats._replace(signal_mean=parts.mean(-1), signal_std=jnp.maximum(parts.std(-1), 1e-12))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _loo_knn(feats, owners, index, bank_owner, *, k, block):
+    return jax.lax.map(lambda a: detector.knn_excluding(a[0], index, bank_owner, a[1], k=k, block=block), (feats, owners))
+
+
+def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
+    """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
+    against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
+    detector.check_loo_bank(bank_owner, owners, cfg.noising.k)
+    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), knn_lib.prepare_bank(bank),
+                    jnp.asarray(bank_owner, jnp.int32),
+                    k=cfg.noising.k, block=cfg.bank.knn_block)
