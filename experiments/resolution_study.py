@@ -80,31 +80,36 @@ def run_all(a) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for ds in a.datasets:
-        if ds != "elpv":  # n_test split evenly between good and the two defect types
-            small_defects.generate(str(a.small_root), ds, n_train=a.n_train, n_test_good=a.n_test // 2,
-                                   n_test_defect=-(-a.n_test // 4))
+        if ds != "elpv":  # 20 train; 10 good + 5 of each defect type to test (capped by --n-train/--n-test)
+            small_defects.generate(str(a.small_root), ds, n_train=20, n_test_good=10, n_test_defect=5)
     rows = []
-    for ds in a.datasets:
-        for s in (a.elpv_settings if ds == "elpv" else a.settings):
-            tag = f"{ds}_{s.replace('/', '_')}"
-            bench.log(f"{tag}: start")
-            child = [sys.executable, "-m", "experiments.resolution_study", "--one", str(out / f"{tag}.json"), "--"]
-            with open(out / f"{tag}.log", "w") as fh:
-                t0 = time.perf_counter()
-                p = subprocess.Popen(child + run_argv(ds, s, a), stdout=fh, stderr=subprocess.STDOUT,
-                                     cwd=bench.REPO)
-                _, status, ru = os.wait4(p.pid, 0)
-                wall = time.perf_counter() - t0
-            if os.waitstatus_to_exitcode(status) != 0:
-                rows.append({"dataset": ds, "setting": s, "error": (out / f"{tag}.log").read_text()[-400:]})
-                bench.log(f"{tag}: FAILED (see {tag}.log)")
-                continue
-            r = json.loads((out / f"{tag}.json").read_text())
-            r.update(dataset=ds, setting=s, wall_s=wall, cpu_s=ru.ru_utime + ru.ru_stime,
-                     peak_rss_gb=ru.ru_maxrss * 1024 / 1e9, load=bench.load())
-            rows.append(r)
-            bench.log(f"{tag}: {wall:.0f} s, peak {r['peak_rss_gb']:.2f} GB, "
-                      f"I-AUROC {r['metrics']['default']['mAUROC_sp_max']}")
+    order = list(dict.fromkeys(a.settings + a.elpv_settings))
+    for s, ds in [(s, ds) for s in order for ds in a.datasets]:  # every dataset at a size before the next size
+        if s not in (a.elpv_settings if ds == "elpv" else a.settings):
+            continue
+        tag = f"{ds}_{s.replace('/', '_')}"
+        if (out / f"{tag}.row.json").exists():  # done by an earlier (interrupted) study: kept
+            rows.append(json.loads((out / f"{tag}.row.json").read_text()))
+            continue
+        bench.log(f"{tag}: start")
+        child = [sys.executable, "-m", "experiments.resolution_study", "--one", str(out / f"{tag}.json"), "--"]
+        with open(out / f"{tag}.log", "w") as fh:
+            t0 = time.perf_counter()
+            p = subprocess.Popen(child + run_argv(ds, s, a), stdout=fh, stderr=subprocess.STDOUT,
+                                 cwd=bench.REPO)
+            _, status, ru = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            rows.append({"dataset": ds, "setting": s, "error": (out / f"{tag}.log").read_text()[-400:]})
+            bench.log(f"{tag}: FAILED (see {tag}.log)")
+            continue
+        r = json.loads((out / f"{tag}.json").read_text())
+        r.update(dataset=ds, setting=s, wall_s=wall, cpu_s=ru.ru_utime + ru.ru_stime,
+                 peak_rss_gb=ru.ru_maxrss * 1024 / 1e9, load=bench.load())
+        rows.append(r)
+        (out / f"{tag}.row.json").write_text(json.dumps(r, default=float))
+        bench.log(f"{tag}: {wall:.0f} s, peak {r['peak_rss_gb']:.2f} GB, "
+                  f"I-AUROC {r['metrics']['default']['mAUROC_sp_max']}")
     doc = {"cpu": hardware.describe_cpu(), "counts": {"n_train": a.n_train, "n_test": a.n_test},
            "max_memory_gb": a.max_memory, "tile_overlap": OVERLAP, "rows": rows}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=float))
@@ -118,19 +123,19 @@ def _p(x):
 
 
 def table(doc: dict) -> str:
-    L = [f"CPU: {doc['cpu']}. Up to {doc['counts']['n_train']} train / {doc['counts']['n_test']} test images per "
-         f"dataset, `--max-memory {doc['max_memory_gb']:g}`, tiles overlap {doc['tile_overlap']} px. "
+    L = [f"CPU: {doc['cpu']}. `--max-memory {doc['max_memory_gb']:g}`, tiles overlap {doc['tile_overlap']} px. "
          "I / P / PRO: image AUROC, pixel AUROC, AUPRO (%); s/img: wall time of the fresh process "
          "(compilation included) / (train + test images).", "",
-         "| dataset | setting | patches/img | PatchCore I / P / PRO | default I / P / PRO | s/img | peak RSS GB |",
-         "|---|---|---|---|---|---|---|"]
+         "| dataset | setting | train / test | patches/img | PatchCore I / P / PRO | default I / P / PRO | s/img | "
+         "peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if "error" in r:
             L.append(f"| {r['dataset']} | {r['setting']} | failed: {r['error'].splitlines()[-1][:80]} |||||")
             continue
         m = r["metrics"]
         cell = lambda k: " / ".join(_p(m[k][x]) for x in ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px"))  # noqa: E731
-        L.append(f"| {r['dataset']} | {r['setting']} | {r['patches_per_image']} | {cell('patchcore')} | "
+        L.append(f"| {r['dataset']} | {r['setting']} | {r['n_train']} / {r['n_test']} | {r['patches_per_image']} | "
+                 f"{cell('patchcore')} | "
                  f"{cell('default')} | {r['wall_s'] / (r['n_train'] + r['n_test']):.2f} | {r['peak_rss_gb']:.2f} |")
     return "\n".join(L) + "\n"
 
@@ -162,10 +167,42 @@ def figure(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def coreset_cost(n_train: int, size: int, factor: float) -> dict:
+    """The two-stage coreset (--coreset-preselect) against the exact greedy on ELPV mono train
+    features: time, points in common, and the covering radius (the largest distance of a train
+    patch to its nearest bank row, in the projection the greedy works in: what k-center minimises)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pn_jax import cli, coreset, knn, model as model_lib, runner
+
+    cfg = cli.build_config(cli.build_run_parser().parse_args(
+        ["--dataset", "elpv", "--image-size", str(size), "--max-train", str(n_train)]))
+    src = runner.load_sources(cfg, "mono", max_train=n_train, max_test=1)
+    flat = model_lib.Model(cfg, (0, 0), None).extract(src["train"]).reshape(-1, cfg.model.target_embed_dimension)
+    key = jax.random.split(jax.random.key(cfg.seed))[0]  # fitting.fit_state's coreset key
+    proj = np.asarray(coreset.project_chunked(flat, coreset.random_projection(coreset.projection_key(key),
+                                                                              flat.shape[1], 128)))
+    out = {"rows": len(flat), "n_train": n_train, "image_size": size, "factor": factor}
+    sel = {}
+    for name, pre in (("exact", 0.0), ("preselect", factor)):
+        t0 = time.perf_counter()
+        sel[name] = np.asarray(coreset.coreset_indices(key, flat, cfg.bank.coreset_ratio, preselect=pre))
+        t = time.perf_counter() - t0
+        d, _ = knn.knn(jnp.asarray(proj), jnp.asarray(proj[sel[name]]), k=1)
+        out[name] = {"s": t, "bank": len(sel[name]),
+                     "covering_radius": float(jnp.max(d)), "mean_nn_distance": float(jnp.mean(d))}
+    out["common_points"] = len(np.intersect1d(sel["exact"], sel["preselect"]))
+    return out
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one"]:
         return one(argv[3:], argv[1])  # --one OUT.json -- <experiments.run flags>
+    if argv[:1] == ["--coreset-cost"]:  # --coreset-cost N_TRAIN SIZE FACTOR
+        return print(json.dumps(coreset_cost(int(argv[1]), int(argv[2]), float(argv[3])), indent=1))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/resolution")
     p.add_argument("--settings", default=",".join(SETTINGS), type=lambda s: s.split(","))
