@@ -49,16 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def n_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from experiments.common import fmt, load, md_table, n_threads
 
 
 # ----------------------------------------------------------------------------- features
@@ -235,22 +226,18 @@ def coreset_table(train, n, ratio, rounds, seed):
 def fmt_table(knn_rows, core_rows) -> str:
     lines = []
     if knn_rows:
-        lines += ["| bank M | k | method | ms / image | min | GFLOP/s | vs knn | identical | proven by the bound |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in knn_rows:
-            if r["method"] == "_setup":
-                continue
-            ident = r["identical"]
-            ident = "-" if ident is None else (f"{ident:.4f} agree" if isinstance(ident, float) else str(ident))
-            lines.append(f"| {r['bank']} | {r['k']} | {r['method']} | {r['ms_per_image']:.1f} | {r['ms_min']:.1f} | "
-                         f"{r['gflops']:.0f} | {r['vs_knn']:.2f} | {ident} | "
-                         f"{'-' if r['dense_proven'] is None else format(r['dense_proven'], '.2%')} |")
+        lines += md_table(
+            ("bank M", "k", "method", "ms / image", "min", "GFLOP/s", "vs knn", "identical", "proven by the bound"),
+            [(r["bank"], r["k"], r["method"], fmt(r["ms_per_image"], ".1f"), fmt(r["ms_min"], ".1f"),
+              fmt(r["gflops"], ".0f"), fmt(r["vs_knn"], ".2f"),
+              "-" if r["identical"] is None else (f"{r['identical']:.4f} agree" if isinstance(r["identical"], float)
+                                                  else str(r["identical"])),
+              fmt(r["dense_proven"], ".2%")) for r in knn_rows if r["method"] != "_setup"])
     if core_rows:
-        lines += ["", "| coreset N | ratio | method | seconds (median) | projection s | selected | identical |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in core_rows:
-            lines.append(f"| {r['n']} | {r['ratio']} | {r['method']} | {r['s']:.2f} | {r['projection_s']:.2f} | "
-                         f"{r['n_select']} | {r['identical']} |")
+        lines += [""] + md_table(
+            ("coreset N", "ratio", "method", "seconds (median)", "projection s", "selected", "identical"),
+            [(r["n"], r["ratio"], r["method"], fmt(r["s"], ".2f"), fmt(r["projection_s"], ".2f"), r["n_select"],
+              r["identical"]) for r in core_rows])
     return "\n".join(lines)
 
 

@@ -167,10 +167,8 @@ def fit_and_test(root: str, precision: str, size: str) -> tuple[dict, dict]:
     """One fit on the synthetic train split and scoring of its test split, on JAX's default
     device: (summary JSON, arrays). Runs inside a worker process."""
     import jax
-    import numpy as np
 
-    from pn_jax import metrics
-    from pn_jax import fitting
+    from pn_jax import batches, fitting, metrics, timing
     from pn_jax.data import pipeline
 
     cfg = fit_config(precision, size)
@@ -181,18 +179,11 @@ def fit_and_test(root: str, precision: str, size: str) -> tuple[dict, dict]:
     model = fitting.fit(cfg, src["train"], holdout=src["holdout"] if len(src["holdout"]) else None,
                           key=jax.random.key(cfg.seed), category="synthetic", dataset="synthetic", log=lambda *_: None)
     t_fit = time.perf_counter() - t0
-    scores, maps, labels, masks = [], [], [], []
     t0 = time.perf_counter()
-    for b in model.batches(src["test"]):
-        n = len(b["image"])
-        out = model.score_features(model.features(b["image"]))
-        scores.append(out["image_scores"])
-        maps.append(out["anomaly_maps"].astype(np.float32))
-        labels.append(np.asarray(b["label"][:n]))
-        masks.append(np.asarray(b["mask"][:n]) > 0.5)
+    res = batches.score_source({"fit": model}, src["test"], timing.Timer())
     t_test = time.perf_counter() - t0
-    arrays = {"scores": np.concatenate(scores), "maps": np.concatenate(maps), "labels": np.concatenate(labels)}
-    m = metrics.evaluate(arrays["scores"], arrays["labels"], arrays["maps"], np.concatenate(masks))
+    arrays = {"scores": res["scores"][("fit", None)], "maps": res["maps"][("fit", None)], "labels": res["labels"]}
+    m = metrics.evaluate(arrays["scores"], arrays["labels"], arrays["maps"], res["masks"])
     summary = {"device": device_info(), "config": cfg.to_dict(), "metrics": m, "threshold": model.threshold,
                "bank_size": int(model.state.bank.shape[0]), "n_test": int(len(arrays["scores"])),
                "fit_s": round(t_fit, 2), "test_s": round(t_test, 2),

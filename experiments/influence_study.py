@@ -25,7 +25,7 @@ normals and synthetic anomalies made from them (`--predictor-anomalies`), and re
   4. correlations over test patches between patch influence (mean over S) and the k-NN
      distance signal (mean_k dist).
 
-Estimators: the library's four (`pn_jax.influence`), `predictor` (`pn_jax.predictor`, learned)
+Estimators: the library's four (`pn_jax.influence`), `predictor` (`pn_jax.research.predictor`, learned)
 and `nearest` = eps |r_1S| / d_1, the predictor's fixed part without the learned term (what
 the learning adds is the difference between those two rows). The library's scoring path
 (`detector.make_signal_fn`) takes the four library estimators; the two others are scored by
@@ -45,6 +45,8 @@ import sys
 import time
 
 import numpy as np
+
+from experiments.common import fmt as _f
 
 
 REFERENCE = "grad"
@@ -176,18 +178,12 @@ def patch_classes(labels, masks, grid) -> np.ndarray:
 
 def extract_test(model, source, keep_masks: bool):
     """Test features [n,N,D] (host), labels [n], masks [n,H,W] or None, extraction seconds."""
-    from tqdm.auto import tqdm
+    from pn_jax import batches
 
-    feats, labels, masks = [], [], []
     t0 = time.perf_counter()
-    for batch in tqdm(model.batches(source), desc="features test", unit="batch", leave=False):
-        feats.append(np.asarray(model.features(batch["image"])))
-        labels.append(np.asarray(batch["label"]))
-        if keep_masks:
-            masks.append(np.asarray(batch["mask"]) > 0.5)
+    feats, kept = batches.extract(model, source, desc="features test", keep=("label", "mask"))
     t = time.perf_counter() - t0
-    return (np.concatenate(feats), np.concatenate(labels).astype(int),
-            np.concatenate(masks) if keep_masks else None, t)
+    return feats, kept["label"].astype(int), kept["mask"] > 0.5 if keep_masks else None, t
 
 
 # ---------------------------------------------------------------------------- estimators
@@ -196,7 +192,7 @@ def nearest_only(f, bank, dist, idx, dims, eps, bank_s=None):
     neighbour assumed to look like the nearest one (no learning)."""
     import jax.numpy as jnp
 
-    from pn_jax import predictor
+    from pn_jax.research import predictor
 
     _, d, r1 = predictor.inputs(f, bank, dist, idx, dims, bank_s)
     return eps * jnp.abs(r1) / jnp.maximum(d[:, :1], 1e-12)
@@ -204,7 +200,8 @@ def nearest_only(f, bank, dist, idx, dims, eps, bank_s=None):
 
 def estimators(methods, predictor_params=None) -> dict:
     """name -> fn(f, bank, dist, idx, dims, eps, bank_s=None) -> [Q,S]."""
-    from pn_jax import influence as infl, predictor
+    from pn_jax import influence as infl
+    from pn_jax.research import predictor
 
     out = {}
     for m in methods:
@@ -221,7 +218,8 @@ def fit_predictor(model, sources, holdout, mode: str, steps: int, hidden: int, l
     """The InfluencePredictor on the held-out normals (+ anomalies) -> (PredictorFit, seconds incl. extraction)."""
     import jax
 
-    from pn_jax import data, fitting, predictor
+    from pn_jax import data, fitting
+    from pn_jax.research import predictor
 
     t0 = time.perf_counter()
     anomalous = None
@@ -337,7 +335,7 @@ def part_cost(state, cfg, feats, nbrs, est, repeats, budget_s, predictor_params=
                              "overhead_vs_knn_k": t_fused / out["knn_k_ms"] - 1.0,
                              "overhead_vs_patchcore": t_fused / out["knn_1_ms"] - 1.0}
     if predictor_params is not None and PREDICTOR in est:
-        from pn_jax import predictor
+        from pn_jax.research import predictor
 
         args_fn = jax.jit(lambda p, f, b, d, i, s: predictor.influence(p, f, b, d, i, s, eps))
         t = 1e3 * time_per_call(args_fn, [(predictor_params, f, bank, d, i, dims) for f, (d, i) in zip(fs, nbrs)],
@@ -507,10 +505,6 @@ def part_correlation(signals, labels, n_patches):
 
 
 # ============================================================================ reporting
-def _f(x, fmt="%.3g"):
-    return "-" if x is None or (isinstance(x, float) and x != x) else fmt % x
-
-
 def tables(doc) -> str:
     ag = doc["agreement"]
     eps0 = doc["config"]["noising"]["eps"]

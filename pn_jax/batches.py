@@ -32,25 +32,26 @@ def feature_batches(model, source, *, desc: str = "features", timer: Timer | Non
         yield batch, feats
 
 
-def extract(model, source, *, desc: str = "features", with_masks: bool = False):
-    """Patch features [n, N, D] (host float32) of a source; with_masks: (features, masks).
+def extract(model, source, *, desc: str = "features", keep: tuple[str, ...] = ()):
+    """Patch features [n, N, D] (host float32) of a source; with `keep` (batch fields, e.g.
+    ("mask", "label")): (features, {field: array over all images}).
 
     One array filled in place, its pages faulted in ahead of the writes (`hostmem`): a
     concatenate of the batches would first-touch a second copy of every feature."""
-    out, n, masks = None, 0, []
+    out, n, kept = None, 0, {k: [] for k in keep}
     try:
         for batch, f in feature_batches(model, source, desc=desc):
             if out is None:
                 out = hostmem.PrefaultedArray((len(source),) + tuple(f.shape[1:]), np.float32)
             out.claim(n + len(f))[n:n + len(f)] = np.asarray(f)
             n += len(f)
-            if with_masks:
-                masks.append(np.asarray(batch["mask"]))
+            for k in keep:
+                kept[k].append(np.asarray(batch[k][:len(f)]))
     finally:
         arr = out.close() if out is not None else None
     if arr is None:
         raise ValueError(f"no images to extract features from ({desc})")
-    return (arr[:n], np.concatenate(masks)) if with_masks else arr[:n]
+    return (arr[:n], {k: np.concatenate(v) for k, v in kept.items()}) if keep else arr[:n]
 
 
 class Figure(NamedTuple):

@@ -357,8 +357,3 @@ class Scorer:
             out["noise_maps"] = self.maps(sig["noise"])
         out["signals"] = sig
         return out
-
-
-# ----------------------------------------------------------------------------- fit
-
-

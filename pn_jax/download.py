@@ -1,5 +1,8 @@
 """First-run downloads: torchvision backbone weights and MVTec AD, verified before use.
 
+(Over 450 lines on purpose: resuming, verifying, mirroring and extracting are the one
+guarantee that a file under its final name is complete, and are read together.)
+
 Every download goes to `<name>.part` next to its final place and is renamed there only after
 its SHA-256 matched, so a file under its final name is always a complete, verified one. An
 interrupted download leaves the `.part`, which the next run resumes with an HTTP Range request

@@ -51,7 +51,7 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
 
     auto = cfg.noising.score == "auto"
     if auto:  # fit as the first candidate, then choose among all on validation data
-        from pn_jax import select
+        from pn_jax.research import select
 
         cfg = select.config_for(cfg, select.CANDIDATES[0])
         validation_variants = tuple(validation_variants) + select.CANDIDATES
@@ -214,7 +214,7 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
         if calib_feats is None:
             raise ValueError("--influence predictor learns from calibration images: fit on at least 2 "
                              "training images (or give held-out images)")
-        from pn_jax import predictor
+        from pn_jax.research import predictor
 
         # Targets: grad influence of the calibration patches (under leave-one-image-out they are
         # also in the bank, so the smallest distances are over-represented; see README).
@@ -332,7 +332,7 @@ def choose_threshold(normal_scores, anomaly_scores=None, *, fpr: float | None = 
 def choose_score(model: Model, *, log: Callable = print) -> None:
     """`--score auto`: the candidate score that wins on this model's own validation data
     (`select.choose`; never test data); the model's config and threshold become that score's."""
-    from pn_jax import select
+    from pn_jax.research import select
 
     choice, table = select.choose(model.validation, select.CANDIDATES)
     model.cfg = select.config_for(model.cfg, choice)
@@ -364,7 +364,8 @@ def tune_state(model, val_source, timer: Timer, log=print):
 
     if model.cfg.data.tile:
         raise ValueError("--tune learns from per-patch labels on one patch grid; it does not take --tile yet")
-    feats, masks = batches.extract(model, val_source, desc="validation", with_masks=True)
+    feats, kept = batches.extract(model, val_source, desc="validation", keep=("mask",))
+    masks = kept["mask"]
     curves = {}
     state, cfg = model.state, model.cfg
     with timer("tune_s"):
@@ -413,7 +414,7 @@ def rethreshold(model: Model, *, score: str | None = None, threshold_fpr=...) ->
     model's), its threshold chosen again from the validation scores saved with it (never
     test data). Refused when it holds none for that score: a threshold chosen on another
     score's values would label by a meaningless number."""
-    from pn_jax import select
+    from pn_jax.research import select
 
     cfg = model.cfg if score is None else select.config_for(model.cfg, score)
     if threshold_fpr is not ...:

@@ -1,5 +1,9 @@
 """Exact Euclidean k-nearest-neighbour search against the memory bank (SPEC 2.5).
 
+(Over 450 lines on purpose: every search path and the rounding bounds that prove it are one
+idea, read together; splitting the bounds from the paths they guard would hide why each path
+is exact.)
+
 What "exact" means. The distance of record is d(q, b) = sqrt(sum((q - b)^2)) in float32,
 from the residuals (`exact_distances`: no cancellation error). The k neighbours are the k
 smallest (d, index) pairs: exact ties go to the lower bank index. d is a per-row computation:

@@ -360,7 +360,7 @@ def items_source(items: Sequence[Item]):
                           split="train")
 
 
-# ----------------------------------------------------------------------------- fit
+# ----------------------------------------------------------------------------- provenance
 def weights_sha256(cfg: Config) -> str | None:
     """sha256 of the backbone weights file the model was built with (None for random weights)."""
     from pn_jax import backbones, weights

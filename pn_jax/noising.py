@@ -67,7 +67,7 @@ def patch_signals(params, bank, dims, features, stats: Stats, *, k, influence, e
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=k, block=block))
     dist, idx = knn_fn(features, bank)
     if influence == "predictor":  # learned at fit time from grad influence (pn_jax/predictor.py)
-        from pn_jax import predictor
+        from pn_jax.research import predictor
 
         infl = predictor.influence(params["predictor"], features, bank, dist, idx, dims, eps, bank_s)
     else:

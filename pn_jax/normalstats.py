@@ -99,7 +99,7 @@ def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owne
                        precision=precision_lib.HIGHEST):
     bank_s = influence_lib.bank_columns(bank, dims)
     if method == "predictor":
-        from pn_jax import predictor
+        from pn_jax.research import predictor
 
         return jax.lax.map(lambda a: predictor.influence(predictor_params, a[0], bank, a[1], a[2], dims, eps, bank_s),
                            (feats, dist, idx))

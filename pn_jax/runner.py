@@ -56,7 +56,7 @@ def explain_figures(model, items, out_dir: str) -> tuple[list[dict], list[str]]:
     decision threshold, the full-D influence and each flagged region's top dimensions by share
     of the whitened residual; a PNG panel per image with a flagged region. `items`: the
     `batches.Figure`s of the test pass, whose features and patch scores it reuses."""
-    from pn_jax import explain
+    from pn_jax.research import explain
 
     feats = np.stack([f.feats for f in items])
     patch = np.stack([f.patch_scores for f in items])

@@ -1,5 +1,8 @@
 """Reading PyTorch weight files without torch, finding them on disk, and strict name mapping.
 
+(Over 450 lines on purpose: the restricted unpickler, the zip/legacy formats it reads and the
+name mapping that checks every tensor are one safety boundary, kept in one file to audit.)
+
 A `.pth` file is a pickle, and unpickling runs whatever the file asks for. So we never
 `pickle.load` one: `_RestrictedUnpickler.find_class` hands out only our own numpy shims for
 the handful of globals a plain state dict uses, and refuses everything else.

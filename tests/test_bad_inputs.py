@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import pn_jax
-from pn_jax import cli
+from pn_jax import cli, flags
 from pn_jax.data import pipeline
 
 TINY = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--embed-dim", "64", "--coreset-ratio", "0.1",
@@ -266,10 +266,10 @@ def test_test_mode_applies_the_threshold_rule_and_counts_this_run(world, tmp_pat
 def test_every_flag_has_a_test_mode_rule(parser):
     """A new flag must say whether test mode applies or refuses it (none may be dropped)."""
     test_mode = {  # every flag of the two parsers, and what test mode does with it
-        "applied": set(cli.APPLIED_IN_TEST) | {"checkpoint", "mode", "out", "figures", "ablation", "category",
+        "applied": set(flags.APPLIED_IN_TEST) | {"checkpoint", "mode", "out", "figures", "ablation", "category",
                                                "data_root", "test_dir", "max_test", "no_masks", "download",
                                                "data_backend", "tfds_dir"},
-        "refused unless the checkpoint's own": set(cli.FIXED_IN_TEST) | {"dataset", "unified"},
+        "refused unless the checkpoint's own": set(flags.FIXED_IN_TEST) | {"dataset", "unified"},
         "refused": {"train_dir", "max_train", "tune"},
     }
     p = cli.build_run_parser() if parser == "run" else cli.build_parser()._subparsers._group_actions[0].choices["test"]
@@ -277,7 +277,7 @@ def test_every_flag_has_a_test_mode_rule(parser):
     known = set().union(*test_mode.values())
     assert dests <= known, sorted(dests - known)
     if parser == "run":
-        assert set(cli.CONFIG_FLAGS) | {"batch_size"} == set(cli.APPLIED_IN_TEST) | set(cli.FIXED_IN_TEST)
+        assert set(flags.CONFIG_FLAGS) | {"batch_size"} == set(flags.APPLIED_IN_TEST) | set(flags.FIXED_IN_TEST)
 
 
 def test_data_backend_is_validated_by_name():

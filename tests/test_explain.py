@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pn_jax import explain, knn
+from pn_jax import knn
+from pn_jax.research import explain
 
 GRID = (6, 6)
 D, M, K = 24, 80, 3

@@ -193,7 +193,7 @@ def test_loaded_model_refuses_other_backbone_weights(model, tmp_path):
 
 
 def test_score_auto_picks_a_concrete_score_on_validation_and_saves_it(data_root, tmp_path):
-    from pn_jax import select
+    from pn_jax.research import select
 
     m = pn_jax.fit(pn_jax.tiny_config(noising={"score": "auto"}), str(data_root / "train" / "good"),
                    log=lambda *_: None)

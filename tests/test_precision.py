@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pn_jax import checkpoint, coreset, detector, export, features, fitting, influence, noising, normalstats, predictor
+from pn_jax import checkpoint, coreset, detector, export, features, fitting, flags, influence, noising, normalstats
+from pn_jax.research import predictor
 from pn_jax import model as model_lib
 from pn_jax import precision as P
 from pn_jax.backbones import efficientnet_lite as effnet
@@ -115,7 +116,7 @@ def test_cli_flag_sets_the_policy():
     assert cli.build_config(a).model.precision == "fast"
     a = cli.build_parser().parse_args(["fit", "--dataset", "synthetic"])
     assert cli.build_config(a).model.precision == "highest"
-    assert "precision" in cli.CONFIG_FLAGS  # compared against a checkpoint in test mode
+    assert "precision" in flags.CONFIG_FLAGS  # compared against a checkpoint in test mode
     with pytest.raises(SystemExit):
         cli.build_run_parser().parse_args(["--precision", "tf32"])
 

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pn_jax import checkpoint, detector, influence, knn, noising, predictor
+from pn_jax import checkpoint, detector, influence, knn, noising
+from pn_jax.research import predictor
 from pn_jax.config import tiny_config
 
 

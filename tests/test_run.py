@@ -5,7 +5,7 @@ import os
 import pytest
 
 from experiments import run
-from pn_jax import runner
+from pn_jax import fitting
 from pn_jax.data import READ_LOG
 
 TINY = ["--dataset", "synthetic", "--category", "synthetic", "--image-size", "64", "--embed-dim", "64",
@@ -18,7 +18,7 @@ def trained(tmp_path_factory):
     args = TINY + ["--data-root", str(tmp / "data"), "--out", str(tmp / "train"), "--tune", "--holdout-fraction", "0.25"]
     READ_LOG.clear()
     seen = {}
-    real_tune = runner.tune_state
+    real_tune = fitting.tune_state
 
     def spy(*a, **kw):  # splits read by the time tuning has finished
         out = real_tune(*a, **kw)
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
         return out
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "tune_state", spy)
+        mp.setattr(fitting, "tune_state", spy)
         assert run.main(args) == 0
     seen["end"] = set(READ_LOG.splits())
     return tmp, json.load(open(tmp / "train" / "results.json")), seen

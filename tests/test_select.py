@@ -1,4 +1,4 @@
-"""`--score auto`'s choice (pn_jax.select): AUROC against a brute-force pair count, the
+"""`--score auto`'s choice (pn_jax.research.select): AUROC against a brute-force pair count, the
 within-tol-of-best rule on constructed cases, determinism, ties, refusals, and independence
 from the test split (issue 14.4)."""
 import itertools
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pn_jax
-from pn_jax import select
+from pn_jax.research import select
 from pn_jax.data import READ_LOG, pipeline
 
 

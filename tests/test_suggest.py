@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from pn_jax import suggest
+from pn_jax.research import suggest
 from pn_jax.config import tiny_config
 
 LO, HI = 0.01, 0.5

@@ -254,14 +254,3 @@ def run_command(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv=None) -> int:
-    """`python -m pn_jax.suggest ...` = `pn-jax suggest ...`."""
-    from pn_jax import cli
-
-    return cli.main(["suggest", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
