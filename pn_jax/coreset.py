@@ -383,24 +383,19 @@ def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim:
     k_proj, _ = jax.random.split(key)
     projected = project_chunked(features, random_projection(k_proj, d, proj_dim), precision=precision) \
         if proj_dim < d else jnp.asarray(features, jnp.float32)
-    survivors = None
-    if preselect:
-        projected = np.asarray(projected)
-        survivors = np.concatenate([
-            i + preselect_chunk(key, i // PRESELECT_CHUNK, projected[i:i + PRESELECT_CHUNK], ratio, preselect,
-                                n_starts, precision) for i in range(0, n, PRESELECT_CHUNK)])
-        projected = projected[survivors]
+    c = PRESELECT_CHUNK
+    survivors = np.concatenate([i + preselect_chunk(key, i // c, np.asarray(projected[i:i + c]), ratio, preselect,
+                                                    n_starts, precision) for i in range(0, n, c)]) if preselect else None
+    projected = projected if survivors is None else np.asarray(projected)[survivors]
     return select_projected(key, projected, ratio, n_starts, progress=progress, select=select, precision=precision,
                             n_total=n, survivors=survivors)
 
 
 def select_projected(key: jax.Array, projected, ratio: float, n_starts: int = 10, progress: bool = False,
                      select=None, precision=HIGHEST, n_total: int | None = None, survivors=None) -> jax.Array:
-    """The greedy part of `coreset_indices`, on points already projected with `key`'s
-    projection (`projection_key`): a streamed fit projects batch by batch
-    (`pn_jax.streaming`) and selects exactly the points the in-memory fit selects.
-    `survivors`: the global indices of `projected`'s rows after a pre-selection, of `n_total`
-    points in all (the bank keeps int(n_total * ratio) of them)."""
+    """The greedy part of `coreset_indices` on points projected with `key`'s projection (a
+    streamed fit, `pn_jax.streaming`). `survivors`: the global indices of `projected`'s rows
+    after a pre-selection of `n_total` points (the bank keeps int(n_total * ratio))."""
     n = projected.shape[0]
     n_select = min(n, n_coreset(n if n_total is None else n_total, ratio))
     if n_select >= n:
@@ -413,18 +408,14 @@ def select_projected(key: jax.Array, projected, ratio: float, n_starts: int = 10
     return sel if survivors is None else jnp.asarray(np.asarray(survivors)[np.asarray(sel)], jnp.int32)
 
 
-# Two-stage coreset (`bank.coreset_preselect`, issue 26). The exact greedy costs
-# n_select * N * 2 * proj_dim flops, quadratic in the patches: 1024 px images have 16x the
-# patches of 256 px ones, so 256x the cost (hours on a 2-core CPU for 400 images). Each
-# chunk of PRESELECT_CHUNK consecutive rows (about 8 images at 512 px) first keeps its own
-# greedy coreset of `factor` times the final ratio; the global greedy then runs on those
-# survivors. Not the same points as the exact greedy: its accuracy cost is measured in the
-# README ("Resolution"). The chunks are the projection's chunks, so a streamed fit and an
-# in-memory one pre-select the same survivors.
+# Two-stage coreset (`bank.coreset_preselect`, issue 26): the exact greedy is quadratic in the
+# patches (16x the patches at 1024 px: 256x the cost). Each chunk of PRESELECT_CHUNK rows (the
+# projection's chunks, so streamed and in-memory fits agree) keeps its own greedy coreset of
+# `factor` x the ratio; the global greedy runs on those. Its cost: README "Resolution and tiles".
 PRESELECT_CHUNK = 32768
 
 
-def n_preselect(n_rows: int, ratio: float, factor: float) -> int:
+def n_preselect(n_rows: int, ratio: float, factor: float) -> int:  # survivors of a chunk of n_rows
     return min(n_rows, max(1, int(np.ceil(factor * ratio * n_rows))))
 
 
@@ -441,8 +432,7 @@ def preselect_chunk(key, i: int, projected_chunk, ratio: float, factor: float, n
                                             precision=precision)))
 
 
-def projection_key(key: jax.Array) -> jax.Array:
-    """The key of `coreset_indices(key, ...)`'s random projection."""
+def projection_key(key: jax.Array) -> jax.Array:  # the key of coreset_indices(key, ...)'s projection
     return jax.random.split(key)[0]
 
 

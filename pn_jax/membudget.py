@@ -83,8 +83,8 @@ def check(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True) -> 
         side = cfg.data.image_size
         raise MemoryBudgetError(
             f"--max-memory {cfg.max_memory_gb:g}: this run needs about {est['peak'] / GB:.1f} GB at its peak "
-            f"({n_train} train images, {n_test} test, {est['patches_per_image']} patches of {cfg.model.target_embed_dimension} "
-            f"dims per {side} px image; largest parts: "
+            f"({n_train} train images, {n_test} test, {est['patches_per_image']} patches of "
+            f"{cfg.model.target_embed_dimension} dims per {side} px image; largest parts: "
             + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in big)
             + "). Lower --max-train / --max-test, --image-size or --embed-dim, use --tile, or raise --max-memory.")
     return est
