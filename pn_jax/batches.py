@@ -67,11 +67,14 @@ class Figure(NamedTuple):
 
 
 def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_maps=True,
-                 n_figures=0, desc="scoring"):
+                 n_figures=0, desc="scoring", gallery=None):
     """Score every image of `source` with each model (same config and extractor); features
-    are extracted once per batch. Returns labels, masks, {(model name, variant): image
-    scores / maps} and up to `n_figures` `Figure`s. Variant None is the configured score."""
-    labels, masks, names, fig_items = [], [], [], []
+    are extracted once per batch. Returns labels, masks, names, defect types, {(model name,
+    variant): image scores / maps} and up to `n_figures` `Figure`s. Variant None is the
+    configured score. `gallery`: an object whose `offer(batch, scores, maps)` sees the first
+    model's configured scores and anomaly maps of every batch (the report's gallery keeps a
+    few images from them, whether or not the maps are kept here)."""
+    labels, masks, names, defects, fig_items = [], [], [], [], []
     keys = [(s, v) for s in models for v in variants]
     scores = {k: [] for k in keys}
     maps = {k: [] for k in keys}
@@ -86,6 +89,8 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
                     scores[(sname, v)].append(sc)
                     if keep_maps:
                         maps[(sname, v)].append(amap.astype(np.float32))
+                    if gallery is not None and sname == first and v is None:
+                        gallery.offer(batch, sc[:n], amap[:n])
                 if sname == first and len(fig_items) < n_figures:
                     # up to half the figures per label, so both normal and anomalous images are shown
                     extra = {k: out[k] for k in MAP_TITLES if k in out}
@@ -99,12 +104,15 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
         if keep_maps:
             masks.append(np.asarray(batch["mask"][:n]) > 0.5)
         names.extend(list(batch["name"][:n]))
+        defects.extend(str(d) for d in batch.get("defect", ["good" if y == 0 else "anomalous"
+                                                              for y in batch["label"]])[:n])
     if not labels:
         raise ValueError(f"no images to score ({desc})")
     return {
         "labels": np.concatenate(labels),
         "masks": np.concatenate(masks) if keep_maps else None,
         "names": names,
+        "defects": np.array(defects, dtype=str),
         "scores": {k: np.concatenate(v) for k, v in scores.items()},
         "maps": {k: np.concatenate(v) for k, v in maps.items()} if keep_maps else None,
         "figures": fig_items,

@@ -145,6 +145,12 @@ def _build_state(tree: dict):
 
 
 # ----------------------------------------------------------------------------- files
+def _mp_options():
+    from pn_jax import distributed
+
+    return distributed.orbax_options()
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -204,7 +210,8 @@ def save(directory, state, cfg: Config, meta: dict | None = None, extra_arrays: 
     try:
         import orbax.checkpoint as ocp
 
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:  # commits by its own rename
+        # multiprocessing_options: this process alone writes it (host arrays; pn_jax.distributed)
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_mp_options()) as ckptr:
             ckptr.save(tmp / "arrays", args=ocp.args.StandardSave(_nest(flat)))
         _write_json(tmp / "config.json", cfg.to_dict())
         _write_json(tmp / "meta.json", full)
@@ -280,7 +287,7 @@ def load(directory, expected: Config | None = None, expected_meta: dict | None =
         import orbax.checkpoint as ocp
 
         target = _nest({p: np.zeros(shape, dtype) for p, (dtype, shape, _) in specs.items()})
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_mp_options()) as ckptr:
             restored = ckptr.restore(src / "arrays", args=ocp.args.StandardRestore(target))
         arrays = {p: np.asarray(functools.reduce(lambda t, k: t[k], p, restored)) for p in specs}
     except Exception as e:  # noqa: BLE001 - any read failure is a damaged payload

@@ -1,4 +1,4 @@
-"""The commands of `pn-jax` (fit, test, predict, export, suggest) and `python -m experiments.run`:
+"""The commands of `pn-jax` (fit, test, predict, export, suggest, report) and `python -m experiments.run`:
 each a thin layer over `pn_jax.fitting`, `pn_jax.model` and `pn_jax.runner`. Their flags and
 usage are in `pn_jax.flags` (`flags.USAGE`). Bad input is refused before any long work starts,
 with a message that names the flag or file (exit 2).
@@ -6,6 +6,7 @@ with a message that names the flag or file (exit 2).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import sys
 import time
@@ -217,7 +218,8 @@ def cmd_test(a) -> int:
 
 def cmd_predict(a) -> int:
     from pn_jax import model as model_lib
-    from pn_jax import viz
+    from pn_jax import report as report_page
+    from pn_jax import report_data, viz
 
     out = check_writable(a.out, "--out")
     model = model_lib.load(a.checkpoint, category=a.category)
@@ -235,29 +237,47 @@ def cmd_predict(a) -> int:
     n_bad = n_anom = 0
     t0 = time.perf_counter()
     overlay_dir = os.path.join(out, "overlays")
+    gallery, names, scores = report_data.ScoreGallery(), [], []
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=model_lib.CSV_FIELDS)
         w.writeheader()
         for i, rec in enumerate(model.predict_iter(items, maps=not a.no_overlays)):
             row = model_lib.csv_row(rec)
             w.writerow(row)
+            names.append(rec["name"])
+            scores.append(rec["score"])
             if rec["error"]:
                 n_bad += 1
                 print(f"error: {rec['name']}: {rec['error']}", file=sys.stderr)
                 continue
             n_anom += bool(rec["label"])
+            gallery.offer(rec["name"], rec["score"], rec["image"], rec.get("anomaly_map"))
             if not a.no_overlays:
                 stem = f"{i:05d}_" + os.path.splitext(os.path.basename(rec["name"]))[0]
                 viz.save_overlay(os.path.join(overlay_dir, stem + ".png"), rec["image"], rec["anomaly_map"],
                                  model.threshold, f"{rec['name']}: score {rec['score']:.4g} "
                                  f"({rec['normalized']:.2f} x threshold) -> {row['label']}")
     os.replace(tmp, csv_path)
+    report_data.write_predict_data(out, names, scores, model.threshold, gallery)
+    page = report_page.write_predict_page(out)
     dt = time.perf_counter() - t0
     n = len(items)
     print(f"{n - n_bad} of {n} images scored ({n_anom} anomalous, {n_bad} failed) in {dt:.1f}s, "
           f"{(n - n_bad) / max(dt, 1e-9):.2f} images/s; threshold {model.threshold}")
-    print(f"predictions: {csv_path}" + ("" if a.no_overlays else f"; overlays: {overlay_dir}"))
+    print(f"predictions: {csv_path}" + ("" if a.no_overlays else f"; overlays: {overlay_dir}") + f"; report: {page}")
     return min(n_bad, 100)
+
+
+def cmd_report(a) -> int:
+    """`pn-jax report RUN_DIR [RUN_DIR ...]`: rebuild the page of a finished run (or predict
+    folder) from its results.json and report data, or put several runs side by side; nothing
+    is scored again."""
+    from pn_jax import report as report_page
+
+    if a.out:
+        check_writable(os.path.dirname(os.path.abspath(a.out)), "--out")
+    print(f"report: {report_page.rebuild(a.run_dir, a.out)}")
+    return 0
 
 
 def cmd_export(a) -> int:
@@ -314,8 +334,16 @@ def report(a, entries: list[dict], out: str, t0: float) -> int:
                 print(runner.format_table(list(e["ablation"].items()),
                                           keys=["mAUROC_sp_max", "mAUROC_px", "mAUPRO_px", "mAP_sp_max"]))
     path = os.path.join(out, "results.json")
-    runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:]})
-    print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}")
+    from pn_jax import compile_cache, distributed
+    from pn_jax import report as report_page
+
+    runner.write_results(path, entries, {"wall_time_s": time.perf_counter() - t0, "argv": sys.argv[1:],
+                                         "runtime": {"processes": distributed.info(),
+                                                     "compile_cache": compile_cache.active()},
+                                         "commit": report_page.commit()})
+    page = report_page.write_run_page(out)
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s; results: {path}; figures: {os.path.join(out, 'figures')}; "
+          f"report: {page}")
     return 0
 
 
@@ -349,9 +377,11 @@ def main(argv=None) -> int:
     if a.command == "suggest":
         from pn_jax.research import suggest
 
-        return _guard(suggest.run_command, a)
+        return _guard(functools.partial(_runtime, suggest.run_command, fit=False), a)
+    if a.command == "report":  # reads files and draws: no JAX runtime to set up
+        return _guard(cmd_report, a)
     fn = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export}[a.command]
-    return _guard(fn, a)
+    return _guard(functools.partial(_runtime, fn, fit=a.command == "fit"), a)
 
 
 def run_main(argv=None) -> int:
@@ -364,8 +394,47 @@ def run_main(argv=None) -> int:
         if a.tune:
             print("error: --tune needs --mode train (it reads held-out training images)", file=sys.stderr)
             return 2
-        return _guard(cmd_test_from_run, a)
-    return _guard(cmd_fit, a)
+        return _guard(functools.partial(_runtime, cmd_test_from_run, fit=False), a)
+    return _guard(functools.partial(_runtime, cmd_fit, fit=True), a)
+
+
+def _runtime(fn, a, *, fit: bool) -> int:
+    """Run `fn(a)` in this process, or as one process of a jax.distributed run (see
+    `pn_jax.distributed`): every process computes everything; process 0 alone keeps what it
+    writes, the others write into a private temporary folder and print one line."""
+    import contextlib
+
+    from pn_jax import compile_cache, distributed
+
+    args = distributed.check_flags(a)  # bad flags are refused before anything starts
+    if args is not None:
+        info = distributed.initialize(args)  # before any computation
+    if getattr(a, "no_compile_cache", False):
+        compile_cache.disable()
+    else:
+        compile_cache.enable()
+    if args is None:
+        return fn(a)
+    import jax
+
+    a.devices = distributed.check_devices(a.devices, jax.device_count())  # every process's devices
+    if distributed.is_primary():
+        print(f"distributed: process 0 of {info['processes']}, {info['devices']} devices "
+              f"({info['platform']}); this process writes the results")
+        return fn(a)
+    out = a.out or ("results/run" if fit else "results/test")
+    a.out = os.path.join(distributed.scratch_dir(), os.path.basename(os.path.normpath(out)) or "out")
+    if fit:
+        a.checkpoint = None  # under the scratch --out
+    t0 = time.perf_counter()
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            rc = fn(a)
+    finally:
+        distributed.cleanup()
+    print(f"distributed: process {info['process_id']} of {info['processes']} done in "
+          f"{time.perf_counter() - t0:.1f}s (exit {rc}); process 0 writes the results to {out}")
+    return rc
 
 
 def cmd_test_from_run(a) -> int:

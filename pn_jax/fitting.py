@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import batches, calibration, detector, metrics, normalstats
+from pn_jax import batches, calibration, detector, distributed, metrics, normalstats
 from pn_jax import coreset as coreset_lib
 from pn_jax import model as model_lib
 from pn_jax import precision as precision_lib
@@ -75,14 +75,15 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         from pn_jax import membudget, streaming
 
         membudget.check(cfg, len(train))
-        if cfg.devices > 1:
-            raise model_lib.ModelError("--max-memory streams the train features on one device; drop --devices")
+        if cfg.devices > 1 or jax.process_count() > 1:
+            raise model_lib.ModelError("--max-memory streams the train features on one device in one process; "
+                                       "drop --devices (and run one process)")
     t0 = time.perf_counter()
     if cfg.max_memory_gb is not None:
         # fit_state splits `key` into (coreset key, dims key): the projection is the coreset key's
         store = train_feats = streaming.extract(model, train, jax.random.split(key)[0])
     else:
-        train_feats = model.extract(train, desc="features train")
+        train_feats = distributed.extract(model, train, desc="features train")  # split over processes, if several
     timer["extract_train_s"] = time.perf_counter() - t0
     try:
         return _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer,
@@ -97,7 +98,7 @@ def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, l
     holdout_feats, calib, val = None, None, None
     if holdout is not None and len(holdout):
         t0 = time.perf_counter()
-        holdout_feats = model.extract(holdout, desc="features holdout")
+        holdout_feats = distributed.extract(model, holdout, desc="features holdout")
         timer["extract_holdout_s"] = time.perf_counter() - t0
     if len(train) >= 2:
         # Leave-one-image-out: every image serves the bank; disjoint samples of them calibrate

@@ -9,7 +9,7 @@ import functools
 import math
 import os
 
-USAGE = """`pn-jax fit | test | predict | export | suggest`, and `python -m experiments.run` (the benchmark-style
+USAGE = """`pn-jax fit | test | predict | export | suggest | report`, and `python -m experiments.run` (the benchmark-style
 alias with `--mode train|test`, which fits and tests in one run).
 
     pn-jax fit --train-dir good/ --test-dir test/ --out runs/parts       # a folder of good images
@@ -18,6 +18,7 @@ alias with `--mode train|test`, which fits and tests in one run).
     pn-jax predict --checkpoint runs/parts/checkpoint new_photos/ --out runs/parts/pred
     pn-jax export --checkpoint runs/parts/checkpoint --out parts.jaxexport
     pn-jax suggest --checkpoint runs/parts/checkpoint unlabelled/ --top 16  # which images to label next
+    pn-jax report runs/parts                                              # rebuild runs/parts/report.html
 
 Bad input is refused before any long work starts, with a message that names the flag or file
 (exit 2). `predict` never stops at one bad image: its CSV names it in an error column and the
@@ -158,7 +159,18 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ablation", action="store_true", help="also score each signal alone and PatchCore")
 
 
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the run executes (not stored in the checkpoint): several processes, and
+    the compilation cache."""
+    from pn_jax import compile_cache, distributed
+
+    distributed.add_cli_flags(p)
+    compile_cache.add_cli_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pn_jax import compile_cache
+
     p = argparse.ArgumentParser(prog="pn-jax", description=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(f)
     add_data_flags(f, train=True)
     add_output_flags(f)
+    add_runtime_flags(f)
     f.add_argument("--checkpoint", default=None, help="checkpoint directory (default <out>/checkpoint[/<category>])")
     f.add_argument("--tune", action="store_true", help="tune the learnable weights on validation data")
     f.add_argument("--unified", action="store_true", help="one bank over all --category (multi-class)")
@@ -174,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t)  # each one typed is applied (threshold rule, score, devices) or refused by name
     add_data_flags(t, train=False)
     add_output_flags(t)
+    add_runtime_flags(t)
     pr = sub.add_parser("predict", help="score new images with a checkpoint: CSV + overlays")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
@@ -181,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--category", default=None, help="which category, when --checkpoint holds several")
     pr.add_argument("--no-overlays", action="store_true", help="CSV only")
     pr.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None)
+    compile_cache.add_cli_flag(pr)
     e = sub.add_parser("export", help="write a self-contained jax.export artifact of a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True, help="artifact file")
@@ -188,11 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu,cuda,tpu")
     e.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None,
                    help="fixed batch size (default: symbolic where jax.export allows it)")
+    compile_cache.add_cli_flag(e)
     from pn_jax.research import suggest  # numpy and the standard library at import: cheap
 
     sg = sub.add_parser("suggest", help="rank unlabelled images by how uncertain the model is (which to label next)",
                         description=suggest.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     suggest.add_arguments(sg)
+    compile_cache.add_cli_flag(sg)
+    rp = sub.add_parser("report", help="rebuild <RUN_DIR>/report.html from a finished run (or predict folder)")
+    rp.add_argument("run_dir", metavar="RUN_DIR", nargs="+",
+                    help="the --out folder of experiments.run, fit, test or predict; several runs on the same "
+                         "test images (e.g. --method patchcore and the default) go side by side on one page")
+    rp.add_argument("--out", default=None, help="write the page here instead of RUN_DIR/report.html "
+                                                "(needed with several RUN_DIRs)")
     return p
 
 
@@ -203,6 +226,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     add_data_flags(p, train=True)
     add_output_flags(p)
+    add_runtime_flags(p)
     p.add_argument("--mode", choices=("train", "test"), default="train",
                    help="train: fit, test and save a checkpoint; test: score with --checkpoint (its config)")
     p.add_argument("--checkpoint", default=None)

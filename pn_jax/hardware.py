@@ -83,3 +83,18 @@ def knn_ranking(backend: str | None = None) -> dict:
         return out | {"bfloat16": True, "reason": f"CPU has native bf16 dot products ({', '.join(native)})"}
     return out | {"bfloat16": False,
                   "reason": "CPU shows no native bf16 dot products (no avx512_bf16/amx_bf16 flag): float32 ranking"}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's, SLURM's or
+    taskset's limit), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_workers() -> int:
+    """Image decode/resize threads of the input pipeline: one per usable core (PIL releases
+    the GIL while it decodes and resizes, so the threads run in parallel with the device)."""
+    return usable_cores()

@@ -307,3 +307,32 @@ def evaluate_all(res: dict, has_masks: bool) -> dict:
         out[key] = evaluate(sc, res["labels"], res["maps"][key] if has_masks else None,
                                     res["masks"] if has_masks else None)
     return out
+
+
+def per_defect_type(image_scores, image_labels, defects, anomaly_maps=None, masks=None, *,
+                    fpr_limit: float = 0.3) -> dict[str, dict]:
+    """{defect type: metrics} (percent), each on the normal test images plus that type's
+    images (the MVTec AD per-type protocol: which defect types a detector misses). Image
+    AUROC always; pixel AUROC and AUPRO where maps and masks are given. "n": that type's count."""
+    scores = np.asarray(image_scores)
+    labels = _as_binary(image_labels, "image_labels")
+    defects = np.asarray(defects, dtype=str)
+    if not scores.shape == labels.shape == defects.shape or scores.ndim != 1:
+        raise ValueError(f"image_scores {scores.shape}, image_labels {labels.shape} and defects "
+                         f"{defects.shape} must all be [N]")
+    if (anomaly_maps is None) != (masks is None):
+        raise ValueError("give both anomaly_maps and masks, or neither")
+    out = {}
+    for d in sorted(set(defects[labels].tolist())):
+        keep = ~labels | (defects == d)
+        m = {"n": int(np.sum(labels & (defects == d)))}
+        with warnings.catch_warnings():  # a type with no normal images is NaN, said once by evaluate
+            warnings.simplefilter("ignore", RuntimeWarning)
+            full = evaluate(scores[keep], labels[keep],
+                            None if anomaly_maps is None else np.asarray(anomaly_maps)[keep],
+                            None if masks is None else np.asarray(masks)[keep], fpr_limit=fpr_limit)
+        m["mAUROC_sp_max"] = full["mAUROC_sp_max"]
+        if anomaly_maps is not None:
+            m["mAUROC_px"], m["mAUPRO_px"] = full["mAUROC_px"], full["mAUPRO_px"]
+        out[d] = m
+    return out

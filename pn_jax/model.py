@@ -144,11 +144,14 @@ class Model:
     def input_size(self) -> int:
         return self.cfg.data.crop_size if self.cfg.data.resize_mode == "patchcore" else self.cfg.data.image_size
 
-    def batches(self, source, *, num_workers: int = 2) -> Iterator[dict]:
+    def batches(self, source, *, num_workers: int | None = None) -> Iterator[dict]:
         """Preprocessed batches of a data source (list of records, `Source`, tfds source),
-        decoded by `num_workers` threads while the device works on the previous batch."""
+        decoded by `num_workers` threads (default: one per usable core) while the device works
+        on the previous batch."""
+        from pn_jax import hardware
         from pn_jax.data import pipeline
 
+        num_workers = hardware.decode_workers() if num_workers is None else num_workers
         d = self.cfg.data
         return pipeline.make_batches(source, image_size=d.image_size, mean=self.mean, std=self.std,
                                      batch_size=self.cfg.batch_size, resize_mode=d.resize_mode,
@@ -232,13 +235,14 @@ class Model:
 
     # -- the user's call -------------------------------------------------------------------
     def predict_iter(self, inputs, *, progress: bool = True, maps: bool = True,
-                     num_workers: int = 2) -> Iterator[dict]:
+                     num_workers: int | None = None) -> Iterator[dict]:
         """Stream predictions, one dict per input, in input order: {"name", "score",
         "normalized", "label", "error", "image" (RGB uint8), "anomaly_map", ...}. Decoding and
-        resizing run on `num_workers` threads while the device scores the previous batch;
-        only a few batches are ever held in memory."""
-        from pn_jax import imageread
+        resizing run on `num_workers` threads (default: one per usable core) while the device
+        scores the previous batch; only a few batches are ever held in memory."""
+        from pn_jax import hardware, imageread
 
+        num_workers = hardware.decode_workers() if num_workers is None else num_workers
         items = inputs if isinstance(inputs, list) and inputs and isinstance(inputs[0], Item) else as_items(inputs)
         bs = self.cfg.batch_size
         thr = self.threshold

@@ -6,9 +6,9 @@ import os
 import time
 import numpy as np
 
-from pn_jax import fitting, hardware, metrics, viz
+from pn_jax import fitting, hardware, metrics, report_data, viz
 from pn_jax.batches import MAP_TITLES, score_source
-from pn_jax.detector import ABLATION_VARIANTS
+from pn_jax.detector import ABLATION_VARIANTS, default_variant
 from pn_jax.timing import Timer
 from pn_jax.config import Config
 
@@ -165,11 +165,16 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
     if test_src is not None and len(test_src):
         masks = has_masks(cfg, test_src)
         variants = (None,) + (ABLATION_VARIANTS if ablation else ())
+        gallery = report_data.Gallery(report_data.N_GALLERY, models[main_key].mean, models[main_key].std)
         res = score_source({main_key: models[main_key], **models}, test_src, timer,
-                           variants=variants, keep_maps=masks, n_figures=n_figures)
+                           variants=variants, keep_maps=masks, n_figures=n_figures, gallery=gallery)
         with timer("metrics_s"):
             allm = metrics.evaluate_all(res, masks)
+            entry["per_defect_type"] = _per_defect_type(res, (main_key, None), masks)
         entry["metrics"] = allm[(main_key, None)]
+        with timer("report_data_s"):
+            report_data.save_category_data(out_dir, category, report_data.category_data(
+                res, main_key, default_variant(models[main_key].cfg), masks, gallery))
         entry["at_threshold"] = threshold_metrics(res["scores"][(main_key, None)], res["labels"],
                                                   models[main_key].threshold)
         entry["figures"] = write_figures(res["figures"], os.path.join(out_dir, "figures", category),
@@ -190,13 +195,16 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         entry["_test"] = res
         entry["throughput"] = {"test_images_per_s": len(res["labels"]) / max(
             timer.get("extract_test_s", 0) + timer.get("score_s", 0), 1e-9)}
+    else:
+        report_data.save_category_data(out_dir, category, None)  # no test split: no stale page data
     timer["total_s"] = time.perf_counter() - t_start
     ext = models[main_key]._extractor  # seconds inside the backbone / aggregation, this run
     if ext is not None:
         timer["backbone_s"] = ext.timings["backbone_s"] - t_ext["backbone_s"]
         timer["aggregate_s"] = ext.timings["aggregate_s"] - t_ext["aggregate_s"]
         counts["backbone_batches"] = ext.timings["batches"] - t_ext["batches"]
-    entry.update({"timings": dict(timer), "counts": counts, "config": cfg.to_dict(), **extra})
+    entry.update({"timings": dict(timer), "stages": timer.stages(), "counts": counts, "config": cfg.to_dict(),
+                  **extra})
     entry["_models"] = models
     entry["_states"] = {k: m.state for k, m in models.items()}
     return entry
@@ -218,32 +226,43 @@ def run_unified(cfg: Config, categories: list[str], out_dir: str, *, checkpoint_
     model.provenance["unified"] = True
     if checkpoint_dir:
         model.save(checkpoint_dir)
-    fit_timings = dict(timer)
+    fit_timings, fit_stages = dict(timer), timer.stages()
     variants = (None,) + (ABLATION_VARIANTS if ablation else ())
     entries = []
     for c in categories:
         t = Timer()
         masks = has_masks(cfg, sources[c]["test"])
+        gallery = report_data.Gallery(report_data.N_GALLERY, model.mean, model.std)
         res = score_source({"unified": model}, sources[c]["test"], t, variants=variants, keep_maps=masks,
-                           n_figures=n_figures)
+                           n_figures=n_figures, gallery=gallery)
         allm = metrics.evaluate_all(res, masks)
+        with t("report_data_s"):
+            report_data.save_category_data(out_dir, c, report_data.category_data(
+                res, "unified", default_variant(model.cfg), masks, gallery))
         entry = {"category": c, "mode": "unified", "metrics": allm[("unified", None)],
                  "threshold": model.threshold,
                  "at_threshold": threshold_metrics(res["scores"][("unified", None)], res["labels"], model.threshold),
                  "timings": {**{f"shared_{k}": v for k, v in fit_timings.items()}, **t},
+                 "stages": {**{f"shared_{k}": v for k, v in fit_stages.items()}, **t.stages()},
                  "counts": {"train": sum(len(s["train"]) for s in sources.values()), "test": len(res["labels"]),
                             "test_anomalous": int(res["labels"].sum()), "bank": model.provenance["bank_size"],
                             "train_patches": model.provenance["train_patches"],
                             "categories_in_bank": len(categories)},
                  "figures": write_figures(res["figures"], os.path.join(out_dir, "figures", c), model.mean,
                                           model.std, c),
-                 "config": cfg.to_dict()}
+                 "config": cfg.to_dict(), "per_defect_type": _per_defect_type(res, ("unified", None), masks)}
         if ablation:
             entry["ablation"] = {v: allm[("unified", v)] for v in variants[1:]}
         entries.append(entry)
     log(f"unified bank over {len(categories)} categories: {model.provenance['bank_size']} entries from "
         f"{model.provenance['train_patches']} patches; total {time.perf_counter() - t_start:.1f}s")
     return entries
+
+
+def _per_defect_type(res: dict, key, masks: bool) -> dict:
+    """Per-defect-type image AUROC (and pixel AUROC / AUPRO with masks) of one score."""
+    return metrics.per_defect_type(res["scores"][key], res["labels"], res["defects"],
+                                   res["maps"][key] if masks else None, res["masks"] if masks else None)
 
 
 def _concat_sources(sources: list, split: str):

@@ -268,7 +268,10 @@ def test_every_flag_has_a_test_mode_rule(parser):
     test_mode = {  # every flag of the two parsers, and what test mode does with it
         "applied": set(flags.APPLIED_IN_TEST) | {"checkpoint", "mode", "out", "figures", "ablation", "category",
                                                "data_root", "test_dir", "max_test", "no_masks", "download",
-                                               "data_backend", "tfds_dir"},
+                                               "data_backend", "tfds_dir",
+                                               # how the run executes (tests/test_distributed.py, test_stages.py)
+                                               "distributed", "coordinator", "num_processes", "process_id",
+                                               "no_compile_cache"},
         "refused unless the checkpoint's own": set(flags.FIXED_IN_TEST) | {"dataset", "unified"},
         "refused": {"train_dir", "max_train", "tune"},
     }

@@ -137,6 +137,16 @@ def test_tiny_end_to_end(tmp_path):
     md = (out / "bench.md").read_text()
     assert md.startswith("# pn_jax benchmark") and ("| PASS |" in md or "| FAIL |" in md)
     assert (out / "bench.png").stat().st_size > 0
+    # Every stage's wall, compile and run seconds and CPU, and images/s of fit and test: the
+    # cold run started with an empty compilation cache of its own, so it compiled.
+    assert h["compile_cache"] == str(out / "compile_cache" / "jax_compilation_cache")
+    for st in h["stages"].values():
+        assert st["run_s"] == pytest.approx(st["wall_s"] - st["compile_s"]) and st["compile_s"] >= 0
+    assert h["stages"]["coreset_s"]["compile_s"] > 0
+    fit_s = sum(h["timings"].get(k) or 0 for k in bench.FIT_STAGES)
+    assert on_disk["throughput"]["cold_fit_images_per_s"] == pytest.approx(
+        (h["counts"]["train"] + h["counts"]["holdout"]) / fit_s)
+    assert "| stage | wall s | compile s | run s | CPU |" in md
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@
         batch["mask"]   # float32 [B, S, S] in {0, 1}; zeros where a record has no mask
         batch["label"]  # int32 [B]
         batch["name"]   # str array [B]
+        batch["defect"] # str array [B]: the defect type ("good" for normal)
 The last batch may be smaller than batch_size (no drop_remainder): the caller pads it.
 `load_folders` (pn_jax.data.folder) gives the same Sources for a plain folder of good images.
 """
@@ -64,14 +65,16 @@ def preprocess_record(record: dict, *, image_size: int, mean, std, resize_mode: 
     else:
         mask = preprocess.resize_mask(np.asarray(r["mask"]), image_size, resize_mode, crop_size)
     return {"image": preprocess.normalize(image, mean, std), "mask": mask,
-            "label": np.int32(r["label"]), "name": str(r["name"])}
+            "label": np.int32(r["label"]), "name": str(r["name"]),
+            "defect": str(r.get("defect") or ("good" if int(r["label"]) == 0 else "anomalous"))}
 
 
 def _collate(items: Sequence[dict]) -> dict[str, np.ndarray]:
     return {"image": np.stack([x["image"] for x in items]),
             "mask": np.stack([x["mask"] for x in items]),
             "label": np.array([x["label"] for x in items], np.int32),
-            "name": np.array([x["name"] for x in items], dtype=str)}
+            "name": np.array([x["name"] for x in items], dtype=str),
+            "defect": np.array([x["defect"] for x in items], dtype=str)}
 
 
 def make_batches(source, *, image_size: int, mean, std, batch_size: int,

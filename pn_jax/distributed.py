@@ -1,0 +1,204 @@
+"""Scale-out across processes with JAX's own multi-controller runtime (SPEC 2.9).
+
+    pn-jax fit --distributed --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0 ...   # host 0
+    pn-jax fit --distributed --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 1 ...   # host 1
+    pn-jax fit --distributed ...      # SLURM, Open MPI, a TPU pod slice, or JAX_COORDINATOR_ADDRESS
+
+`jax.distributed.initialize` joins the processes; `jax.devices()` then lists every process's
+devices, and the sharded coreset and k-NN of `pn_jax.sharding` run over all of them: the
+same `jax.shard_map` programs as on the devices of one process, with JAX's collectives
+between hosts (gloo on CPUs, NCCL on GPUs, ICI/DCN on TPUs). There is no protocol of our own.
+
+JAX's multi-controller model: every process runs the same program, and every computation on
+a sharded array must be entered by every process. So each process runs the whole command;
+only process 0 keeps what it writes (results.json, the checkpoint, the figures). The others
+write into a private temporary folder that is removed when they finish (their computations
+must match process 0's call for call, figures included, or a collective would wait forever),
+and print one line.
+
+Without `--coordinator/--num-processes/--process-id`, JAX's own cluster detection fills in
+what is missing (SLURM, Open MPI, Cloud TPU, `JAX_COORDINATOR_ADDRESS` with
+`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID` where the cluster sets them).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+
+import numpy as np
+
+_STATE: dict = {}
+
+
+def add_cli_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed (several processes or hosts, jax.distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run with jax.distributed: the bank and the coreset are sharded "
+                        "over every process's devices; only process 0 writes results, checkpoint and figures")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator (default: JAX's cluster detection or "
+                        "JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=_positive("--num-processes"), default=None,
+                   help="number of processes in the run (default: from the cluster)")
+    g.add_argument("--process-id", type=_nonneg("--process-id"), default=None,
+                   help="this process's rank, 0..N-1 (default: from the cluster)")
+
+
+def _positive(flag):
+    def parse(s):
+        if not s.isdigit() or int(s) < 1:
+            raise argparse.ArgumentTypeError(f"{s!r}: {flag} takes a whole number >= 1")
+        return int(s)
+    return parse
+
+
+def _nonneg(flag):
+    def parse(s):
+        if not s.isdigit():
+            raise argparse.ArgumentTypeError(f"{s!r}: {flag} takes a whole number >= 0")
+        return int(s)
+    return parse
+
+
+def check_flags(a) -> dict | None:
+    """The jax.distributed arguments the flags ask for (None: not distributed), or a ValueError
+    naming the flag. Checked before anything else runs."""
+    coord, n, pid = (getattr(a, k, None) for k in ("coordinator", "num_processes", "process_id"))
+    if not getattr(a, "distributed", False):
+        given = [f for f, v in (("--coordinator", coord), ("--num-processes", n), ("--process-id", pid))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} read only with --distributed")
+        return None
+    if coord is not None:
+        host, sep, port = coord.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--coordinator {coord!r}: give HOST:PORT, e.g. 10.0.0.1:1234 (port 1..65535)")
+    if pid is not None and n is not None and pid >= n:
+        raise ValueError(f"--process-id {pid} is out of range: --num-processes {n} takes ids 0..{n - 1}")
+    return {"coordinator_address": coord, "num_processes": n, "process_id": pid}
+
+
+def initialize(args: dict) -> dict:
+    """Join the run (before any JAX computation). CPU processes talk through gloo."""
+    import jax
+
+    try:
+        jax.distributed.initialize(**args)
+    except (ValueError, TypeError) as e:
+        missing = [f for f, k in (("--coordinator", "coordinator_address"), ("--num-processes", "num_processes"),
+                                  ("--process-id", "process_id")) if args.get(k) is None]
+        hint = (f"; no cluster was detected to supply {', '.join(missing)}: give them" if missing else "")
+        raise ValueError(f"--distributed: jax.distributed.initialize failed: {str(e).rstrip('.')}{hint}") from None
+    except RuntimeError as e:
+        raise ValueError(f"--distributed: jax.distributed.initialize failed: {e}") from None
+    # Before the first computation creates the CPU backend: its collectives go through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _STATE.update(process_id=jax.process_index(), num_processes=jax.process_count())
+    return info()
+
+
+def active() -> bool:
+    return _STATE.get("num_processes", 1) > 1
+
+
+def is_primary() -> bool:
+    """Process 0 (or the only process): the one that keeps what it writes."""
+    return _STATE.get("process_id", 0) == 0
+
+
+def info() -> dict:
+    """What results.json records about the processes of this run."""
+    import jax
+
+    if not _STATE:
+        return {"processes": 1}
+    return {"processes": jax.process_count(), "process_id": jax.process_index(),
+            "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+            "platform": jax.devices()[0].platform}
+
+
+def scratch_dir() -> str:
+    """A private folder for what a non-primary process writes; removed by `cleanup`."""
+    if "scratch" not in _STATE:
+        _STATE["scratch"] = tempfile.mkdtemp(prefix=f"pn_jax-process{_STATE.get('process_id', 0)}-")
+    return _STATE["scratch"]
+
+
+def cleanup() -> None:
+    path = _STATE.pop("scratch", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def orbax_options():
+    """Orbax's options for a checkpoint that this process reads or writes alone (a pn_jax
+    checkpoint holds host arrays; without this Orbax waits at barriers for every process)."""
+    import orbax.checkpoint as ocp
+
+    if not active():
+        return ocp.options.MultiprocessingOptions()
+    pid = _STATE["process_id"]
+    return ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid},
+                                              barrier_sync_key_prefix=f"pn_jax_p{pid}")
+
+
+def bank_bytes_per_row(dim: int, dtype_bytes: int = 4) -> dict:
+    """Device bytes one memory-bank row costs where it lives, from its dimension D and dtype:
+    `stored`: the row itself (D values); `search`: what the exact sharded search adds while
+    it runs (`knn.augment_rows`: [-2b, |b|^2] padded to D + knn.AUG float32 columns);
+    `coreset`: one training patch in the sharded greedy loop (its `coreset_proj_dim`=128
+    float32 projection; per training patch, not per bank row). A host with P of the run's
+    devices holds P / n_devices of the bank's rows."""
+    from pn_jax import knn
+
+    return {"stored": dim * dtype_bytes, "search": (dim + knn.AUG) * 4, "coreset": 128 * 4}
+
+
+def check_devices(flag: str | None, n_global: int) -> str:
+    """The --devices value of a distributed run: every device of every process (a mesh that
+    left out a process's devices would leave that process nothing to compute)."""
+    if flag is None or flag == "all" or (flag.isdigit() and int(flag) == n_global):
+        return "all"
+    raise ValueError(f"--devices {flag}: a --distributed run shards the bank over every device of every process "
+                     f"({n_global} here); drop --devices or give --devices all")
+
+
+# Images per process in one all-gather of features: the gather holds processes x GATHER_IMAGES
+# x N x D float32 on each device (2 processes x 8 x 1024 x 1024: 64 MB).
+GATHER_IMAGES = 8
+
+
+def extract(model, source, *, desc: str = "features"):
+    """Patch features [n, N, D] (host float32) of every image of `source`, the backbone's work
+    split over the processes: process p extracts the p-th contiguous block of images (block
+    sizes differ by at most one), and the blocks are all-gathered, a few images at a time,
+    into every process's copy (the fit needs them all: the coreset, the leave-one-image-out
+    calibration, the threshold). One process, or fewer images than processes: `Model.extract`."""
+    n, n_proc = len(source), _STATE.get("num_processes", 1)
+    if n_proc == 1 or n < n_proc:
+        return model.extract(source, desc=desc)
+    from jax.experimental import multihost_utils
+
+    from pn_jax.data import records
+
+    bounds = np.cumsum([0] + [n // n_proc + (p < n % n_proc) for p in range(n_proc)])
+    lo, hi = int(bounds[_STATE["process_id"]]), int(bounds[_STATE["process_id"] + 1])
+    names = getattr(source, "names", None)
+    block = records.Source(hi - lo, lambda i: source[lo + i],
+                           names[lo:hi] if names is not None else [str(i) for i in range(lo, hi)],
+                           dataset=getattr(source, "dataset", "user"), category=getattr(source, "category", "user"),
+                           split=getattr(source, "split", "train"))
+    local = model.extract(block, desc=desc)
+    per = int(np.max(np.diff(bounds)))
+    out = np.empty((n,) + local.shape[1:], np.float32)
+    for c in range(0, per, GATHER_IMAGES):  # every process joins the same number of gathers
+        part = np.zeros((GATHER_IMAGES,) + local.shape[1:], np.float32)
+        rows = local[c:c + GATHER_IMAGES]
+        part[:len(rows)] = rows
+        got = multihost_utils.process_allgather(part)  # [n_proc, GATHER_IMAGES, N, D]
+        for p in range(n_proc):
+            take = max(0, min(GATHER_IMAGES, int(bounds[p + 1] - bounds[p]) - c))
+            out[bounds[p] + c:bounds[p] + c + take] = got[p, :take]
+    return out

@@ -1,0 +1,31 @@
+"""`python tests/distributed_worker.py DUMP.npz <experiments.run flags>`: runs
+`experiments.run` and, in the process that writes results (process 0, or the only one),
+dumps what tests/test_distributed.py compares: the memory bank (the coreset's rows, in
+selection order), which training image each entry came from, and every test image score."""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pn_jax import cli, distributed, runner  # noqa: E402
+
+DUMP = sys.argv[1]
+_real = runner.run_category
+
+
+def _spy(*args, **kwargs):
+    entry = _real(*args, **kwargs)
+    if distributed.is_primary():
+        model = entry["_models"][next(iter(entry["_models"]))]
+        res = entry["_test"]
+        np.savez(DUMP, bank=np.asarray(model.state.bank), dims=np.asarray(model.state.dims),
+                 bank_owner=np.asarray(model.bank_owner) if getattr(model, "bank_owner", None) is not None
+                 else np.zeros(0), scores=np.asarray(res["scores"][next(iter(res["scores"]))]),
+                 labels=np.asarray(res["labels"]))
+    return entry
+
+
+runner.run_category = _spy
+sys.exit(cli.run_main(sys.argv[2:]))

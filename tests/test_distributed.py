@@ -1,0 +1,210 @@
+"""Two CPU processes on localhost (jax.distributed, gloo collectives) against one process:
+the same coreset, the same test scores, the same metrics (SPEC 2.9, issue 25). The bank
+and the coreset are sharded over both processes' devices; each process is a fresh Python
+started and stopped here, bounded in time."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import run
+from pn_jax import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
+TINY = ["--dataset", "synthetic", "--category", "synthetic", "--image-size", "64", "--embed-dim", "64",
+        "--coreset-ratio", "0.1", "--k", "3", "--batch-size", "4", "--figures", "2", "--max-train", "12",
+        "--max-test", "16"]
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(tmp, name: str, args: list[str]):
+    """Run the worker as processes 0 and 1 of one jax.distributed run; (stdout, stderr) of each."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    procs = []
+    for pid in (0, 1):
+        cmd = [sys.executable, WORKER, str(tmp / f"{name}.npz"), *args, "--distributed",
+               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=ROOT))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=TIMEOUT_S))
+    finally:
+        for p in procs:  # never leave a process behind (a peer waiting on a collective)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, f"process exited {p.returncode}:\n{o[-3000:]}\n{e[-3000:]}"
+    return outs
+
+
+def _one_process(tmp, name: str, args: list[str]):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, WORKER, str(tmp / f"{name}.npz"), *args], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=TIMEOUT_S)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    data = ["--data-root", str(tmp / "data")]
+    from pn_jax.data import pipeline
+
+    pipeline.ensure_synthetic(str(tmp / "data"))  # written once, before two processes read it
+    _one_process(tmp, "one_fit", TINY + data + ["--out", str(tmp / "one")])
+    outs = _two_processes(tmp, "two_fit", TINY + data + ["--out", str(tmp / "two")])
+    return tmp, data, outs
+
+
+def _load(tmp, name):
+    return dict(np.load(tmp / f"{name}.npz"))
+
+
+def test_two_processes_give_the_one_process_coreset_scores_and_metrics(runs):
+    tmp, _, _ = runs
+    one, two = _load(tmp, "one_fit"), _load(tmp, "two_fit")
+    assert one["bank"].shape[0] >= 3
+    for key in ("bank", "bank_owner", "dims", "scores", "labels"):
+        np.testing.assert_array_equal(two[key], one[key], err_msg=key)
+    r1 = json.load(open(tmp / "one" / "results.json"))
+    r2 = json.load(open(tmp / "two" / "results.json"))
+    e1, e2 = r1["categories"]["synthetic"], r2["categories"]["synthetic"]
+    assert e2["metrics"] == e1["metrics"]
+    assert e2["threshold"] == e1["threshold"]
+    assert e2["at_threshold"] == e1["at_threshold"]
+    # The run really spanned two processes: the bank was sharded over both processes' devices.
+    assert r2["runtime"]["processes"]["processes"] == 2 and r2["runtime"]["processes"]["devices"] == 2
+    assert e2["config"]["devices"] == 2 and e1["config"]["devices"] == 1
+    assert r1["runtime"]["processes"] == {"processes": 1}
+    # The backbone's work was split: process 0 extracted 6 of the 12 training images (2 batches
+    # of 4 instead of 3); the threshold and test stages extract every image in each process.
+    assert e1["counts"]["backbone_batches"] - e2["counts"]["backbone_batches"] == -(-12 // 4) - (-(-6 // 4))
+
+
+def test_only_process_zero_writes_and_the_other_prints_one_line(runs):
+    tmp, _, outs = runs
+    assert (tmp / "two" / "results.json").is_file()
+    assert (tmp / "two" / "checkpoint" / "synthetic" / "meta.json").is_file()
+    assert any((tmp / "two" / "figures" / "synthetic").iterdir())
+    ours = [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")]  # gloo's own C++ line
+    assert len(ours) == 1 and ours[0].startswith("distributed: process 1 of 2 done"), outs[1][0]
+    assert "mAUROC_sp_max" in outs[0][0]  # process 0 prints the table
+
+
+def test_checkpoints_move_between_one_and_two_processes(runs):
+    tmp, data, _ = runs
+    one = _load(tmp, "one_fit")
+    # A distributed fit's checkpoint scored by one process ...
+    _one_process(tmp, "one_test", TINY[:-4] + ["--max-test", "16"] + data + [
+        "--out", str(tmp / "one_test"), "--mode", "test", "--checkpoint", str(tmp / "two" / "checkpoint" / "synthetic")])
+    # ... and a one-process checkpoint scored by two processes over a bank sharded across them.
+    _two_processes(tmp, "two_test", TINY[:-4] + ["--max-test", "16"] + data + [
+        "--out", str(tmp / "two_test"), "--mode", "test", "--checkpoint", str(tmp / "one" / "checkpoint" / "synthetic")])
+    for name in ("one_test", "two_test"):
+        got = _load(tmp, name)
+        np.testing.assert_array_equal(got["bank"], one["bank"], err_msg=name)
+        np.testing.assert_array_equal(got["scores"], one["scores"], err_msg=name)
+    r = json.load(open(tmp / "two_test" / "results.json"))
+    assert r["runtime"]["processes"]["processes"] == 2
+    assert r["categories"]["synthetic"]["metrics"] == json.load(open(tmp / "one" / "results.json"))[
+        "categories"]["synthetic"]["metrics"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--coordinator", "127.0.0.1:1234"], "--coordinator"),
+    (["--process-id", "0"], "--process-id"),
+    (["--distributed", "--coordinator", "nohost"], "--coordinator"),
+    (["--distributed", "--coordinator", "h:99999"], "--coordinator"),
+    (["--distributed", "--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+])
+def test_bad_distributed_flags_are_refused_by_name(argv, flag, tmp_path, capsys):
+    assert run.main(TINY + ["--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not distributed.active()
+
+
+def test_a_distributed_run_spans_every_device_of_every_process():
+    assert distributed.check_devices(None, 4) == "all" and distributed.check_devices("4", 4) == "all"
+    assert distributed.check_devices("all", 4) == "all"
+    with pytest.raises(ValueError, match="--devices 2"):
+        distributed.check_devices("2", 4)  # would leave a process without a device
+
+
+@pytest.mark.parametrize("argv", [["--num-processes", "0"], ["--process-id", "-1"]])
+def test_bad_distributed_numbers_are_refused_by_argparse(argv, capsys):
+    with pytest.raises(SystemExit):
+        run.main(TINY + ["--distributed", *argv])
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_distributed_without_a_cluster_names_the_missing_flags(tmp_path, capsys, monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "JAX_NUM_PROCESSES"):
+        monkeypatch.delenv(var, raising=False)
+    called = {}
+
+    def fake_initialize(**kw):  # what jax.distributed.initialize raises where no cluster is detected
+        called.update(kw)
+        raise ValueError("coordinator_address should be defined.")
+
+    import jax
+
+    monkeypatch.setattr(jax.distributed, "initialize", fake_initialize)
+    assert run.main(TINY + ["--out", str(tmp_path), "--distributed"]) == 2
+    err = capsys.readouterr().err
+    assert "--coordinator" in err and "--num-processes" in err and "--process-id" in err
+    assert called == {"coordinator_address": None, "num_processes": None, "process_id": None}
+
+
+def test_split_extraction_reassembles_every_image_in_order(monkeypatch):
+    """distributed.extract with 3 processes, 7 images (blocks of 3, 2, 2) and gathers of 2
+    images per process, simulated in one process: each process's block is what it would have
+    extracted; the result is every image's features in source order."""
+    from jax.experimental import multihost_utils
+
+    n_img, n_proc = 7, 3
+    feats_of = lambda i: np.full((4, 5), float(i), np.float32) + np.arange(20, dtype=np.float32).reshape(4, 5)  # noqa: E731
+    blocks = [(0, 3), (3, 5), (5, 7)]
+
+    class FakeModel:
+        def extract(self, source, desc=""):
+            return np.stack([feats_of(int(source[i])) for i in range(len(source))])
+
+    source = [str(i) for i in range(n_img)]  # a record is its own index
+    calls = []
+    for pid in range(n_proc):
+        state = {"num_processes": n_proc, "process_id": pid}
+        monkeypatch.setattr(distributed, "_STATE", state)
+        monkeypatch.setattr(distributed, "GATHER_IMAGES", 2)
+
+        def allgather(part, pid=pid):
+            c = 2 * sum(1 for p_, _ in calls if p_ == pid)  # the c-th gather of this process
+            calls.append((pid, c))
+            out = np.zeros((n_proc,) + part.shape, np.float32)
+            for p, (lo, hi) in enumerate(blocks):
+                rows = [feats_of(i) for i in range(lo + c, min(hi, lo + c + 2))]
+                if rows:
+                    out[p, :len(rows)] = np.stack(rows)
+            np.testing.assert_array_equal(out[pid], part)  # what this process contributed
+            return out
+
+        monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+        got = distributed.extract(FakeModel(), source)
+        np.testing.assert_array_equal(got, np.stack([feats_of(i) for i in range(n_img)]))
+    assert len(calls) == n_proc * 2  # ceil(3 / 2) gathers in every process, the short blocks too
