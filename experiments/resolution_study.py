@@ -125,9 +125,10 @@ def _p(x):
 def table(doc: dict) -> str:
     L = [f"CPU: {doc['cpu']}. `--max-memory {doc['max_memory_gb']:g}`, tiles overlap {doc['tile_overlap']} px. "
          "I / P / PRO: image AUROC, pixel AUROC, AUPRO (%); s/img: wall time of the fresh process "
-         "(compilation included) / (train + test images).", "",
+         "(compilation included) / (train + test images), at the machine's load average (shared: other "
+         "jobs ran beside it).", "",
          "| dataset | setting | train / test | patches/img | PatchCore I / P / PRO | default I / P / PRO | s/img | "
-         "peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+         "load | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if "error" in r:
             L.append(f"| {r['dataset']} | {r['setting']} | failed: {r['error'].splitlines()[-1][:80]} |||||")
@@ -136,7 +137,8 @@ def table(doc: dict) -> str:
         cell = lambda k: " / ".join(_p(m[k][x]) for x in ("mAUROC_sp_max", "mAUROC_px", "mAUPRO_px"))  # noqa: E731
         L.append(f"| {r['dataset']} | {r['setting']} | {r['n_train']} / {r['n_test']} | {r['patches_per_image']} | "
                  f"{cell('patchcore')} | "
-                 f"{cell('default')} | {r['wall_s'] / (r['n_train'] + r['n_test']):.2f} | {r['peak_rss_gb']:.2f} |")
+                 f"{cell('default')} | {r['wall_s'] / (r['n_train'] + r['n_test']):.2f} | {r['load']:.0f} | "
+                 f"{r['peak_rss_gb']:.2f} |")
     return "\n".join(L) + "\n"
 
 
@@ -149,15 +151,16 @@ def figure(doc: dict, path: Path) -> None:
     rows = [r for r in doc["rows"] if "error" not in r]
     dss = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    order = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]  # one x position per setting
     for ds in dss:
-        rs = [r for r in rows if r["dataset"] == ds]
-        x = range(len(rs))
+        rs = sorted((r for r in rows if r["dataset"] == ds), key=lambda r: order.index(r["setting"]))
+        x = [order.index(r["setting"]) for r in rs]
         for name, style in (("default", "-o"), ("patchcore", "--s")):
             axes[0].plot(x, [r["metrics"][name]["mAUROC_sp_max"] or 0 for r in rs], style,
                          label=f"{ds} {name}")
         axes[1].plot(x, [r["wall_s"] / (r["n_train"] + r["n_test"]) for r in rs], "-o", label=ds)
-        for ax in axes:
-            ax.set_xticks(list(x), [r["setting"] for r in rs], rotation=30)
+    for ax in axes:
+        ax.set_xticks(range(len(order)), order, rotation=30)
     axes[0].set_ylabel("image AUROC (%)")
     axes[1].set_ylabel("s / image (2-core CPU)")
     axes[0].legend(fontsize=7)
