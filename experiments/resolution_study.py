@@ -1,8 +1,12 @@
 """What resolution buys (issue 26): image sizes 256-1024 px and tiles of 256 px, PatchCore
 against the default score, on ELPV and on a seeded small-defect set made at 1024 px.
 
-    python -m experiments.resolution_study --out docs/resolution   # ~30 min on a 2-core CPU
-    python -m experiments.resolution_study --settings 256,512,512/t256 --datasets texture --n-train 8
+    python -m experiments.resolution_study --out docs/resolution --datasets elpv        # 20 + 20 images
+    python -m experiments.resolution_study --out docs/resolution --datasets texture,pattern --n-train 10 --n-test 12
+    python -m experiments.resolution_study --out docs/resolution   # renders every row done (kept, not rerun)
+
+(the README's rows: about 45 min on the 2-core CPU at load 4-15). A run done is kept in
+<out>/<dataset>_<setting>.row.json and not repeated; delete it to measure it again.
 
 Each (dataset, setting) runs in a fresh process (`--one`): the library fits one model (the
 default score; under `--max-memory`, so the train features stream to disk) and scores the
