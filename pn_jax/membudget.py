@@ -8,15 +8,16 @@ streams its train features to disk (`pn_jax.streaming`), so the train set costs 
 projection ([n * N, 128] float32) instead of its features ([n * N, D]); the calibration and
 validation samples (at most 32 images each, pn_jax.detector.calibration_split) are still
 held whole, and the test phase holds one map per test image (and the pixel metrics sort
-them). The constants were measured on efficientnet_lite0 (peak RSS of `experiments.run` at
-128-1024 px, README "Resolution"); they overestimate rather than under.
+them). The constants were measured on efficientnet_lite0 (the features of a batch of 8 at
+256 and 1024 px); against measured peaks the estimate was 3.77 GB for 3.68 (ELPV 512 px, 400 +
+300) and 3.8-5.3 GB for 2.8-4.2 (1024 px, tiles or not): README "Resolution and tiles".
 """
 from __future__ import annotations
 
 import math
 
 GB = 1e9
-BASE = 1.0 * GB  # python, jax, XLA:CPU, backbone weights and compiled code (measured 0.6-1.1 GB)
+BASE = 1.2 * GB  # python, jax, XLA:CPU, backbone weights and compiled code (measured 0.6-1.1 GB)
 ACT_PER_PIXEL = 200.0  # backbone activations per input pixel of a batch (bytes; measured ~130 at 1024 px)
 CHUNK_ROWS = 32768  # streaming.CHUNK: rows buffered for one projection chunk
 
