@@ -45,6 +45,7 @@ _RESERVED = ("arrays", "extra_arrays", "format_version", "created", "versions")
 COMPAT_FIELDS = (
     "data.dataset", "data.image_size", "data.resize_mode",
     "data.crop_size",  # only when either side uses resize_mode="patchcore"
+    "data.tile", "data.tile_overlap",  # the bank holds features of tiles of that size
     "model.backbone",
     "model.weights",  # only when both name a file (None: the standard location); see weights_sha256
     "model.layers", "model.pretrain_embed_dimension", "model.target_embed_dimension", "model.patchsize",
@@ -52,7 +53,7 @@ COMPAT_FIELDS = (
     # compare features of two arithmetics (on an accelerator). A checkpoint from before the field
     # loads as "highest" (config.ModelConfig.precision says why that is right).
     "model.precision",
-    "bank.coreset_ratio",
+    "bank.coreset_ratio", "bank.coreset_preselect",
     "noising.influence_ratio", "noising.dim_selection",  # the fitted dims S (not for patchcore)
 )
 _DIMS_FIELDS = ("noising.influence_ratio", "noising.dim_selection")

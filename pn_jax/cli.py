@@ -13,7 +13,8 @@ import time
 import warnings
 
 from pn_jax.flags import (DEFAULT_ROOTS, MVTEC_CATEGORIES, UsageError, apply_test_flags, build_config,
-                          build_parser, build_run_parser, data_backend, dataset_of, refuse_fit_only_flags)
+                          build_parser, build_run_parser, check_val_dir, data_backend, dataset_of,
+                          refuse_fit_only_flags)
 
 
 # ----------------------------------------------------------------------------- checks before work
@@ -123,12 +124,9 @@ def cmd_fit(a, *, experiments_mode: bool = False) -> int:
         check_writable(os.path.dirname(os.path.abspath(a.checkpoint)) or ".", "--checkpoint")
     if a.unified and (a.tune or ds == "folder"):
         raise UsageError("--unified fits one bank over several --category; it does not take --tune or --train-dir")
-    val_dir = getattr(a, "val_dir", None)
-    if val_dir:
-        if not os.path.isdir(val_dir):
-            raise UsageError(f"--val-dir {val_dir} is not a folder (give good/ and one folder per defect type)")
-        if a.unified or len(categories) > 1:
-            raise UsageError("--val-dir is one category's labelled set: give one --category (and no --unified)")
+    val_dir = check_val_dir(a, cfg, categories)
+    if a.tune and cfg.data.tile:
+        raise UsageError("--tune learns from per-patch labels on one patch grid; it does not take --tile yet")
     if a.tune and not val_dir and cfg.data.holdout_fraction == 0:
         raise UsageError("--tune fits weights on held-out normal images: add --holdout-fraction 0.2 "
                          "(by default every training image is in the bank), or give labelled defects "
@@ -310,7 +308,8 @@ def banner(cfg) -> str:
     return (f"pn_jax | dataset={cfg.data.dataset} backbone={cfg.model.backbone} layers={','.join(cfg.model.layers)} "
             f"method={cfg.noising.method} score={cfg.noising.score} influence={cfg.noising.influence} "
             f"k={cfg.noising.k} coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed} "
-            f"precision={cfg.model.precision}")
+            f"precision={cfg.model.precision}"
+            + (f" tile={cfg.data.tile} overlap={cfg.data.tile_overlap}" if cfg.data.tile else ""))
 
 
 def summary_line(e: dict, ck) -> str:

@@ -48,6 +48,11 @@ class DataConfig:
     # checkpoint means: a test run may read its data either way.
     backend: str = "direct"
     tfds_dir: str | None = None
+    # Overlapping tiles (pn_jax/tiles.py): 0 = no tiling; else each image_size image is cut
+    # into tile x tile pieces overlapping by tile_overlap px, featurised one by one, and the
+    # maps stitched back at image_size. One bank serves every tile position.
+    tile: int = 0
+    tile_overlap: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +73,10 @@ class BankConfig:
     coreset_ratio: float = 0.01
     coreset_proj_dim: int = 128
     coreset_starts: int = 10
+    # > 0: the two-stage coreset (pn_jax/coreset.py, PRESELECT_CHUNK): each chunk of 32,768
+    # train patches keeps its own greedy coreset of coreset_preselect x coreset_ratio, then the
+    # global greedy runs on those. 0 (default): the exact single greedy over all patches.
+    coreset_preselect: float = 0.0
     knn_block: int = 8192  # bank rows per k-NN matmul (one block up to M = 8192: measured 5 ms/image faster at M = 7000)
 
 
@@ -104,6 +113,11 @@ class Config:
     # Decision threshold, chosen at fit time without test labels (SPEC 6): None = F1-max on the
     # validation split; q = the (1 - q) quantile of the validation normals' image scores.
     threshold_fpr: float | None = None
+    # Bound on the run's peak resident memory, in GB (pn_jax/membudget.py): None = no bound.
+    # When set, the fit streams its train features to disk and keeps only their coreset
+    # projection in memory (pn_jax/streaming.py: the same bank, exactly), and a run estimated
+    # to exceed the bound is refused before it reads an image. How a fit runs, not what it fits.
+    max_memory_gb: float | None = None
 
     def __post_init__(self):
         validate(self)
@@ -174,18 +188,29 @@ def validate(cfg: Config) -> None:
         (len(n.score_weights) == 3, "noising.score_weights needs 3 values (influence, distance, noise)"),
         (0 < b.coreset_ratio <= 1, f"bank.coreset_ratio must be in (0, 1], got {b.coreset_ratio}"),
         (b.coreset_starts >= 1 and b.coreset_proj_dim >= 1, "bank.coreset_starts and coreset_proj_dim must be >= 1"),
+        (b.coreset_preselect == 0 or b.coreset_preselect >= 1,
+         f"bank.coreset_preselect (--coreset-preselect) must be 0 (off) or >= 1, got {b.coreset_preselect}"),
+        (b.coreset_preselect == 0 or cfg.devices == 1,
+         "bank.coreset_preselect (--coreset-preselect) runs on one device; drop --devices"),
         (len(m.layers) >= 1, "model.layers must name at least one layer"),
         (m.precision in PRECISIONS, f"model.precision must be one of {PRECISIONS}, got {m.precision!r}"),
         (d.resize_mode in RESIZE_MODES, f"data.resize_mode must be one of {RESIZE_MODES}"),
         (d.image_size >= 32, f"data.image_size must be >= 32, got {d.image_size}"),
         (0 <= d.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
+        (d.tile >= 0 and d.tile_overlap >= 0, "data.tile and data.tile_overlap must be >= 0"),
+        (d.tile or not d.tile_overlap, "data.tile_overlap needs data.tile (--tile-overlap without --tile)"),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.devices >= 1, "devices must be >= 1"),
         (cfg.threshold_fpr is None or 0 < cfg.threshold_fpr < 1, "threshold_fpr must be in (0, 1)"),
+        (cfg.max_memory_gb is None or cfg.max_memory_gb > 0, "max_memory_gb must be > 0 (--max-memory)"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    if d.tile:
+        from pn_jax import tiles
+
+        tiles.check(d.crop_size if d.resize_mode == "patchcore" else d.image_size, d.tile, d.tile_overlap)
 
 
 def tiny_config(**overrides) -> Config:

@@ -371,19 +371,69 @@ def greedy_select_stepwise(projected: jax.Array, starts: jax.Array, n_select: in
 
 
 def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim: int = 128,
-                    n_starts: int = 10, progress: bool = False, select=None, precision=HIGHEST) -> jax.Array:
+                    n_starts: int = 10, progress: bool = False, select=None, precision=HIGHEST,
+                    preselect: float = 0.0) -> jax.Array:
     """Indices of the approximate greedy coreset of features [N, D]. `select`: the greedy
     loop (default `greedy_select`; `greedy_select_stepwise` picks the same points).
-    `precision`: of the projection and every distance matmul (`pn_jax.precision`)."""
+    `precision`: of the projection and every distance matmul (`pn_jax.precision`).
+    `preselect` > 0: the two-stage coreset (`preselect_chunk`), not the exact greedy."""
     n, d = features.shape
-    n_select = n_coreset(n, ratio)
-    if n_select >= n:
+    if n_coreset(n, ratio) >= n:
         return jnp.arange(n, dtype=jnp.int32)
-    k_proj, k_start = jax.random.split(key)
+    k_proj, _ = jax.random.split(key)
     projected = project_chunked(features, random_projection(k_proj, d, proj_dim), precision=precision) \
         if proj_dim < d else jnp.asarray(features, jnp.float32)
-    starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
-    return (select or greedy_select)(projected, starts, n_select, progress=progress, precision=precision)
+    c = PRESELECT_CHUNK
+    survivors = np.concatenate([i + preselect_chunk(key, i // c, np.asarray(projected[i:i + c]), ratio, preselect,
+                                                    n_starts, precision) for i in range(0, n, c)]) if preselect else None
+    projected = projected if survivors is None else np.asarray(projected)[survivors]
+    return select_projected(key, projected, ratio, n_starts, progress=progress, select=select, precision=precision,
+                            n_total=n, survivors=survivors)
+
+
+def select_projected(key: jax.Array, projected, ratio: float, n_starts: int = 10, progress: bool = False,
+                     select=None, precision=HIGHEST, n_total: int | None = None, survivors=None) -> jax.Array:
+    """The greedy part of `coreset_indices` on points projected with `key`'s projection (a
+    streamed fit, `pn_jax.streaming`). `survivors`: the global indices of `projected`'s rows
+    after a pre-selection of `n_total` points (the bank keeps int(n_total * ratio))."""
+    n = projected.shape[0]
+    n_select = min(n, n_coreset(n if n_total is None else n_total, ratio))
+    if n_select >= n:
+        sel = jnp.arange(n, dtype=jnp.int32)
+    else:
+        _, k_start = jax.random.split(key)
+        starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
+        sel = (select or greedy_select)(jnp.asarray(projected, jnp.float32), starts, n_select, progress=progress,
+                                        precision=precision)
+    return sel if survivors is None else jnp.asarray(np.asarray(survivors)[np.asarray(sel)], jnp.int32)
+
+
+# Two-stage coreset (`bank.coreset_preselect`, issue 26): the exact greedy is quadratic in the
+# patches (16x the patches at 1024 px: 256x the cost). Each chunk of PRESELECT_CHUNK rows (the
+# projection's chunks, so streamed and in-memory fits agree) keeps its own greedy coreset of
+# `factor` x the ratio; the global greedy runs on those. Its cost: README "Resolution and tiles".
+PRESELECT_CHUNK = 32768
+
+
+def n_preselect(n_rows: int, ratio: float, factor: float) -> int:  # survivors of a chunk of n_rows
+    return min(n_rows, max(1, int(np.ceil(factor * ratio * n_rows))))
+
+
+def preselect_chunk(key, i: int, projected_chunk, ratio: float, factor: float, n_starts: int = 10,
+                    precision=HIGHEST) -> np.ndarray:
+    """Sorted local indices of chunk i's greedy coreset of `factor` x `ratio` of its rows."""
+    n = projected_chunk.shape[0]
+    keep = n_preselect(n, ratio, factor)
+    if keep >= n:
+        return np.arange(n)
+    k = jax.random.fold_in(jax.random.fold_in(key, 0x5e1ec7), i)
+    starts = jax.random.choice(k, n, (min(n_starts, n),), replace=False)
+    return np.sort(np.asarray(greedy_select(jnp.asarray(projected_chunk, jnp.float32), starts, keep,
+                                            precision=precision)))
+
+
+def projection_key(key: jax.Array) -> jax.Array:  # the key of coreset_indices(key, ...)'s projection
+    return jax.random.split(key)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))

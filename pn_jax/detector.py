@@ -22,6 +22,7 @@ from pn_jax import knn as knn_lib
 from pn_jax import maps as maps_lib
 from pn_jax import noising
 from pn_jax import precision as precision_lib
+from pn_jax import tiles
 from pn_jax.config import Config
 
 
@@ -291,13 +292,17 @@ class Scorer:
         self._flags = flags
         grid_, size, sigma = self.grid, self.size, cfg.noising.blur_sigma
 
+        lay = tiles.of_config(cfg)
+
         def build_maps(on_trace):
             def to_maps(patch):
                 on_trace()
+                if lay is not None:  # per-tile maps stitched at full size, then one blur
+                    return tiles.to_pixel_maps(patch, grid_, lay, sigma)
                 return maps_lib.to_pixel_maps(patch, grid_, size, sigma)
             return jax.jit(to_maps)
 
-        self._maps, self._maps_counter = _shared("maps", (grid_, size, sigma), build_maps)
+        self._maps, self._maps_counter = _shared("maps", (grid_, size, sigma, lay), build_maps)
 
     def _count_sharded(self):
         self._sig_counter["traces"] += 1

@@ -87,7 +87,7 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
     """The function that `export_model` serialises: uint8 images [B, S, S, 3] ->
     {"scores" [B], "normalized" [B], "labels" [B] bool, "anomaly_maps" [B, S, S],
     "threshold" []} (the threshold comes back so the loader can check the metadata's)."""
-    from pn_jax import backbones, detector, features, maps
+    from pn_jax import backbones, detector, features, maps, tiles
     from pn_jax import precision as precision_lib
 
     m = cfg.model
@@ -102,6 +102,7 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
     signals = detector.make_signal_fn(cfg, need_influence=need.influence, calibrated=need.calibrated,
                                       rerank=need.rerank, jit=False)
     grid, size, sigma = tuple(int(g) for g in grid), detector.map_size(cfg), cfg.noising.blur_sigma
+    lay = tiles.of_config(cfg)  # a tiled model: tiles cut, featurised and stitched inside the artifact
     mean = np.asarray(info.mean, np.float32)
     std = np.asarray(info.std, np.float32)
     t = np.float32(threshold)
@@ -112,6 +113,8 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
     def fn(images):
         # The same float32 arithmetic as pn_jax.data.preprocess.normalize.
         x = (images.astype(jnp.float32) / np.float32(255.0) - mean) / std
+        if lay is not None:
+            x = tiles.split(x, lay)
         # Traced inline, not as the backbone's own jit: with a symbolic batch an inner jit keeps
         # every argument, so the whole weight tree would become constants of the artifact
         # (efficientnet_lite0: 18.5 MB, of which the stages up to blocks10 take 2.8 MB).
@@ -119,13 +122,16 @@ def predict_function(cfg, state, grid, threshold: float, *, variant: str | None 
             out = backbone(x)
         fmaps = [out[layer] for layer in m.layers]
         if tuple(fmaps[0].shape[1:3]) != grid:
-            raise ExportError(f"the backbone's feature grid at {size[0]} px is {tuple(fmaps[0].shape[1:3])}, "
+            raise ExportError(f"the backbone's feature grid at {lay.tile if lay else size[0]} px is {tuple(fmaps[0].shape[1:3])}, "
                               f"but the fitted state was made on grid {grid}: the config and state disagree")
         feats = features.aggregate(fmaps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize,
                                    precision=prec)
+        if lay is not None:  # an image's tiles end to end, as Model.features lays them
+            feats = feats.reshape(images.shape[0], lay.n_tiles * feats.shape[1], feats.shape[2])
         sig = signals(state.params, state.bank, state.dims, state.stats, feats)
         patch = detector.patch_score(cfg, sig, state.stats, variant)
-        amap = maps.to_pixel_maps(patch, grid, size, sigma)
+        amap = (tiles.to_pixel_maps(patch, grid, lay, sigma) if lay is not None
+                else maps.to_pixel_maps(patch, grid, size, sigma))
         scores = detector.image_scores(cfg, patch, amap)
         normalized = scores / t
         return {"scores": scores, "normalized": normalized, "labels": scores >= t_label,
@@ -239,7 +245,9 @@ def export_model(cfg, state, grid, threshold: float, meta: dict | None, path, *,
         # "highest": float32 matmuls and convolutions (lax.Precision.HIGHEST) on every platform;
         # "fast": the platform's default (pn_jax/precision.py). Applied inside the artifact.
         "precision": cfg.model.precision,
-        "grid": [int(g) for g in grid],
+        "grid": [int(g) for g in grid],  # per tile for a tiled model
+        "tiles": ({"tile": cfg.data.tile, "overlap": cfg.data.tile_overlap, "applied": "inside the artifact"}
+                  if cfg.data.tile else None),
         "bank_size": int(state.bank.shape[0]),
         "versions": _versions(),
         "provenance": provenance,

@@ -86,9 +86,31 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         labelled.check_disjoint(validation, {"training": train, "held-out training": holdout,
                                              **(disjoint_from or {})})
     model = Model(cfg, (0, 0), None, extractor=extractor)  # grid is known after the first batch
+    store = None
+    if cfg.max_memory_gb is not None:  # refuse before any image is read; then stream (pn_jax/streaming.py)
+        from pn_jax import membudget, streaming
+
+        membudget.check(cfg, len(train))
+        if cfg.devices > 1 or jax.process_count() > 1:
+            raise model_lib.ModelError("--max-memory streams the train features on one device in one process; "
+                                       "drop --devices (and run one process)")
     t0 = time.perf_counter()
-    train_feats = distributed.extract(model, train, desc="features train")  # split over processes, if several
+    if cfg.max_memory_gb is not None:
+        # fit_state splits `key` into (coreset key, dims key): the projection is the coreset key's
+        store = train_feats = streaming.extract(model, train, jax.random.split(key)[0])
+    else:
+        train_feats = distributed.extract(model, train, desc="features train")  # split over processes, if several
     timer["extract_train_s"] = time.perf_counter() - t0
+    try:
+        return _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer,
+                         validation_variants, auto)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer, validation_variants,
+              auto) -> Model:
     holdout_feats, calib, val = None, None, None
     if holdout is not None and len(holdout):
         t0 = time.perf_counter()
@@ -158,9 +180,12 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     key = jax.random.key(cfg.seed) if key is None else key
     k_core, k_dims = jax.random.split(key)
     n_img, n_patch, dim = train_feats.shape
-    flat = train_feats.reshape(-1, dim)
+    streamed = hasattr(train_feats, "coreset")  # a streaming.FeatureStore: features on disk, projection in memory
+    flat = None if streamed else train_feats.reshape(-1, dim)
     t0 = time.perf_counter()
-    if cfg.devices > 1:
+    if streamed:
+        idx = train_feats.coreset(k_core, cfg)
+    elif cfg.devices > 1:
         from pn_jax import sharding
 
         mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
@@ -169,9 +194,9 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     else:
         idx = coreset_lib.coreset_indices(k_core, flat, cfg.bank.coreset_ratio,
                                           cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True,
-                                          precision=precision_lib.of(cfg))
+                                          precision=precision_lib.of(cfg), preselect=cfg.bank.coreset_preselect)
     idx = np.asarray(idx)
-    bank = jnp.asarray(flat[idx])
+    bank = jnp.asarray(train_feats.rows(idx) if streamed else flat[idx])
     bank_owner = (idx // n_patch).astype(np.int32)
     t_core = time.perf_counter() - t0
     if bank.shape[0] < cfg.noising.k:
@@ -224,7 +249,7 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     stats = normalstats.fit_stats(cfg, params, bank, dims, calib_feats, neighbours, exclude=loo)
     t_stats = time.perf_counter() - t0
     state = detector.DetectorState(bank=bank, dims=dims, params=params, stats=stats)
-    return state, FitReport(len(flat), int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},
+    return state, FitReport(n_img * n_patch, int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},
                             bank_owner=bank_owner, calibration=info)
 
 
@@ -381,6 +406,8 @@ def tune_state(model, val_source, timer: Timer, log=print):
     on a validation source; returns (tuned state, loss curves)."""
     from pn_jax import tune as tune_lib
 
+    if model.cfg.data.tile:
+        raise ValueError("--tune learns from per-patch labels on one patch grid; it does not take --tile yet")
     feats, kept = batches.extract(model, val_source, desc="validation", keep=("mask",))
     masks = kept["mask"]
     curves = {}

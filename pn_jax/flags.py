@@ -35,7 +35,7 @@ DEFAULT_BACKBONE = {"mvtec_ad": "wide_resnet50_2", "visa": "wide_resnet50_2", "e
 DEFAULTS = dict(image_size=256, resize_mode="resize", embed_dim=1024, coreset_ratio=0.01, k=9,
                 method="propose_noising", influence="fd_fixed", influence_ratio=0.1, dim_selection="random",
                 eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.0, seed=0, batch_size=8, devices="1",
-                precision="highest")
+                precision="highest", tile=0, tile_overlap=0, coreset_preselect=0.0)
 
 
 class UsageError(ValueError):
@@ -85,6 +85,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", default=None, help="comma-separated stage names; default: the backbone's")
     g.add_argument("--image-size", type=_int("--image-size", 32, 4096), default=None, help="default 256")
     g.add_argument("--resize-mode", choices=C.RESIZE_MODES, default=None)
+    g.add_argument("--tile", type=_int("--tile", 0, 4096), default=None,
+                   help="cut each --image-size image into overlapping tiles of this size, featurise each, "
+                        "stitch the maps back (default 0: no tiles)")
+    g.add_argument("--tile-overlap", type=_int("--tile-overlap", 0, 4096), default=None,
+                   help="pixels shared by neighbouring tiles, blended by a linear ramp (default 0)")
     g.add_argument("--embed-dim", type=_int("--embed-dim", 1, 65536), default=None,
                    help="pretrain and target embedding dimension (default 1024)")
     g.add_argument("--precision", choices=C.PRECISIONS, default=None,
@@ -92,6 +97,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                         "CPU, GPU and TPU (default); fast = the backend's default (TF32 / bf16 passes on "
                         "accelerators, other digits)")
     g.add_argument("--coreset-ratio", type=_float("--coreset-ratio", 0, 1), default=None, help="default 0.01")
+    g.add_argument("--coreset-preselect", type=_float("--coreset-preselect", 0, 1e4, lo_open=False), default=None,
+                   metavar="FACTOR", help="two-stage coreset: every 32,768 train patches keep FACTOR x the ratio "
+                        "first, then the greedy runs on those (default 0: the exact greedy over all patches)")
     g.add_argument("--k", type=_int("--k", 1, 1024), default=None, help="K nearest neighbours (default 9; 1 for --method patchcore)")
     g.add_argument("--method", choices=C.METHODS, default=None)
     g.add_argument("--influence", choices=C.INFLUENCE_METHODS, default=None)
@@ -113,6 +121,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                         "(default: F1-max on validation normals + synthetic anomalies)")
     g.add_argument("--seed", type=_int("--seed", 0, 2**31 - 1), default=None)
     g.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None)
+    g.add_argument("--max-memory", type=_float("--max-memory", 0, 1e6), default=None, metavar="GB",
+                   help="bound the run's peak memory: stream the train features to disk (the same bank) and "
+                        "refuse, before reading an image, a run estimated to need more")
     g.add_argument("--devices", type=_devices, default=None,
                    help="shard the bank and coreset over this many devices ('all' = every device JAX sees)")
 
@@ -279,12 +290,15 @@ def build_config(a):
         return Config().replace(
             data={"dataset": ds, "root": root, "image_size": v["image_size"],
                   "resize_mode": v["resize_mode"], "holdout_fraction": v["holdout_fraction"],
+                  "tile": v["tile"], "tile_overlap": v["tile_overlap"],
                   **data_backend(a)},
             model={"backbone": backbone, "weights": a.weights, "layers": layers,
                    "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"],
                    "precision": v["precision"]},
-            bank={"coreset_ratio": v["coreset_ratio"]}, noising=noising, seed=v["seed"],
-            batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr)
+            bank={"coreset_ratio": v["coreset_ratio"], "coreset_preselect": v["coreset_preselect"]},
+            noising=noising, seed=v["seed"],
+            batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr,
+            max_memory_gb=getattr(a, "max_memory", None))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -311,7 +325,8 @@ def n_devices(flag: str) -> int:
     return n
 
 
-CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "embed_dim", "precision",
+CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "tile", "tile_overlap", "embed_dim",
+                "precision", "coreset_preselect", "max_memory",
                 "coreset_ratio", "k", "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm",
                 "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
 
@@ -323,9 +338,12 @@ FIXED_IN_TEST = {
     "layers": ("model.layers", "the memory bank holds features of those layers"),
     "image_size": ("data.image_size", "the memory bank holds features of images of that size"),
     "resize_mode": ("data.resize_mode", "the memory bank holds features of images of that geometry"),
+    "tile": ("data.tile", "the memory bank holds features of tiles of that size"),
+    "tile_overlap": ("data.tile_overlap", "the statistics and the threshold were fitted on maps stitched that way"),
     "embed_dim": ("model.target_embed_dimension", "the memory bank's features have that dimension"),
     "precision": ("model.precision", "the memory bank and the statistics were computed at that precision"),
     "coreset_ratio": ("bank.coreset_ratio", "the memory bank was subsampled at that ratio"),
+    "coreset_preselect": ("bank.coreset_preselect", "the memory bank was subsampled that way"),
     "k": ("noising.k", "the statistics, the noise scale and the threshold were fitted with that K"),
     "method": ("noising.method", "the statistics and the threshold were fitted for that method"),
     "influence": ("noising.influence", "the influence statistics were fitted with that estimator"),
@@ -342,7 +360,7 @@ FIXED_IN_TEST = {
 
 # Applied in test mode: they change where it runs, or re-choose the threshold from the
 # validation scores saved with the checkpoint (never from test data).
-APPLIED_IN_TEST = ("threshold_fpr", "score", "devices", "batch_size", "weights")
+APPLIED_IN_TEST = ("threshold_fpr", "score", "devices", "batch_size", "weights", "max_memory")
 
 
 def _typed_value(a, flag: str):
@@ -419,9 +437,22 @@ def apply_test_flags(model, a):
         runtime["devices"] = n_devices(a.devices)  # only where the bank is searched
     if _given(a, "batch_size"):
         runtime["batch_size"] = a.batch_size  # scores do not depend on the batch
+    if _given(a, "max_memory"):
+        runtime["max_memory_gb"] = a.max_memory  # the test run's estimate is checked against it
     if runtime:
         model.cfg = model.cfg.replace(**runtime)
     return model
+
+
+def check_val_dir(a, cfg, categories) -> str | None:
+    """--val-dir, if given: a folder, for one category on one patch grid."""
+    val_dir = getattr(a, "val_dir", None)
+    if val_dir and not os.path.isdir(val_dir):
+        raise UsageError(f"--val-dir {val_dir} is not a folder (give good/ and one folder per defect type)")
+    if val_dir and (a.unified or len(categories) > 1 or cfg.data.tile):
+        raise UsageError("--val-dir is one category's labelled set on one patch grid: give one --category "
+                         "(no --unified) and no --tile yet")
+    return val_dir
 
 
 def refuse_fit_only_flags(a) -> None:

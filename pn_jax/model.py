@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import batches, detector
+from pn_jax import batches, detector, tiles
 from pn_jax.config import Config
 
 FORMAT = "pn_jax.Model/1"
@@ -170,6 +170,13 @@ class Model:
         """Normalised images [n, S, S, 3] -> patch features [n, N, D] (on the device).
         Padded to the compiled batch size inside, so nothing recompiles for a short batch."""
         images = np.asarray(images, np.float32)
+        lay = tiles.of_config(self.cfg)
+        if lay is not None:  # an image's tiles laid end to end: [n, T * N_t, D] (pn_jax/tiles.py)
+            f = self._features(tiles.split(images, lay))
+            return f.reshape(len(images), lay.n_tiles * f.shape[1], f.shape[2])
+        return self._features(images)
+
+    def _features(self, images: np.ndarray) -> jax.Array:
         n, bs = len(images), self.cfg.batch_size
         out = [self.extractor(detector.pad_batch(images[s:s + bs], bs))[:min(bs, n - s)]
                for s in range(0, n, bs)]

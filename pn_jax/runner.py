@@ -94,6 +94,17 @@ def has_masks(cfg: Config, source) -> bool:
     return bool(found) if found is not None else cfg.data.dataset not in ("elpv",)
 
 
+def check_memory(cfg: Config, n_train: int, sources: dict) -> None:
+    """--max-memory: refuse before any image is read a run estimated not to fit (pn_jax/membudget.py)."""
+    if cfg.max_memory_gb is None:
+        return
+    from pn_jax import membudget
+
+    test = sources.get("test")
+    n_test = len(test) if test is not None else 0
+    membudget.check(cfg, n_train, n_test, pixel_metrics=bool(n_test) and has_masks(cfg, test))
+
+
 def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train",
                  checkpoint_dir: str | None = None, tune: bool = False, max_train=None, max_test=None,
                  ablation: bool = False, n_figures: int = 8, sources: dict | None = None,
@@ -121,6 +132,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
         if sources is None:
             sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
         counts = {"test": len(sources["test"])}
+        check_memory(cfg, 0, sources)  # the model's bound, or the one typed (cli.apply_test_flags)
         extra["checkpoint_counts"] = {k: v for k, v in (model.provenance.get("counts") or {}).items()
                                       if not k.startswith("test")}  # older checkpoints kept their run's test count
         models = {"checkpoint": model}
@@ -128,6 +140,7 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
     else:
         if sources is None:
             sources = load_sources(cfg, category, max_train=max_train, max_test=max_test)
+        check_memory(cfg, len(sources["train"]), sources)
         model = fitting.fit(cfg, sources["train"], holdout=sources.get("holdout"), category=category,
                             timer=timer, log=log, validation=validation, tune=tune,
                             disjoint_from={"test": sources.get("test")})
@@ -176,7 +189,8 @@ def run_category(cfg: Config, category: str, out_dir: str, *, mode: str = "train
                                                   models[main_key].threshold)
         entry["figures"] = write_figures(res["figures"], os.path.join(out_dir, "figures", category),
                                          models[main_key].mean, models[main_key].std, category)
-        if res["figures"] and models[main_key].threshold is not None:
+        # Explanations read regions off one patch grid; a tiled model's patches span T grids.
+        if res["figures"] and models[main_key].threshold is not None and not cfg.data.tile:
             with timer("explain_s"):
                 entry["explanations"], figs = explain_figures(models[main_key], res["figures"],
                                                               os.path.join(out_dir, "figures", category))
