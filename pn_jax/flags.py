@@ -140,15 +140,11 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
     if train:
         g.add_argument("--max-train", type=_int("--max-train", 1), default=None,
                        help="seeded cap on train images (quick runs)")
-        g.add_argument("--val-dir", default=None,
-                       help="labelled validation images in the --test-dir layout (good/ + one folder per defect "
-                            "type, masks optional), sharing no image with train or test: they set the threshold "
-                            "(F1-max on their defects), --score auto's choice and, with --tune, the score's "
-                            "parameters (kept only if they win in cross-validation)")
+        g.add_argument("--val-dir", default=None, help="labelled images (the --test-dir layout) for the threshold, "
+                       "--score auto and, with --tune, the score's parameters (kept if they win in CV)")
     g.add_argument("--max-test", type=_int("--max-test", 1), default=None,
                    help="seeded, label-stratified cap on test images")
-    g.add_argument("--no-masks", action="store_true", help="image metrics only, even where masks exist (test and "
-                                                            "--val-dir: no pixel terms)")
+    g.add_argument("--no-masks", action="store_true", help="image metrics only, even where masks exist")
     g.add_argument("--data-backend", choices=("direct", "tfds"), default=None,
                    help="read --dataset mvtec_ad|elpv|synthetic from the files (direct, default) or through "
                         "its tensorflow-datasets builder (array_record, no TensorFlow; the same records)")
@@ -446,13 +442,9 @@ def apply_test_flags(model, a):
 
 def check_val_dir(a, cfg, categories) -> str | None:
     """--val-dir, if given: a folder, for one category on one patch grid."""
-    val_dir = getattr(a, "val_dir", None)
-    if val_dir and not os.path.isdir(val_dir):
-        raise UsageError(f"--val-dir {val_dir} is not a folder (give good/ and one folder per defect type)")
-    if val_dir and (a.unified or len(categories) > 1 or cfg.data.tile):
-        raise UsageError("--val-dir is one category's labelled set on one patch grid: give one --category "
-                         "(no --unified) and no --tile yet")
-    return val_dir
+    if getattr(a, "val_dir", None) and (a.unified or len(categories) > 1 or cfg.data.tile):
+        raise UsageError("--val-dir is one category's labelled set: one --category, no --unified, no --tile yet")
+    return getattr(a, "val_dir", None)  # a missing folder is refused by name when it is read
 
 
 def refuse_fit_only_flags(a) -> None:
@@ -461,8 +453,7 @@ def refuse_fit_only_flags(a) -> None:
         raise UsageError("--train-dir is what a fit reads; --mode test fits nothing. To score a folder of test "
                          "images give --test-dir (good/ and one folder per defect type)")
     if getattr(a, "val_dir", None):
-        raise UsageError("--val-dir is a labelled set a fit tunes on; --mode test fits nothing (the checkpoint "
-                         "holds what was tuned; --threshold-fpr re-chooses its threshold)")
+        raise UsageError("--val-dir is read by a fit; --mode test fits nothing (the checkpoint holds what it set)")
     if getattr(a, "max_train", None) is not None:
         raise UsageError("--max-train caps the training images of a fit; --mode test fits nothing "
                          "(--max-test caps the test images)")
