@@ -46,12 +46,9 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         validation=None, tune: bool = False, disjoint_from: dict | None = None) -> Model:
     """Fit a model on normal images: a folder, paths, an array, or a data `Source`.
 
-    `validation`: a labelled set (a folder of good/ + one folder per defect type, masks
-    optional, or a labelled source; `pn_jax.labelled`). It replaces steps 4-6: the threshold
-    is F1-max on its real defects, `--score auto` chooses on it and, with `tune`, the score's
-    parameters are tuned on it (kept only when they win in cross-validation). Refused, before
-    any extraction, when it shares an image with the training images or with any source in
-    `disjoint_from` ({"test": source}).
+    `validation`: a labelled set (folder or source, `pn_jax.labelled`) instead of steps 4-6: the
+    threshold, --score auto and, with `tune`, the score's parameters (k-fold CV keep-or-drop).
+    Refused before any extraction if it shares an image with train or `disjoint_from` sources.
 
     `holdout`: normal images kept out of the bank for the fit-time statistics and the
     threshold; None splits them off `train` by `cfg.data.holdout_fraction` (seeded). `timer`
@@ -83,8 +80,7 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         from pn_jax import labelled
 
         validation = labelled.as_source(validation)
-        labelled.check_disjoint(validation, {"training": train, "held-out training": holdout,
-                                             **(disjoint_from or {})})
+        labelled.check_disjoint(validation, {"training": train, "held-out training": holdout, **(disjoint_from or {})})
     model = Model(cfg, (0, 0), None, extractor=extractor)  # grid is known after the first batch
     store = None
     if cfg.max_memory_gb is not None:  # refuse before any image is read; then stream (pn_jax/streaming.py)
@@ -103,14 +99,14 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
     timer["extract_train_s"] = time.perf_counter() - t0
     try:
         return _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer,
-                         validation_variants, auto)
+                         validation_variants, auto, validation, tune)
     finally:
         if store is not None:
             store.close()
 
 
 def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer, validation_variants,
-              auto) -> Model:
+              auto, validation=None, tune=False) -> Model:
     holdout_feats, calib, val = None, None, None
     if holdout is not None and len(holdout):
         t0 = time.perf_counter()
@@ -134,8 +130,10 @@ def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, l
         log(f"warning: {report.calibration['source']}")
     t0 = time.perf_counter()
     if validation is not None:  # 4-6 on the labelled set instead of the synthetic validation
-        del train_feats
-        model = fit_labelled(model, validation, tune=tune, auto=auto, log=log)
+        from pn_jax import labelled
+
+        model = labelled.fit_on_labelled(model, validation, tune_weights=tune, auto=auto, log=log,
+                                         choose_threshold=choose_threshold)
         timer["labelled_s"] = time.perf_counter() - t0
         return model
     if val is not None and len(val):
@@ -364,25 +362,6 @@ def choose_score(model: Model, *, log: Callable = print) -> None:
     model.calibration["auto"] = {"choice": choice, "validation_auroc": table}
     log(f"--score auto chose {choice} on validation data")
     _store_threshold(model, *model.validation[choice], model.calibration["threshold"]["validation"], log)
-
-
-# ----------------------------------------------------------------------------- 4-6 on a labelled set
-def fit_labelled(model: Model, validation, *, tune: bool = False, auto: bool = False, margin: float | None = None,
-                 log: Callable = print) -> Model:
-    """`--val-dir`: --score auto's choice and the tuned parameters from the labelled set
-    (`labelled.fit_on_labelled`), then the threshold: F1-max (or `--threshold-fpr`) on its
-    real good and defective images' scores."""
-    from pn_jax import labelled
-
-    kw = {} if margin is None else {"margin": margin}
-    model = labelled.fit_on_labelled(model, validation, tune_weights=tune, auto=auto, log=log, **kw)
-    rec = model.calibration["labelled"]
-    _store_threshold(model, *model.validation[detector.default_variant(model.cfg)],
-                     f"labelled set {rec['where']} ({rec['good']} good, {rec['defective']} defective)", log)
-    thr = model.calibration["threshold"]
-    thr["rule"] = thr["rule"].replace("synthetic anomalies", "labelled defects")
-    rec["threshold"] = dict(thr)
-    return model
 
 
 # ----------------------------------------------------------------------------- 6. --tune

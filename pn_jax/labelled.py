@@ -476,13 +476,14 @@ def labelled_features(model, source):
             names)
 
 
-def fit_on_labelled(model, validation, *, tune_weights: bool = True, auto: bool = False, seed: int | None = None,
-                    margin: float = MARGIN, log: Callable = print):
+def fit_on_labelled(model, validation, *, choose_threshold: Callable, tune_weights: bool = True, auto: bool = False,
+                    seed: int | None = None, margin: float = MARGIN, log: Callable = print):
     """What a fitted model takes from a labelled set, in order: `--score auto`'s choice (when
-    `auto`), the tuned parameters (cross-validated keep-or-drop; `tune_weights`), and the
-    labelled image scores of the scores it may use (`model.validation`), from which
-    `fitting.labelled_threshold` chooses the F1-max threshold. Recorded in
-    `model.calibration["labelled"]`. Returns the model (a new one when tuned parameters are kept)."""
+    `auto`), the tuned parameters (cross-validated keep-or-drop; `tune_weights`), the labelled
+    image scores of the scores it may use (`model.validation`) and the threshold chosen on them
+    by `choose_threshold` (`fitting.choose_threshold`: F1-max, or `--threshold-fpr`), all
+    recorded in `model.calibration["labelled"]`. Returns the model (a new one when tuned
+    parameters are kept)."""
     from pn_jax.research import select
 
     seed = model.cfg.seed if seed is None else seed
@@ -510,5 +511,11 @@ def fit_on_labelled(model, validation, *, tune_weights: bool = True, auto: bool 
     final = model.score_features(feats, scored)["variants"]
     model.validation = {v: (final[v][0][labels == 0], final[v][0][labels == 1]) for v in scored}
     record["validation_image_auroc"] = _auc(final[variant][0], labels)
+    thr, info = choose_threshold(*model.validation[variant], fpr=model.cfg.threshold_fpr)
+    where = f"labelled set {record['where']} ({record['good']} good, {record['defective']} defective)"
+    info["rule"] = info["rule"].replace("synthetic anomalies", "labelled defects")
+    model.threshold = thr
+    model.calibration["threshold"] = record["threshold"] = {**info, "value": thr, "validation": where}
     model.calibration["labelled"] = record
+    log(f"threshold {thr:.5g} ({info['rule']}; {where})")
     return model

@@ -185,8 +185,8 @@ def test_tuning_is_kept_when_the_noise_scale_hides_the_defects():
 def test_threshold_is_f1_max_on_the_labelled_defects_and_the_round_trip_keeps_what_was_tuned(fitted, data_root,
                                                                                             tmp_path):
     val = _val_dir(tmp_path, data_root)
-    m = fitting.fit_labelled(fitted.with_state(fitted.state), str(val), tune=True, margin=-1000.0,
-                             log=lambda *_: None)
+    m = labelled.fit_on_labelled(fitted.with_state(fitted.state), str(val), margin=-1000.0, log=lambda *_: None,
+                                 choose_threshold=fitting.choose_threshold)
     rec = m.calibration["labelled"]
     assert rec["tuning"]["kept"] and rec["tuning"]["tuned"] == "noise_scale"
     assert not np.allclose(m.state.params["noise_scale"], fitted.state.params["noise_scale"])
