@@ -13,6 +13,18 @@ def _no_downloads(monkeypatch):
     monkeypatch.setattr(download, "_policy", None)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _compile_cache_of_this_run(tmp_path_factory):
+    # The commands turn on JAX's persistent compilation cache (default ~/.cache/pn_jax); the
+    # suite keeps its own, empty at the start, so it never writes into the user's cache and a
+    # run here starts as cold as CI's. A PN_JAX_CACHE set by the caller is kept.
+    import os
+
+    if not os.environ.get("PN_JAX_CACHE"):
+        os.environ["PN_JAX_CACHE"] = str(tmp_path_factory.mktemp("pn_jax_cache"))
+    yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
     # Every XLA:CPU executable maps its code pages; the whole suite in one process compiles
