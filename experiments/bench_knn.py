@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import fmt, load, md_table, n_threads
+from experiments.common import fmt, load, md_table
 
 
 # ----------------------------------------------------------------------------- features
@@ -108,11 +108,11 @@ def knn_table(train, test, banks, ks, *, rounds, block, seed):
     import jax
     import jax.numpy as jnp
 
-    from pn_jax import coreset, knn
+    from pn_jax import coreset, hardware, knn
 
     try:
         import faiss
-        faiss.omp_set_num_threads(n_threads())
+        faiss.omp_set_num_threads(hardware.usable_cores())
     except ImportError:
         faiss = None
     rows = []
@@ -294,7 +294,7 @@ def main(argv=None) -> dict:
     print(table)
     doc = {"features": a.features, "n_train_patches": int(len(train)), "n_query_images": int(len(test)),
            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-           "machine": {"cpus": n_threads(), "platform": platform.platform(), "cpu": hardware.describe_cpu(),
+           "machine": {"cpus": hardware.usable_cores(), "platform": platform.platform(), "cpu": hardware.describe_cpu(),
                        "knn_ranking_default": hardware.knn_ranking()}, "args": {
                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "knn": knn_rows, "coreset": core_rows, "table": table}

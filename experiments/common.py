@@ -24,19 +24,12 @@ def load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def n_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def machine() -> dict:
     """This machine, for the JSON beside every timing."""
     import jax
 
     from pn_jax import hardware
 
-    return {"cpu": hardware.describe_cpu(), "cpus": n_threads(), "platform": platform.platform(),
+    return {"cpu": hardware.describe_cpu(), "cpus": hardware.usable_cores(), "platform": platform.platform(),
             "host": platform.node(), "jax": jax.__version__, "backend": jax.default_backend(),
             "loadavg": load(), "knn_ranking": hardware.knn_ranking()}

@@ -38,7 +38,7 @@ of single roundings around each sum (one or two U each; named where they occur).
       zero columns add exact zeros), within gamma_(D+1) (sq_b + 2 |q||b|) of sq_b - 2 q.b;
     - |q|^2 = fl(sum q_i^2), within gamma_D |q|^2.
   Adding them, |S - d^2| <= g (1 + g) ((|q| + |b|)^2 + |q|^2 + |b|^2) <= 2 g (1 + g) (|q| + |b|)^2
-  with g = gamma_(D + AUG), so with B >= max |b| (`_max_norm`, which rounds upwards)
+  with g = gamma_(D + AUG), so with B >= max |b| (`max_norm_bound`, which rounds upwards)
       err = (2 g + 4 U) (|q| + B)^2,
   where 4 U (|q| + B)^2 covers the float32 evaluation of |q|^2 + t - err itself (each of its
   two roundings is at most U (|q| + B)^2, and 2 g (1 + g) <= 2 g + U). The sqrt and the
@@ -194,7 +194,7 @@ def augment_low(bank: jax.Array, mean: jax.Array, excluded: jax.Array | None = N
     cols = cols.at[m:, 0].set(jnp.inf)
     aug = jnp.concatenate([jnp.pad(-2 * y, ((0, pad), (0, 0))), cols], axis=1)
     y_sq = jnp.einsum("md,md->m", yf, yf, precision=HIGHEST)
-    return LowBank(aug, mean.astype(jnp.float32), _max_norm(y_sq, d) * (1.0 + 4 * U32))
+    return LowBank(aug, mean.astype(jnp.float32), max_norm_bound(y_sq, d) * (1.0 + 4 * U32))
 
 
 def _top_k(x: jax.Array, n: int, barrier: bool = True):
@@ -399,7 +399,7 @@ def _refined(q, bank, t, cand, nr, k, excluded, dist_from):
     return _first_k(dc, cand[:, :nr], k)
 
 
-def _settle(queries, bank, found, chunk: int = 64):
+def settle(queries, bank, found, chunk: int = 64):
     """(distances of record, indices) from a search's (idx, proven, refined distances): the
     refined distances of the proven queries (no second gather of their k rows), `_finish` for
     the others (the few that took a fallback: compacted, `chunk` at a time; all of them when
@@ -442,7 +442,7 @@ def _search(queries, bank, k, block, excluded=None, low=False):
         check_low()
     aug, sq = augment_rows(b, excluded)
     lb = augment_low(b, jnp.mean(b.astype(jnp.float32), axis=0), excluded) if low else None
-    return _dense_search(q, b, aug, _max_norm(sq, b.shape[1]), lb, k, block, excluded, (queries, bank))
+    return _dense_search(q, b, aug, max_norm_bound(sq, b.shape[1]), lb, k, block, excluded, (queries, bank))
 
 
 def _indexed(queries, index: "BankIndex", k, block, excluded=None):
@@ -473,7 +473,7 @@ def _finish(queries, bank, idx):
     return _first_k(exact_distances(queries, bank, idx), idx, idx.shape[1])
 
 
-def _max_norm(sq: jax.Array, d: int) -> jax.Array:
+def max_norm_bound(sq: jax.Array, d: int) -> jax.Array:
     """>= max |b| from float32 squared norms (each within gamma_d of |b|^2): sqrt(1 - g) (1 + g + 4 U)
     (1 - U)^2 >= 1 covers the norms, the sqrt and the product."""
     return jnp.sqrt(jnp.max(sq)) * (1.0 + _gamma(d) + 4 * U32)
@@ -494,7 +494,7 @@ def knn(queries: jax.Array, bank: jax.Array, k: int, block: int = 4096, low: boo
     building its table per call costs about as much as the search on XLA:CPU)."""
     _check_k(k, bank.shape[0])
     # Ranking needs no gradient; distances below are differentiable through the gather.
-    return _settle(queries, bank, _search(queries, bank, k, block, low=low))
+    return settle(queries, bank, _search(queries, bank, k, block, low=low))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "low"))
@@ -510,7 +510,7 @@ def knn_excluding(queries: jax.Array, bank, excluded: jax.Array, k: int, block: 
     else:
         _check_k(k, bank.shape[0])
         found, rows = _search(queries, bank, k, block, excluded, low), bank
-    d, idx = _settle(queries, rows, found)
+    d, idx = settle(queries, rows, found)
     return jnp.where(excluded[idx], jnp.inf, d), idx
 
 
@@ -536,7 +536,7 @@ class BankIndex(NamedTuple):
 @jax.jit
 def _bank_tables(bank):
     aug, sq = augment_rows(bank)
-    return aug, _max_norm(sq, bank.shape[1]), jnp.mean(bank.astype(jnp.float32), axis=0)
+    return aug, max_norm_bound(sq, bank.shape[1]), jnp.mean(bank.astype(jnp.float32), axis=0)
 
 
 _augment_low_jit = jax.jit(augment_low)
@@ -566,7 +566,7 @@ def knn_indexed(queries: jax.Array, index: BankIndex, k: int, block: int = 8192)
     """Exact k-NN against a prepared bank: the same (distances [Q,k], indices [Q,k]) as
     `knn(queries, index.bank, k)`, bit for bit."""
     _check_k(k, index.bank.shape[0])
-    return _settle(queries, index.bank, _indexed(queries, index, k, block))
+    return settle(queries, index.bank, _indexed(queries, index, k, block))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block"))

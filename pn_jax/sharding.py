@@ -90,10 +90,10 @@ def _knn_sharded(queries, rows, k: int, block: int, n_valid: int, mesh: Mesh):
         # The exact search of this shard's rows (knn.dense_indices with its proof), pad rows
         # excluded by an infinite norm: the distances of record and indices of its k nearest.
         aug, sq = knn.augment_rows(b, pads)
-        max_norm = knn._max_norm(jnp.where(pads, 0.0, sq), b.shape[1])
+        max_norm = knn.max_norm_bound(jnp.where(pads, 0.0, sq), b.shape[1])
         found = knn.dense_indices(qf, b, aug, max_norm, k_local, block, pads, dist_from=(q, b),
                                    barrier=False)
-        d, li = knn._settle(q, b, found)
+        d, li = knn.settle(q, b, found)
         d = jnp.where(pads[li], jnp.inf, d)
         # The global k nearest are among the shards' k nearest: merge on (distance, global
         # index), the single-device tie rule. The distances are per-row computations with the

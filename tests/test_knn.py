@@ -294,7 +294,7 @@ def test_lower_bounds_hold_for_every_entry(case):
     d64 = _d64(q, bank)
     aug, sq = knn.augment_rows(jnp.asarray(bank))
     t = _rank_values(q, aug, 1)[:, :m]
-    lb = np.asarray(knn.dense_lower_bound(jnp.asarray(q), t, knn._max_norm(sq, bank.shape[1])), np.float64)
+    lb = np.asarray(knn.dense_lower_bound(jnp.asarray(q), t, knn.max_norm_bound(sq, bank.shape[1])), np.float64)
     assert np.all(lb <= d64), (lb - d64).max()
     mean = jnp.mean(jnp.asarray(bank), axis=0)
     low = knn.augment_low(jnp.asarray(bank), mean)
