@@ -228,6 +228,7 @@ def cmd_test(a) -> int:
 
 
 def cmd_predict(a) -> int:
+    from pn_jax import atomic
     from pn_jax import model as model_lib
     from pn_jax import report as report_page
     from pn_jax import report_data, viz
@@ -244,12 +245,11 @@ def cmd_predict(a) -> int:
     if model.threshold is None:
         print("warning: the checkpoint has no decision threshold; labels are empty", file=sys.stderr)
     csv_path = os.path.join(out, "predictions.csv")
-    tmp = csv_path + ".tmp"
     n_bad = n_anom = 0
     t0 = time.perf_counter()
     overlay_dir = os.path.join(out, "overlays")
     gallery, names, scores = report_data.ScoreGallery(), [], []
-    with open(tmp, "w", newline="") as fh:
+    with atomic.replacing(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=model_lib.CSV_FIELDS)
         w.writeheader()
         for i, rec in enumerate(model.predict_iter(items, maps=not a.no_overlays)):
@@ -268,7 +268,6 @@ def cmd_predict(a) -> int:
                 viz.save_overlay(os.path.join(overlay_dir, stem + ".png"), rec["image"], rec["anomaly_map"],
                                  model.threshold, f"{rec['name']}: score {rec['score']:.4g} "
                                  f"({rec['normalized']:.2f} x threshold) -> {row['label']}")
-    os.replace(tmp, csv_path)
     report_data.write_predict_data(out, names, scores, model.threshold, gallery)
     page = report_page.write_predict_page(out)
     dt = time.perf_counter() - t0

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from pn_jax import report_data  # noqa: E402
+from pn_jax import atomic, report_data  # noqa: E402
 from pn_jax.report_data import DATA_DIR, PREDICT_DATA  # noqa: E402
 
 PAGE = "report.html"
@@ -208,10 +208,8 @@ def _page(title: str, body: str) -> str:
 
 
 def _write_atomic(path: str, text: str) -> str:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
-    os.replace(tmp, path)
     return path
 
 

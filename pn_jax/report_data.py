@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from pn_jax import metrics
+from pn_jax import atomic, metrics
 
 DATA_DIR = "report"  # <run>/report/<category>.npz
 PREDICT_DATA = "report_data.npz"
@@ -121,10 +121,8 @@ def category_data(res: dict, main_key: str, configured: str, masks: bool, galler
 
 def _atomic_savez(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **data)
-    os.replace(tmp, path)
 
 
 def save_category_data(out_dir: str, category: str, data: dict | None) -> str:

@@ -6,7 +6,7 @@ import os
 import time
 import numpy as np
 
-from pn_jax import fitting, hardware, metrics, report_data, viz
+from pn_jax import atomic, fitting, hardware, metrics, report_data, viz
 from pn_jax.batches import MAP_TITLES, score_source
 from pn_jax.detector import ABLATION_VARIANTS, default_variant
 from pn_jax.timing import Timer
@@ -305,10 +305,8 @@ def write_results(path: str, entries: list[dict], extra: dict | None = None) -> 
     if undefined:
         doc["undefined"] = {p: "not defined for this data (e.g. a split with a single class, or no "
                                "pixel masks)" for p in undefined}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "w") as f:
         json.dump(doc, f, indent=2, default=json_default, allow_nan=False)
-    os.replace(tmp, path)
 
 
 def _strict(o, where: str, undefined: list):

@@ -9,6 +9,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pn_jax import atomic  # noqa: E402
+
+
+def save_png(fig, path: str, *, dpi: int) -> str:
+    """Lay out, write (creating the folder) and close a figure; returns `path`."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
 
 def denormalize(image: np.ndarray, mean, std) -> np.ndarray:
     return np.clip(image * np.asarray(std) + np.asarray(mean), 0, 1)
@@ -31,11 +42,7 @@ def save_figure(path: str, image: np.ndarray, maps: dict[str, np.ndarray], mask:
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=90)
 
 
 def plot_curves(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
@@ -52,11 +59,7 @@ def plot_curves(path: str, series: dict[str, tuple[list, list]], xlabel: str, yl
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=100)
 
 
 def save_overlay(path: str, image: np.ndarray, amap: np.ndarray, threshold: float | None, title: str) -> str:
@@ -75,8 +78,7 @@ def save_overlay(path: str, image: np.ndarray, amap: np.ndarray, threshold: floa
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
+    with atomic.replacing(path, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

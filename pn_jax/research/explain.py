@@ -171,12 +171,12 @@ def explanation_panel(ax, explanation: dict, max_regions: int = 3, top: int | No
 def save_explanation_figure(path: str, image: np.ndarray, anomaly_map: np.ndarray, labels_grid: np.ndarray,
                             explanation: dict, title: str = "") -> str:
     """image [H,W,3] in 0..1, anomaly_map [H,W], labels_grid [h,w] (from `label_grid`)."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from pn_jax import viz
 
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(7.5, 3.4), gridspec_kw={"width_ratios": [1, 1.2]})
     a0.imshow(image)
@@ -193,11 +193,7 @@ def save_explanation_figure(path: str, image: np.ndarray, anomaly_map: np.ndarra
     a0.set_title("flagged regions", fontsize=9)
     explanation_panel(a1, explanation)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return viz.save_png(fig, path, dpi=90)
 
 
 def label_grid(patch_scores, grid, threshold: float) -> np.ndarray:

@@ -143,6 +143,8 @@ def contact_sheet(path: str, images, umaps, titles, cols: int = 4) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pn_jax import viz
+
     n = len(images)
     if n == 0:
         raise ValueError("contact sheet: no images")
@@ -161,11 +163,7 @@ def contact_sheet(path: str, images, umaps, titles, cols: int = 4) -> str:
         if (u >= OUTLINE_LEVEL).any() and (u < OUTLINE_LEVEL).any():
             ax.contour(u, levels=[OUTLINE_LEVEL], colors="cyan", linewidths=1.0)
         ax.set_title(t, fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return viz.save_png(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- with a model
