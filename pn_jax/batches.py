@@ -1,12 +1,21 @@
 """The one loop over images: preprocessed batches -> backbone features on the device, used by
 fit, test, tuning, the figures and the studies (`Model.extract` collects them on the host,
 `score_source` scores each batch with every model; the feature loop over a feature array is
-`Model.score_features`). Decoding runs on worker threads while the device works on the
-previous batch (`data.pipeline.make_batches`).
+`Model.score_features`).
+
+The loop is asynchronous (issue 25). Decoding runs on worker threads (`data.pipeline`); batch
+i + 1's features are dispatched (`ahead`) before batch i is handed on, and `score_source`
+dispatches batch i's scores before it copies batch i - 1's to the host. So the host waits once
+per batch, on results whose successors are already queued: the device is never idle while
+the host converts, draws thumbnails or updates a progress bar, and XLA:CPU can run one batch's
+single-threaded parts beside the next batch's. Stage timings are taken without extra waits:
+a stage is charged the time its own code ran, its one wait included (`feature_batches`' stage:
+the wait for decoded images and the dispatch; the device time of the features lands where
+they are first waited for: `extract`'s copy to the host, `score_source`'s scores).
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -19,17 +28,65 @@ from pn_jax.timing import Timer
 MAP_TITLES = {"anomaly_maps": "anomaly map", "influence_maps": "influence map", "noise_maps": "noise map"}
 
 
+def ahead(items: Iterable, start) -> Iterator[tuple]:
+    """(item, start(item)) for every item, in order, with start(item i + 1) called before item
+    i is yielded: work that `start` dispatches to the device runs while the consumer handles
+    item i. An error in the source or in `start` surfaces at the item it belongs to, after
+    the items before it were yielded."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    prev = (prev, start(prev))
+    while True:
+        try:
+            item = next(it)
+            cur = (item, start(item))
+        except StopIteration:
+            break
+        except Exception as e:  # noqa: BLE001 - re-raised once the earlier item is handed on
+            yield prev
+            raise e
+        yield prev
+        prev = cur
+    yield prev
+
+
+class Dispatched(NamedTuple):
+    """Scores dispatched to the device (`Model.dispatch_scores`): per batch (images, device
+    outputs, {variant: (image scores, maps)})."""
+    parts: list
+    variants: tuple
+
+
+def to_host(d: Dispatched) -> dict:
+    """The host arrays of dispatched scores (`Model.score_features`' dict): one wait."""
+    host = lambda x, m: None if x is None else np.asarray(x)[:m]  # noqa: E731
+    parts = [({k: host(v, m) for k, v in dev.items()},
+              {v: (host(sc, m), host(mp, m)) for v, (sc, mp) in var.items()}) for m, dev, var in d.parts]
+    cat = lambda xs: None if xs[0] is None else (xs[0] if len(xs) == 1 else np.concatenate(xs))  # noqa: E731
+    merged = {k: cat([p[0][k] for p in parts]) for k in parts[0][0]}
+    merged["variants"] = {v: tuple(cat([p[1][v][i] for p in parts]) for i in (0, 1)) for v in d.variants}
+    return merged
+
+
 def feature_batches(model, source, *, desc: str = "features", timer: Timer | None = None,
                     stage: str = "extract_s") -> Iterator[tuple[dict, jax.Array]]:
-    """(batch, patch features [n, N, D] on the device) for every batch of `source`; with a
-    `timer`, the extraction (waited for) is added to `timer[stage]`."""
-    for batch in tqdm(model.batches(source), desc=desc, unit="batch", leave=False):
+    """(batch, patch features [n, N, D] on the device, dispatched) for every batch of
+    `source`, the next batch's features dispatched first (`ahead`). With a `timer`, the time
+    spent here (waiting for decoded images, dispatching) is added to `timer[stage]`."""
+    batches = tqdm(model.batches(source), desc=desc, unit="batch", leave=False)
+    gen = ahead(batches, lambda b: model.features(b["image"]))
+    while True:
         if timer is None:
-            yield batch, model.features(batch["image"])
-            continue
-        with timer(stage):
-            feats = jax.block_until_ready(model.features(batch["image"]))
-        yield batch, feats
+            got = next(gen, None)
+        else:
+            with timer(stage):
+                got = next(gen, None)
+        if got is None:
+            return
+        yield got
 
 
 def extract(model, source, *, desc: str = "features", keep: tuple[str, ...] = ()):
@@ -73,39 +130,60 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
     variant): image scores / maps} and up to `n_figures` `Figure`s. Variant None is the
     configured score. `gallery`: an object whose `offer(batch, scores, maps)` sees the first
     model's configured scores and anomaly maps of every batch (the report's gallery keeps a
-    few images from them, whether or not the maps are kept here)."""
+    few images from them, whether or not the maps are kept here). Batch i's scores are
+    dispatched before batch i - 1's are copied to the host (one wait per batch); only the
+    outputs used here are copied."""
     labels, masks, names, defects, fig_items = [], [], [], [], []
     keys = [(s, v) for s in models for v in variants]
     scores = {k: [] for k in keys}
     maps = {k: [] for k in keys}
     first = next(iter(models))
-    for batch, feats in feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s"):
+    need_maps = keep_maps or gallery is not None
+
+    def outputs(sname):
+        out = ["image_scores"] + (["anomaly_maps"] if need_maps or (sname == first and n_figures) else [])
+        if sname == first and n_figures:
+            out += list(MAP_TITLES) + ["patch_scores"]
+        return out
+
+    def finish(batch, feats, dispatched):
         n = len(batch["image"])
-        with timer("score_s"):
-            for sname, model in models.items():
-                out = model.score_features(feats, variants)
-                for v in variants:
-                    sc, amap = out["variants"][v]
-                    scores[(sname, v)].append(sc)
-                    if keep_maps:
-                        maps[(sname, v)].append(amap.astype(np.float32))
-                    if gallery is not None and sname == first and v is None:
-                        gallery.offer(batch, sc[:n], amap[:n])
-                if sname == first and len(fig_items) < n_figures:
-                    # up to half the figures per label, so both normal and anomalous images are shown
-                    extra = {k: out[k] for k in MAP_TITLES if k in out}
-                    for i in range(n):
-                        label = int(batch["label"][i])
-                        if sum(f.label == label for f in fig_items) < -(-n_figures // 2) and len(fig_items) < n_figures:
-                            fig_items.append(Figure(np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
-                                                    np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]), label,
-                                                    np.asarray(feats[i]), out["patch_scores"][i]))
+        for sname, model in models.items():
+            out = to_host(dispatched[sname])
+            for v in variants:
+                sc, amap = out["variants"][v]
+                scores[(sname, v)].append(sc)
+                if keep_maps:
+                    maps[(sname, v)].append(amap.astype(np.float32))
+                if gallery is not None and sname == first and v is None:
+                    gallery.offer(batch, sc[:n], amap[:n])
+            if sname == first and len(fig_items) < n_figures:
+                # up to half the figures per label, so both normal and anomalous images are shown
+                extra = {k: out[k] for k in MAP_TITLES if k in out}
+                for i in range(n):
+                    label = int(batch["label"][i])
+                    if sum(f.label == label for f in fig_items) < -(-n_figures // 2) and len(fig_items) < n_figures:
+                        fig_items.append(Figure(np.asarray(batch["image"][i]), {k: v[i] for k, v in extra.items()},
+                                                np.asarray(batch["mask"][i]) > 0.5, str(batch["name"][i]), label,
+                                                np.asarray(feats[i]), out["patch_scores"][i]))
         labels.append(np.asarray(batch["label"][:n]))
         if keep_maps:
             masks.append(np.asarray(batch["mask"][:n]) > 0.5)
         names.extend(list(batch["name"][:n]))
         defects.extend(str(d) for d in batch.get("defect", ["good" if y == 0 else "anomalous"
                                                               for y in batch["label"]])[:n])
+
+    pending = None
+    for batch, feats in feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s"):
+        with timer("score_s"):
+            dispatched = {sname: model.dispatch_scores(feats, variants, outputs=outputs(sname))
+                          for sname, model in models.items()}
+            if pending is not None:
+                finish(*pending)
+            pending = (batch, feats, dispatched)
+    if pending is not None:
+        with timer("score_s"):
+            finish(*pending)
     if not labels:
         raise ValueError(f"no images to score ({desc})")
     return {

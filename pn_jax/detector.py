@@ -8,7 +8,7 @@ padded to a fixed batch size so the compiled scorer is traced once per configura
 """
 from __future__ import annotations
 
-import time
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -22,7 +22,7 @@ from pn_jax import knn as knn_lib
 from pn_jax import maps as maps_lib
 from pn_jax import noising
 from pn_jax import precision as precision_lib
-from pn_jax import tiles
+from pn_jax import tiles, transfer
 from pn_jax.config import Config
 
 
@@ -54,14 +54,18 @@ def map_size(cfg: Config) -> tuple[int, int]:
 class FeatureExtractor:
     """Backbone + PatchCore aggregation: normalised images [B,H,W,3] -> [B, N, D].
 
-    The jitted backbone and aggregation are shared by every extractor of the same model
+    One jitted call per batch, backbone and aggregation together, returned without waiting
+    (issue 25: the caller's one host sync per batch is where the device time is paid, so the
+    next batch can be dispatched first). The weights are an argument of that call, not
+    compile-time constants. A custom `backbone_fn` (no `params`/`_fn`) runs as two jitted calls,
+    still without a wait. The jitted functions are shared by every extractor of the same model
     settings (a run over several categories, or a second run in one process, compiles them
-    once). `timings` accumulates the seconds spent in the backbone and in the aggregation
-    (each waited for), so a run can report the share of everything after the backbone."""
+    once). `timings["batches"]` counts the calls."""
 
     def __init__(self, cfg: Config, backbone_fn: Callable | None = None):
         m = cfg.model
         self.layers = tuple(m.layers)
+        custom = backbone_fn is not None
         if backbone_fn is None:
             key = ("backbone", m.backbone, m.weights, self.layers, m.precision)
             if key not in _EXTRACTORS:
@@ -71,29 +75,51 @@ class FeatureExtractor:
                                                     precision=precision_lib.of(cfg))
             backbone_fn = _EXTRACTORS[key]
         self.backbone = backbone_fn
+        agg = functools.partial(features_lib.aggregate, pretrain_dim=m.pretrain_embed_dimension,
+                                target_dim=m.target_embed_dimension, patchsize=m.patchsize,
+                                precision=precision_lib.of(cfg))
         key = ("aggregate", m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize, m.precision)
         if key not in _EXTRACTORS:
-            _EXTRACTORS[key] = jax.jit(lambda maps: features_lib.aggregate(
-                maps, m.pretrain_embed_dimension, m.target_embed_dimension, m.patchsize, precision_lib.of(cfg)))
+            _EXTRACTORS[key] = jax.jit(agg)
         self._aggregate = _EXTRACTORS[key]
+        # Grids seen at trace time, by input shape (the fused call returns features only).
+        self._grids: dict = {}
+        self._fused = None
+        if not custom and hasattr(backbone_fn, "params") and hasattr(backbone_fn, "_fn"):
+            key = ("fused", m.backbone, m.weights, self.layers, m.precision, m.pretrain_embed_dimension,
+                   m.target_embed_dimension, m.patchsize)
+            if key not in _EXTRACTORS:
+                grids, layers, fn = {}, self.layers, backbone_fn._fn
+
+                def fused(params, images):
+                    maps = _pick(fn(params, images), layers)
+                    grids[images.shape] = tuple(maps[0].shape[1:3])
+                    return agg(maps)
+
+                _EXTRACTORS[key] = (jax.jit(fused), grids)
+            self._fused, self._grids = _EXTRACTORS[key]
         self.grid: tuple[int, int] | None = None
         self.dim = m.target_embed_dimension
-        self.timings = {"backbone_s": 0.0, "aggregate_s": 0.0, "batches": 0}
+        self.timings = {"batches": 0}
 
     def __call__(self, images) -> jax.Array:
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(self.backbone(jnp.asarray(images, jnp.float32)))
-        t1 = time.perf_counter()
-        missing = [l for l in self.layers if l not in out]
-        if missing:
-            raise KeyError(f"backbone returned no stage(s) {missing}; it returned {sorted(out)}")
-        maps = [out[l] for l in self.layers]
-        self.grid = tuple(maps[0].shape[1:3])
-        feats = jax.block_until_ready(self._aggregate(maps))
-        self.timings["backbone_s"] += t1 - t0
-        self.timings["aggregate_s"] += time.perf_counter() - t1
+        """Features of a batch, dispatched (not waited for)."""
+        x = transfer.to_device(images, np.float32)
         self.timings["batches"] += 1
-        return feats
+        if self._fused is not None:
+            feats = self._fused(self.backbone.params, x)
+            self.grid = self._grids[x.shape]
+            return feats
+        maps = _pick(self.backbone(x), self.layers)
+        self.grid = tuple(maps[0].shape[1:3])
+        return self._aggregate(maps)
+
+
+def _pick(out: dict, layers) -> list:
+    missing = [l for l in layers if l not in out]
+    if missing:
+        raise KeyError(f"backbone returned no stage(s) {missing}; it returned {sorted(out)}")
+    return [out[l] for l in layers]
 
 
 # (kind, settings) -> jitted backbone / aggregation, shared across FeatureExtractors.
@@ -346,13 +372,15 @@ class Scorer:
     def image_scores(self, patch, amap) -> jax.Array:
         return image_scores(self.cfg, patch, amap)
 
-    def __call__(self, state: DetectorState, feats, exclude=None) -> dict:
+    def __call__(self, state: DetectorState, feats, exclude=None, *, extra_maps: bool = True) -> dict:
+        """Scores, maps and signals of a batch (dispatched, not waited for). `extra_maps=False`
+        skips the influence and noise maps (nothing but the figures reads them)."""
         sig = self.signals(state, feats, exclude)
         patch = patch_score(self.cfg, sig, state.stats)
         amap = self.maps(patch)
         out = {"image_scores": self.image_scores(patch, amap), "anomaly_maps": amap,
                "patch_scores": patch, "image_scores_patch_max": jnp.max(patch, axis=-1)}
-        if self.need_influence:
+        if self.need_influence and extra_maps:
             out["influence_maps"] = self.maps(sig["influence"])
             out["noise_maps"] = self.maps(sig["noise"])
         out["signals"] = sig

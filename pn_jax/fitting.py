@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import batches, calibration, detector, distributed, metrics, normalstats
+from pn_jax import batches, calibration, detector, distributed, metrics, normalstats, transfer
 from pn_jax import coreset as coreset_lib
 from pn_jax import model as model_lib
 from pn_jax import precision as precision_lib
@@ -194,7 +194,7 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
                                           cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True,
                                           precision=precision_lib.of(cfg), preselect=cfg.bank.coreset_preselect)
     idx = np.asarray(idx)
-    bank = jnp.asarray(train_feats.rows(idx) if streamed else flat[idx])
+    bank = transfer.to_device(train_feats.rows(idx) if streamed else flat[idx])
     bank_owner = (idx // n_patch).astype(np.int32)
     t_core = time.perf_counter() - t0
     if bank.shape[0] < cfg.noising.k:
@@ -222,7 +222,7 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
                       "unwhitened distances", stacklevel=2)
     if calib_feats is not None:
         params["noise_scale"] = calibration.fit_noise_scale(
-            bank, jnp.asarray(calib_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
+            bank, transfer.to_device(calib_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
             floor=cfg.noising.noise_floor, nearest=neighbours[1][..., 0].reshape(-1))
     dims = normalstats.select_dims(cfg, k_dims, dim, calib_feats, bank, neighbours)
     info["dim_selection"] = cfg.noising.dim_selection if calib_feats is not None else "random"
@@ -281,7 +281,7 @@ def set_threshold_loo(model: Model, train, val, *, train_feats=None, validation_
     variants = (None,) + tuple(v for v in validation_variants if v is not None)
     feats = train_feats[val] if train_feats is not None else model.extract(subset(train, val, "validation"),
                                                                            desc="threshold")
-    normal = model.score_features(feats, variants, exclude=(model.bank_owner, val))
+    normal = model.score_features(feats, variants, exclude=(model.bank_owner, val), outputs=("image_scores",))
     del feats
     anomal = _loo_anomaly_scores(model, train, val, model.bank_owner, variants)
     _keep_validation(model, normal, anomal, variants)
@@ -307,7 +307,7 @@ def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) 
     anomalies = validation_records(recs, model.cfg.seed)[1]
     src = data.records_source(anomalies, dataset="validation", category="validation", split="validation")
     feats = model.extract(src, desc="threshold")
-    return model.score_features(feats, variants, exclude=(bank_owner, np.asarray(val)))
+    return model.score_features(feats, variants, exclude=(bank_owner, np.asarray(val)), outputs=("image_scores",))
 
 
 def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:

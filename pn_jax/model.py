@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import batches, detector, tiles
+from pn_jax import batches, detector, tiles, transfer
 from pn_jax.config import Config
 
 FORMAT = "pn_jax.Model/1"
@@ -178,9 +178,10 @@ class Model:
 
     def _features(self, images: np.ndarray) -> jax.Array:
         n, bs = len(images), self.cfg.batch_size
-        out = [self.extractor(detector.pad_batch(images[s:s + bs], bs))[:min(bs, n - s)]
-               for s in range(0, n, bs)]
-        return out[0] if len(out) == 1 else jnp.concatenate(out)
+        out = [self.extractor(detector.pad_batch(images[s:s + bs], bs)) for s in range(0, n, bs)]
+        if len(out) == 1:  # one batch: no slice unless it was padded (each slice shape compiles once)
+            return out[0] if n == bs else out[0][:n]
+        return jnp.concatenate(out)[:n]
 
     def extract(self, images, *, desc: str = "features") -> np.ndarray:
         """Patch features [n, N, D] (host float32) of a source, a folder, paths or an array."""
@@ -197,14 +198,26 @@ class Model:
             self._scorers[key] = detector.Scorer(cfg, self.grid, variants=key[1])
         return self._scorers[key]
 
-    def score_features(self, feats, variants=(None,), *, exclude=None) -> dict:
+    def score_features(self, feats, variants=(None,), *, exclude=None, outputs=None) -> dict:
         """Patch features [n, N, D] -> {"image_scores", "anomaly_maps", "influence_maps",
-        "noise_maps", "patch_scores", "signals", "variants": {variant: (image scores, maps)}}
-        at the model's input resolution, as host arrays. Variant None is the configured score.
-        `exclude`: (bank_owner [M], owners [n]) scores training image owners[i] leave-one-image-out."""
-        feats = jnp.asarray(feats)
-        n, bs = feats.shape[0], self.cfg.batch_size
+        "noise_maps", "patch_scores", "image_scores_patch_max", "variants": {variant: (image
+        scores, maps)}} at the model's input resolution, as host arrays. Variant None is the
+        configured score. `exclude`: (bank_owner [M], owners [n]) scores training image
+        owners[i] leave-one-image-out. `outputs`: the keys to bring to the host (default all;
+        a variant's maps only with "anomaly_maps", else None): what is not asked for is not
+        copied, and maps not asked for are not computed."""
+        return batches.to_host(self.dispatch_scores(feats, variants, exclude=exclude, outputs=outputs))
+
+    def dispatch_scores(self, feats, variants=(None,), *, exclude=None, outputs=None) -> batches.Dispatched:
+        """`score_features`, dispatched to the device and not waited for: `batches.to_host` of the
+        result waits once and copies (issue 25: one host sync per batch, after the next batch's
+        work is queued). Host features are sliced on the host and transferred per batch; device
+        features already padded to the batch size are scored as they are."""
+        n, bs = len(feats), self.cfg.batch_size
         scorer = self.scorer(variants, single_device=exclude is not None)
+        keys = tuple(outputs) if outputs is not None else None
+        want_maps = keys is None or "anomaly_maps" in keys
+        owner_rows = None if exclude is None else transfer.to_device(exclude[0], np.int32)
         parts = []
         for s in range(0, n, bs):
             m = min(bs, n - s)
@@ -212,22 +225,21 @@ class Model:
             if exclude is not None:
                 owners = np.full(bs, -1, np.int32)
                 owners[:m] = np.asarray(exclude[1])[s:s + m]
-                ex = (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(owners))
-            out = scorer(self.state, detector.pad_batch(feats[s:s + m], bs), ex)
-            host = {k: np.asarray(v[:m]) for k, v in out.items() if k != "signals"}
-            host["variants"] = {}
+                ex = (owner_rows, transfer.to_device(owners))
+            chunk = feats if (s == 0 and m == n and isinstance(feats, jax.Array)) else feats[s:s + m]
+            out = scorer(self.state, transfer.to_device(detector.pad_batch(chunk, bs)), ex,
+                         extra_maps=keys is None or any(k in keys for k in ("influence_maps", "noise_maps")))
+            dev = {k: v for k, v in out.items() if k != "signals" and (keys is None or k in keys)}
+            var = {}
             for v in variants:
                 if v is None:
-                    host["variants"][None] = (host["image_scores"], host["anomaly_maps"])
+                    var[None] = (out["image_scores"], out["anomaly_maps"] if want_maps else None)
                 else:
                     patch = detector.patch_score(self.cfg, out["signals"], self.state.stats, v)
                     amap = scorer.maps(patch)
-                    host["variants"][v] = (np.asarray(scorer.image_scores(patch, amap)[:m]), np.asarray(amap[:m]))
-            parts.append(host)
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "variants"}
-        merged["variants"] = {v: tuple(np.concatenate([p["variants"][v][i] for p in parts]) for i in (0, 1))
-                              for v in variants}
-        return merged
+                    var[v] = (scorer.image_scores(patch, amap), amap if want_maps else None)
+            parts.append((m, dev, var))
+        return batches.Dispatched(parts, tuple(variants))
 
     def score_images(self, images: np.ndarray, variants=(None,)) -> dict:
         """Normalised images [n, S, S, 3] -> `score_features` of their features."""

@@ -16,6 +16,7 @@ from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
 from pn_jax import noising
 from pn_jax import precision as precision_lib
+from pn_jax import transfer
 from pn_jax.config import Config
 
 
@@ -27,7 +28,7 @@ def _holdout_knn(feats, index, *, k, block):
 def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax.Array]:
     """The K-NN of every held-out patch, searched once for all fit-time statistics:
     (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image)."""
-    return _holdout_knn(jnp.asarray(holdout_feats), knn_lib.prepare_bank(bank), k=cfg.noising.k,
+    return _holdout_knn(transfer.to_device(holdout_feats), knn_lib.prepare_bank(bank), k=cfg.noising.k,
                         block=cfg.bank.knn_block)
 
 
@@ -38,7 +39,7 @@ def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None, neigh
         return jnp.sort(jax.random.choice(key, dim, (s,), replace=False)).astype(jnp.int32)
     # importance: mean influence of each dim over held-out normal patches (all D dims)
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
-    f = jnp.asarray(holdout_feats).reshape(-1, dim)
+    f = transfer.to_device(holdout_feats).reshape(-1, dim)
     k = cfg.noising.k
     imp = _importance(f, bank, dist.reshape(-1, k), idx.reshape(-1, k), cfg.noising.eps)
     return jnp.sort(jax.lax.top_k(imp, s)[1]).astype(jnp.int32)
@@ -85,9 +86,9 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     if exclude is not None and neighbours is None:
         neighbours = loo_neighbours(cfg, bank, exclude[0], holdout_feats, exclude[1])
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
-    owner_of = (None, None) if exclude is None else (jnp.asarray(exclude[0], jnp.int32),
-                                                     jnp.asarray(exclude[1], jnp.int32))
-    infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
+    owner_of = (None, None) if exclude is None else (transfer.to_device(exclude[0], np.int32),
+                                                     transfer.to_device(exclude[1], np.int32))
+    infl = _holdout_influence(transfer.to_device(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
                               *owner_of, method=n.influence, eps=n.eps, precision=precision_lib.of(cfg))
     # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
     # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
@@ -133,6 +134,6 @@ def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Ar
     """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
     against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
     detector.check_loo_bank(bank_owner, owners, cfg.noising.k)
-    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), knn_lib.prepare_bank(bank),
-                    jnp.asarray(bank_owner, jnp.int32),
+    return _loo_knn(transfer.to_device(feats), transfer.to_device(owners, np.int32), knn_lib.prepare_bank(bank),
+                    transfer.to_device(bank_owner, np.int32),
                     k=cfg.noising.k, block=cfg.bank.knn_block)

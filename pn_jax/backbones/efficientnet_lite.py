@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pn_jax import transfer
 from pn_jax import weights as weights_lib
 from pn_jax.backbones.base import BackboneInfo, StageInfo
 
@@ -211,7 +212,7 @@ def convert_state_dict(sd: Mapping[str, Any], source: str = "weights") -> dict[s
         "fc": {"w": np.ascontiguousarray(np.asarray(sd["_fc.weight"], np.float32).T),
                "b": np.asarray(sd["_fc.bias"], np.float32)},
     }
-    return jax.tree.map(jnp.asarray, params)
+    return transfer.tree_to_device(params)  # a transfer, not a compile per weight shape
 
 
 def load_params(weights_path: str | os.PathLike | None = None) -> dict[str, Any]:
