@@ -203,9 +203,9 @@ def knn_excluding(q, bank, bank_owner, owner, *, k: int, block: int):
 
 def check_loo_bank(bank_owner, owners, k: int) -> None:
     """Refuse leave-one-image-out scoring where an image leaves fewer than k bank rows."""
-    bank_owner = np.asarray(bank_owner)
+    bank_owner, owners = np.asarray(bank_owner), np.asarray(owners)  # host numpy (no device max to compile)
     owned = np.bincount(bank_owner, minlength=int(np.max(owners, initial=0)) + 1)
-    for o in np.unique(np.asarray(owners)):
+    for o in np.unique(owners):
         if o >= 0 and len(bank_owner) - owned[o] < k:
             raise ValueError(f"leave-one-image-out: without training image {o}'s entries the memory bank "
                              f"has {len(bank_owner) - owned[o]} rows but k={k}; raise --coreset-ratio or lower --k")
@@ -312,9 +312,13 @@ class Scorer:
 
             self._build_sharded, self._sharded_fns = build, {}
         else:
+            # One compiled function scores test images and, leave-one-image-out, the fit's
+            # validation images (issue 25: compile once); a test image excludes nothing (owner
+            # -1). The search's answer does not depend on it: `knn_excluding` with nothing
+            # excluded returns `knn`'s distances and indices, bit for bit.
             key = (cfg.noising, cfg.bank.knn_block, cfg.model.precision, tuple(sorted(flags.items())))
             self._signals, self._sig_counter = _shared(
-                "signals", key, lambda on_trace: make_signal_fn(cfg, on_trace=on_trace, **flags))
+                "signals_loo", key, lambda on_trace: make_signal_fn(cfg, on_trace=on_trace, loo=True, **flags))
         self._flags = flags
         grid_, size, sigma = self.grid, self.size, cfg.noising.blur_sigma
 
@@ -329,6 +333,15 @@ class Scorer:
             return jax.jit(to_maps)
 
         self._maps, self._maps_counter = _shared("maps", (grid_, size, sigma, lay), build_maps)
+
+        def build_scored(on_trace):
+            def scored(patch):  # a max is exact: the same scores as the map, then a max, apart
+                on_trace()
+                amap = self._maps(patch)
+                return amap, image_scores(cfg, patch, amap), jnp.max(patch, axis=-1)
+            return jax.jit(scored)
+
+        self._scored, _ = _shared("scored", (grid_, size, sigma, lay, cfg.noising.image_score), build_scored)
 
     def _count_sharded(self):
         self._sig_counter["traces"] += 1
@@ -345,14 +358,12 @@ class Scorer:
             if self._sharded:
                 raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
             check_loo_bank(exclude[0], exclude[1], self.cfg.noising.k)
-            cfg, flags = self.cfg, self._flags
-            key = (cfg.noising, cfg.bank.knn_block, cfg.model.precision, tuple(sorted(flags.items())))
-            fn, _ = _shared("signals_loo", key, lambda on_trace: make_signal_fn(
-                cfg, on_trace=on_trace, loo=True, **flags))
-            return fn(state.params, self._prepared(state), state.dims, state.stats, feats,
-                      (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(exclude[1], jnp.int32)))
+            ex = (transfer.to_device(exclude[0], np.int32), transfer.to_device(exclude[1], np.int32))
         if not self._sharded:
-            return self._signals(state.params, self._prepared(state), state.dims, state.stats, feats)
+            index = self._prepared(state)
+            if exclude is None:  # owners -1: nothing excluded
+                ex = (self._no_owner, transfer.to_device(np.full(feats.shape[0], -1, np.int32)))
+            return self._signals(state.params, index, state.dims, state.stats, feats, ex)
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
             sb = sharding.shard_bank(state.bank, mesh)
@@ -364,6 +375,7 @@ class Scorer:
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
         if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
             self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank)
+            self._no_owner = transfer.to_device(np.zeros(state.bank.shape[0], np.int32))
         return self._index
 
     def maps(self, patch) -> jax.Array:
@@ -372,14 +384,18 @@ class Scorer:
     def image_scores(self, patch, amap) -> jax.Array:
         return image_scores(self.cfg, patch, amap)
 
+    def scored_maps(self, patch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(maps, image scores, max patch score) of patch scores [B, N], in one compiled call
+        (eagerly, the two maxes and a reshape were three more programs to compile)."""
+        return self._scored(patch)
+
     def __call__(self, state: DetectorState, feats, exclude=None, *, extra_maps: bool = True) -> dict:
         """Scores, maps and signals of a batch (dispatched, not waited for). `extra_maps=False`
         skips the influence and noise maps (nothing but the figures reads them)."""
         sig = self.signals(state, feats, exclude)
         patch = patch_score(self.cfg, sig, state.stats)
-        amap = self.maps(patch)
-        out = {"image_scores": self.image_scores(patch, amap), "anomaly_maps": amap,
-               "patch_scores": patch, "image_scores_patch_max": jnp.max(patch, axis=-1)}
+        amap, img, patch_max = self.scored_maps(patch)
+        out = {"image_scores": img, "anomaly_maps": amap, "patch_scores": patch, "image_scores_patch_max": patch_max}
         if self.need_influence and extra_maps:
             out["influence_maps"] = self.maps(sig["influence"])
             out["noise_maps"] = self.maps(sig["noise"])

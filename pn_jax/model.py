@@ -236,8 +236,8 @@ class Model:
                     var[None] = (out["image_scores"], out["anomaly_maps"] if want_maps else None)
                 else:
                     patch = detector.patch_score(self.cfg, out["signals"], self.state.stats, v)
-                    amap = scorer.maps(patch)
-                    var[v] = (scorer.image_scores(patch, amap), amap if want_maps else None)
+                    amap, img, _ = scorer.scored_maps(patch)
+                    var[v] = (img, amap if want_maps else None)
             parts.append((m, dev, var))
         return batches.Dispatched(parts, tuple(variants))
 
