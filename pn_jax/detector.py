@@ -266,6 +266,28 @@ def needs(cfg: Config, variants) -> Needs:
                  rerank=any(v in calibration.RERANK_SCORES for v in vs))
 
 
+# Ahead-of-time compiles in flight (`Scorer.compile_ahead`): jitted function -> Future.
+_AHEAD: dict = {}
+_POOL: list = []
+
+
+def _ahead_pool():
+    if not _POOL:
+        import concurrent.futures
+
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pn_jax-compile"))
+    return _POOL[0]
+
+
+def _wait_ahead(fn) -> None:
+    """Wait for `fn`'s ahead-of-time compile, if one is in flight (the call then finds the
+    executable in JAX's in-memory cache). A failed one is ignored: the call compiles and
+    raises what is wrong itself."""
+    fut = _AHEAD.pop(fn, None)
+    if fut is not None:
+        fut.exception()
+
+
 # One compiled function per configuration, shared by every Scorer built with it (a run over
 # several categories compiles its scoring path once): (kind, key) -> (jitted fn, trace counter).
 _COMPILED: dict = {}
@@ -363,6 +385,7 @@ class Scorer:
             index = self._prepared(state)
             if exclude is None:  # owners -1: nothing excluded
                 ex = (self._no_owner, transfer.to_device(np.full(feats.shape[0], -1, np.int32)))
+            _wait_ahead(self._signals)
             return self._signals(state.params, index, state.dims, state.stats, feats, ex)
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
@@ -387,7 +410,30 @@ class Scorer:
     def scored_maps(self, patch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(maps, image scores, max patch score) of patch scores [B, N], in one compiled call
         (eagerly, the two maxes and a reshape were three more programs to compile)."""
+        _wait_ahead(self._scored)
         return self._scored(patch)
+
+    def compile_ahead(self, state: DetectorState, n_images: int):
+        """Compile, on a background thread, the signal function and the maps with the shapes
+        that scoring `n_images`-image batches against `state` will use (issue 25). The fit
+        calls it once the bank exists, so these compile while the statistics compile and run
+        on the main thread (XLA:CPU compiles a program on one core). `signals`/`scored_maps`
+        wait for it rather than compile a second copy. Only the shapes of `state` are read;
+        a single-device scorer only (the sharded one compiles per bank size)."""
+        if self._sharded or self.cfg.noising.influence == "predictor":
+            return
+        shape = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+        m, d = state.bank.shape
+        lay = tiles.of_config(self.cfg)
+        n = self.grid[0] * self.grid[1] * (lay.n_tiles if lay is not None else 1)
+        f32, i32 = jnp.float32, jnp.int32
+        args = (shape(state.params), jax.eval_shape(knn_lib.prepare_bank, state.bank), shape(state.dims),
+                shape(state.stats), jax.ShapeDtypeStruct((n_images, n, d), f32),
+                (jax.ShapeDtypeStruct((m,), i32), jax.ShapeDtypeStruct((n_images,), i32)))
+        patch = jax.ShapeDtypeStruct((n_images, n), f32)
+        for fn, a in ((self._signals, args), (self._scored, (patch,))):
+            if fn not in _AHEAD:
+                _AHEAD[fn] = _ahead_pool().submit(lambda fn=fn, a=a: fn.lower(*a).compile())
 
     def __call__(self, state: DetectorState, feats, exclude=None, *, extra_maps: bool = True) -> dict:
         """Scores, maps and signals of a batch (dispatched, not waited for). `extra_maps=False`

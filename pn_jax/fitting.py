@@ -17,6 +17,9 @@
 
 `detector` holds the maths (features, signals, the Scorer, the bank), `model` the public
 object (fit / predict / save / load / export), `runner` evaluation and reporting.
+
+(Over 450 lines on purpose: the fit protocol is one module, its steps in the order they run,
+as the style guide asks; split, one protocol would again be spread over several files.)
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import batches, calibration, detector, distributed, metrics, normalstats, transfer
+from pn_jax import batches, calibration, detector, distributed, metrics, noising, normalstats, transfer
 from pn_jax import coreset as coreset_lib
 from pn_jax import model as model_lib
 from pn_jax import precision as precision_lib
@@ -117,9 +120,11 @@ def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, l
         # (s, dims, statistics; unless held-out images do) and validate (the threshold), each
         # scored without its own entries. Calibration and validation never share an image.
         calib, val = calibration_split(len(train), cfg.seed, calibrate=holdout_feats is None)
-    state, report = fit_state(cfg, train_feats, holdout_feats, key, calibrate_on=calib)
+    model.grid = tuple(model.extractor.grid)  # the threshold's scoring compiles while the statistics run:
+    ahead = None if validation is not None or val is None or not len(val) else lambda shapes: model.scorer(
+        (None,) + tuple(v for v in validation_variants if v), single_device=True).compile_ahead(shapes, cfg.batch_size)
+    state, report = fit_state(cfg, train_feats, holdout_feats, key, calibrate_on=calib, on_bank=ahead)
     timer.update(report.timings)
-    model.grid = tuple(model.extractor.grid)
     model.state = state
     model.bank_owner = report.bank_owner
     model.provenance = model_lib.provenance(cfg, dataset=dataset or getattr(train, "dataset", None), category=category,
@@ -171,10 +176,12 @@ class FitReport:
 
 
 def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | None,
-        key: jax.Array | None = None, *, calibrate_on: np.ndarray | None = None) -> tuple[detector.DetectorState, FitReport]:
+        key: jax.Array | None = None, *, calibrate_on: np.ndarray | None = None,
+        on_bank: Callable | None = None) -> tuple[detector.DetectorState, FitReport]:
     """train_feats [n, N, D] (host) -> state. The noise scale, the importance dims and the
     statistics come from `holdout_feats` [h, N, D] (normal images not in the bank) or, with
-    `calibrate_on` (training image indices), from those images scored leave-one-image-out."""
+    `calibrate_on` (training image indices), from those images scored leave-one-image-out.
+    `on_bank(DetectorState, dims a ShapeDtypeStruct)`: once the bank exists (`Scorer.compile_ahead`)."""
     key = jax.random.key(cfg.seed) if key is None else key
     k_core, k_dims = jax.random.split(key)
     n_img, n_patch, dim = train_feats.shape
@@ -201,6 +208,9 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
         raise ValueError(f"memory bank has {bank.shape[0]} entries but k={cfg.noising.k}; "
                          f"raise --coreset-ratio or lower --k")
     params = detector.init_params(dim)
+    if on_bank is not None:
+        dims_shape = jax.ShapeDtypeStruct((detector.n_influence_dims(cfg, dim),), jnp.int32)
+        on_bank(detector.DetectorState(bank, dims_shape, params, noising.identity_stats()))
     t0 = time.perf_counter()
     neighbours, calib_feats = None, None
     if holdout_feats is not None and len(holdout_feats):

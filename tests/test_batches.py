@@ -128,3 +128,26 @@ def test_to_device_is_a_copy_and_compiles_nothing():
     assert seen == []
     a[0, 0] = -1.0  # a copy: later host writes do not reach the device array
     assert float(d[0, 0]) == 0.0
+
+
+def test_compile_ahead_compiles_what_scoring_then_calls(model):
+    import jax.monitoring
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_a, **_k: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    scorer = model.scorer((None,))
+    scorer.compile_ahead(model.state, 3)  # a batch size nothing here has used
+    from pn_jax import detector as det
+
+    det._wait_ahead(scorer._signals)
+    det._wait_ahead(scorer._scored)
+    host = np.asarray(np.random.default_rng(7).normal(size=(3,) + model.features(
+        np.zeros((1, 64, 64, 3), np.float32)).shape[1:]), np.float32)
+    compiles.clear()
+    sig = scorer.signals(model.state, transfer.to_device(host))
+    scorer.scored_maps(sig["nearest"])
+    assert compiles == []
+    # and a shape that was not compiled ahead does compile (the listener sees compiles)
+    scorer.signals(model.state, transfer.to_device(host[:2]))
+    assert compiles
