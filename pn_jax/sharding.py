@@ -128,6 +128,64 @@ def knn_sharded_batched(features, bank_sharded: ShardedBank, k: int, mesh: Mesh,
     return dist.reshape(b, n, k), idx.reshape(b, n, k)
 
 
+def shard_owners(bank_owner, mesh: Mesh) -> jax.Array:
+    """The training image of each bank row [M] (`fitting.FitReport.bank_owner`), padded with -1
+    and sharded as `shard_bank` shards the rows (pads are excluded by the search anyway)."""
+    o = np.asarray(bank_owner, np.int32)
+    per = -(-len(o) // mesh.size)
+    o = np.concatenate([o, np.full(per * mesh.size - len(o), -1, np.int32)])
+    return jax.device_put(o, NamedSharding(mesh, P(_axis(mesh))))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "n_valid", "mesh"))
+def _knn_sharded_excluding(feats, owners, rows, row_owner, k: int, block: int, n_valid: int, mesh: Mesh):
+    axis = _axis(mesh)
+    m_local = rows.shape[0] // mesh.size
+    k_local = min(k, m_local)
+
+    def per_shard(f, owners, b, bo):
+        offset = jax.lax.axis_index(axis) * m_local
+        pads = offset + jnp.arange(m_local) >= n_valid
+        aug, sq = knn.augment_rows(b, pads)
+        # max |b| over every real row of the shard: an upper bound for each image's rows too
+        max_norm = knn.max_norm_bound(jnp.where(pads, 0.0, sq), b.shape[1])
+
+        def one_image(a):
+            q, owner = a
+            excl = pads | (bo == owner)
+            # The image's own rows get +inf in the norm column (knn._indexed's exclusion):
+            # ranked last by every query, as pads.
+            aug_o = aug.at[:m_local, b.shape[1]].set(jnp.where(excl, jnp.inf, aug[:m_local, b.shape[1]]))
+            found = knn.dense_indices(jax.lax.stop_gradient(q).astype(jnp.float32), b, aug_o, max_norm, k_local,
+                                      block, excl, dist_from=(q, b), barrier=False)
+            d, li = knn.settle(q, b, found)
+            return jnp.where(excl[li], jnp.inf, d), li
+
+        d, li = jax.lax.map(one_image, (f, owners))                                  # [C, N, k_local]
+        all_d = jax.lax.all_gather(d, axis, axis=2, tiled=True)                    # [C, N, n_dev * k_local]
+        all_i = jax.lax.all_gather(li + offset, axis, axis=2, tiled=True)
+        order = jnp.lexsort((all_i, all_d), axis=-1)[..., :k]
+        return jnp.take_along_axis(all_d, order, -1), jnp.take_along_axis(all_i, order, -1)
+
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(), P(axis, None), P(axis)),
+                         out_specs=(P(), P()), check_vma=False)(feats, owners, rows, row_owner)
+
+
+def knn_sharded_excluding(feats, owners, bank_sharded: ShardedBank, row_owner: jax.Array, k: int, mesh: Mesh,
+                          block: int = 4096):
+    """Leave-one-image-out exact k-NN against a sharded bank: image c's patches feats[c] [N, D]
+    searched without the bank rows whose owner (`shard_owners`) is owners[c] (-1: none).
+    (dist [C, N, k], global indices [C, N, k]): `detector.knn_excluding` on one device, image
+    by image. Each shard excludes its own rows of the image (by the owner it holds, no table of
+    the whole bank); the shards merge on (distance, global index) as `knn_sharded`. Needs k
+    rows outside each image (`detector.check_loo_bank`)."""
+    if k > bank_sharded.n_valid:
+        raise ValueError(f"k={k} nearest neighbours requested but the memory bank has only "
+                         f"{bank_sharded.n_valid} entries")
+    return _knn_sharded_excluding(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), bank_sharded.rows, row_owner,
+                                  k=k, block=block, n_valid=bank_sharded.n_valid, mesh=mesh)
+
+
 # ----------------------------------------------------------------------------- coreset
 class RowLayout(NamedTuple):
     """Where the coreset's rows live on a 1-D mesh: device shard q holds `counts[q]` real rows,

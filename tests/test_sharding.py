@@ -43,6 +43,14 @@ GREEDY_CASES = [
     ("n2003_p32_c5", 2003, 32, 150, False, 5),   # ~100 candidate batches
 ]
 N_UNIQUE = 50
+# Leave-one-image-out search on a sharded bank: (name, M, D, k, block, query offset) as
+# KNN_CASES; each bank row belongs to one of N_OWNERS training images, spread over the shards.
+LOO_CASES = [
+    ("m1003_k9_b64", 1003, 24, 9, 64, 30.0),
+    ("m157_k9_b64_ties", 157, 16, 9, 64, "ties"),   # duplicated rows: exact ties across shards
+    ("m203_k9_b64_near_ties", 203, 16, 9, 64, "near_ties"),
+]
+N_OWNERS = 7
 
 
 def _knn_data(m, d, offset, seed=0):
@@ -95,6 +103,27 @@ def _run_checks(mesh):
     a = np.asarray(coreset.coreset_indices(key, f, 0.05, proj_dim=64, n_starts=10))
     b = np.asarray(sharding.coreset_indices_sharded(key, f, 0.05, proj_dim=64, n_starts=10, mesh=mesh))
     out["coreset_indices_equal"] = bool(np.array_equal(a, b)) and len(a) == 60
+    out["loo"] = {}
+    for name, m, d, k, block, off in LOO_CASES:
+        q, bank = _knn_data(m, d, off)
+        rng = np.random.default_rng(5)
+        owner = rng.integers(0, N_OWNERS, m).astype(np.int32)
+        img_owner = np.asarray([0, 3, 6, -1, 3], np.int32)  # -1: no image of the bank
+        n_img = len(img_owner)
+        feats = np.resize(q, (n_img, 6, d))  # 6 patches an image (the queries, repeated where fewer)
+        ds, i_s = sharding.knn_sharded_excluding(feats, img_owner, sharding.shard_bank(bank, mesh),
+                                                 sharding.shard_owners(owner, mesh), k, mesh, block)
+        ds, i_s = np.asarray(ds), np.asarray(i_s)
+        same, same_d, ref_ok, own_out = True, True, True, True
+        for c, o in enumerate(img_owner):
+            d1, i1 = knn.knn_excluding(jnp.asarray(feats[c]), jnp.asarray(bank), jnp.asarray(owner == o), k=k, block=block)
+            same &= bool(np.array_equal(np.asarray(i1), i_s[c]))
+            same_d &= bool(np.array_equal(np.asarray(d1), ds[c]))
+            keep = np.flatnonzero(owner != o)  # float64 brute force on the bank without image o's rows
+            ref_ok &= bool(np.array_equal(keep[reference.knn_bruteforce(feats[c], bank[keep], k)[1]], i_s[c]))
+            own_out &= bool(not np.any(owner[i_s[c]] == o))
+        out["loo"][name] = {"idx_equal": same, "dist_equal": same_d, "idx_equal_float64": ref_ok,
+                            "own_rows_excluded": own_out}
     # Features no process holds whole (a distributed fit): simulated processes each holding a
     # block of rows over some of the devices, projected block by block, the same indices.
     out["by_process"] = {}
@@ -182,6 +211,14 @@ def test_greedy_select_sharded_equals_greedy_select(results, case):
 
 def test_coreset_indices_sharded_equals_coreset_indices(results):
     assert results["coreset_indices_equal"]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in LOO_CASES])
+def test_leave_one_image_out_knn_on_a_sharded_bank(results, case):
+    r = results["loo"][case]
+    assert r["idx_equal"] and r["dist_equal"]  # detector.knn_excluding's, bit for bit
+    assert r["idx_equal_float64"]
+    assert r["own_rows_excluded"]
 
 
 def test_coreset_of_rows_held_by_processes_equals_coreset_indices(results):
