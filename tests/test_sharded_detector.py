@@ -33,6 +33,12 @@ SCRIPT = textwrap.dedent("""
         bigger = state._replace(bank=np.concatenate([state.bank, np.zeros((1, 32), np.float32)]))
         zeros = np.zeros(ext(test).shape, np.float32)  # the same shapes: no retrace on its own
         out[devices] += (np.asarray(scorer(bigger, zeros)["signals"]["nearest"]),)
+        # Leave-one-image-out calibration (its k-NN on the sharded bank with 8 devices)
+        loo, _ = fitting.fit_state(cfg, np.asarray(ext(train)), None, jax.random.key(0),
+                                   calibrate_on=np.array([0, 2, 5]))
+        out[devices] += (np.asarray(loo.params["noise_scale"]), np.concatenate([np.asarray(x).ravel() for x in loo.stats]))
+    np.testing.assert_array_equal(out[1][4], out[8][4])  # leave-one-image-out: the same noise scale
+    np.testing.assert_array_equal(out[1][5], out[8][5])  # ... and statistics, bit for bit
     np.testing.assert_array_equal(out[1][0], out[8][0])  # same coreset
     np.testing.assert_allclose(out[1][1], out[8][1], rtol=1e-6)
     np.testing.assert_allclose(out[1][2], out[8][2], rtol=1e-6)
