@@ -128,6 +128,38 @@ def knn_sharded_batched(features, bank_sharded: ShardedBank, k: int, mesh: Mesh,
     return dist.reshape(b, n, k), idx.reshape(b, n, k)
 
 
+def knn_excluding_fn(k: int, block: int, n_valid: int, mesh: Mesh):
+    """`(queries [Q, D], rows, excluded [n_dev * m_local] bool) -> (dist [Q, k], idx [Q, k])`,
+    for use inside jit: `knn_sharded` without the rows marked `excluded` (sharded as the rows;
+    leave-one-image-out scoring: `bank_owner == owner`), the same result as
+    `knn.knn_excluding` on one device."""
+    axis = _axis(mesh)
+
+    def search(queries, rows, excluded):
+        m_local = rows.shape[0] // mesh.size
+        k_local = min(k, m_local)
+
+        def per_shard(q, b, ex):
+            offset = jax.lax.axis_index(axis) * m_local
+            pads = offset + jnp.arange(m_local) >= n_valid
+            excl = pads | ex
+            aug, sq = knn.augment_rows(b, excl)
+            max_norm = knn.max_norm_bound(jnp.where(pads, 0.0, sq), b.shape[1])
+            found = knn.dense_indices(jax.lax.stop_gradient(q).astype(jnp.float32), b, aug, max_norm, k_local, block,
+                                      excl, dist_from=(q, b), barrier=False)
+            d, li = knn.settle(q, b, found)
+            d = jnp.where(excl[li], jnp.inf, d)
+            all_d = jax.lax.all_gather(d, axis, axis=1, tiled=True)
+            all_i = jax.lax.all_gather(li + offset, axis, axis=1, tiled=True)
+            order = jnp.lexsort((all_i, all_d), axis=-1)[:, :k]
+            return jnp.take_along_axis(all_d, order, -1), jnp.take_along_axis(all_i, order, -1)
+
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axis, None), P(axis)),
+                             out_specs=(P(), P()), check_vma=False)(queries, rows, excluded)
+
+    return search
+
+
 def shard_owners(bank_owner, mesh: Mesh) -> jax.Array:
     """The training image of each bank row [M] (`fitting.FitReport.bank_owner`), padded with -1
     and sharded as `shard_bank` shards the rows (pads are excluded by the search anyway)."""

@@ -34,11 +34,27 @@ SCRIPT = textwrap.dedent("""
         zeros = np.zeros(ext(test).shape, np.float32)  # the same shapes: no retrace on its own
         out[devices] += (np.asarray(scorer(bigger, zeros)["signals"]["nearest"]),)
         # Leave-one-image-out calibration (its k-NN on the sharded bank with 8 devices)
-        loo, _ = fitting.fit_state(cfg, np.asarray(ext(train)), None, jax.random.key(0),
-                                   calibrate_on=np.array([0, 2, 5]))
+        loo, rep = fitting.fit_state(cfg, np.asarray(ext(train)), None, jax.random.key(0),
+                                     calibrate_on=np.array([0, 2, 5]))
         out[devices] += (np.asarray(loo.params["noise_scale"]), np.concatenate([np.asarray(x).ravel() for x in loo.stats]))
+        # ... and leave-one-image-out scoring (the threshold's) of training images 0, 2, 5 and a
+        # test image (owner -1: nothing excluded), on the sharded bank with 8 devices
+        feats = np.concatenate([np.asarray(ext(train))[[0, 2, 5]], np.asarray(ext(test))[:1]])
+        sc = detector.Scorer(cfg, ext.grid, variants=(None, "patchcore"))(loo, feats, (rep.bank_owner, np.array([0, 2, 5, -1])))
+        out[devices] += (np.asarray(sc["image_scores"]), np.asarray(sc["signals"]["nearest"]))
+        own = rep.bank_owner
+        assert len(set(own.tolist())) == 6 and state.bank.shape[0] % 8  # every image owns rows; pads on 8 devices
     np.testing.assert_array_equal(out[1][4], out[8][4])  # leave-one-image-out: the same noise scale
     np.testing.assert_array_equal(out[1][5], out[8][5])  # ... and statistics, bit for bit
+    np.testing.assert_array_equal(out[1][6], out[8][6])  # ... and image scores
+    np.testing.assert_array_equal(out[1][7], out[8][7])
+    # independent check of the exclusion: each training image's nearest distance is that of a
+    # float64 brute force over the bank rows of the other images
+    bank = np.asarray(loo.bank, np.float64)
+    for c, o in enumerate([0, 2, 5]):
+        f = feats[c].astype(np.float64)
+        d = np.sqrt(((f[:, None] - bank[rep.bank_owner != o][None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(out[8][7][c], d, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out[1][0], out[8][0])  # same coreset
     np.testing.assert_allclose(out[1][1], out[8][1], rtol=1e-6)
     np.testing.assert_allclose(out[1][2], out[8][2], rtol=1e-6)
