@@ -171,36 +171,8 @@ def shard_owners(bank_owner, mesh: Mesh) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "n_valid", "mesh"))
 def _knn_sharded_excluding(feats, owners, rows, row_owner, k: int, block: int, n_valid: int, mesh: Mesh):
-    axis = _axis(mesh)
-    m_local = rows.shape[0] // mesh.size
-    k_local = min(k, m_local)
-
-    def per_shard(f, owners, b, bo):
-        offset = jax.lax.axis_index(axis) * m_local
-        pads = offset + jnp.arange(m_local) >= n_valid
-        aug, sq = knn.augment_rows(b, pads)
-        # max |b| over every real row of the shard: an upper bound for each image's rows too
-        max_norm = knn.max_norm_bound(jnp.where(pads, 0.0, sq), b.shape[1])
-
-        def one_image(a):
-            q, owner = a
-            excl = pads | (bo == owner)
-            # The image's own rows get +inf in the norm column (knn._indexed's exclusion):
-            # ranked last by every query, as pads.
-            aug_o = aug.at[:m_local, b.shape[1]].set(jnp.where(excl, jnp.inf, aug[:m_local, b.shape[1]]))
-            found = knn.dense_indices(jax.lax.stop_gradient(q).astype(jnp.float32), b, aug_o, max_norm, k_local,
-                                      block, excl, dist_from=(q, b), barrier=False)
-            d, li = knn.settle(q, b, found)
-            return jnp.where(excl[li], jnp.inf, d), li
-
-        d, li = jax.lax.map(one_image, (f, owners))                                  # [C, N, k_local]
-        all_d = jax.lax.all_gather(d, axis, axis=2, tiled=True)                    # [C, N, n_dev * k_local]
-        all_i = jax.lax.all_gather(li + offset, axis, axis=2, tiled=True)
-        order = jnp.lexsort((all_i, all_d), axis=-1)[..., :k]
-        return jnp.take_along_axis(all_d, order, -1), jnp.take_along_axis(all_i, order, -1)
-
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(), P(axis, None), P(axis)),
-                         out_specs=(P(), P()), check_vma=False)(feats, owners, rows, row_owner)
+    search = knn_excluding_fn(k, block, n_valid, mesh)
+    return jax.lax.map(lambda a: search(a[0], rows, row_owner == a[1]), (feats, owners))
 
 
 def knn_sharded_excluding(feats, owners, bank_sharded: ShardedBank, row_owner: jax.Array, k: int, mesh: Mesh,
