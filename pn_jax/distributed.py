@@ -16,6 +16,11 @@ write into a private temporary folder that is removed when they finish (their co
 must match process 0's call for call, figures included, or a collective would wait forever),
 and print one line.
 
+The training features of a fit stay with the process that extracted them (`ProcessFeatures`):
+the coreset runs over one global array of every device's own projected rows, and only what is
+selected (the bank's rows, the calibration and validation images) crosses between processes.
+The bank itself is still held whole by every process after the coreset (issue 25, not met).
+
 Without `--coordinator/--num-processes/--process-id`, JAX's own cluster detection fills in
 what is missing (SLURM, Open MPI, Cloud TPU, `JAX_COORDINATOR_ADDRESS` with
 `JAX_NUM_PROCESSES`/`JAX_PROCESS_ID` where the cluster sets them).
