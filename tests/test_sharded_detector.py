@@ -77,9 +77,10 @@ VARIANTS_SCRIPT = textwrap.dedent("""
     test[1, 8:30, 8:30] += 2.0
     base = tiny_config(model={"pretrain_embed_dimension": 32, "target_embed_dimension": 32})
     ext = detector.FeatureExtractor(base, backbone_fn=fake_backbone)
-    state, _ = fitting.fit_state(base, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
+    state, rep = fitting.fit_state(base, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
     assert state.bank.shape[0] % 8, state.bank.shape  # 8 devices: the sharded bank has pad rows
     feats = np.array(ext(test))
+    loo = (rep.bank_owner, np.array([0, 3, -1]))  # leave-one-image-out: each image scored without one image's rows
     # Patches at or near the origin: a zero pad row would be their nearest entry if any search
     # (Euclidean, whitened, or the literal fd re-search) looked at the pads.
     feats[2, :40] = 0.0
@@ -90,9 +91,12 @@ VARIANTS_SCRIPT = textwrap.dedent("""
         out = {}
         for devices in (1, 8):
             cfg = base.replace(devices=devices, noising={"influence": influence})
-            sig = detector.Scorer(cfg, ext.grid, variants=variants).signals(state, feats)
+            scorer = detector.Scorer(cfg, ext.grid, variants=variants)
+            sig, sig_loo = scorer.signals(state, feats), scorer.signals(state, feats, loo)
             out[devices] = {v: np.asarray(detector.patch_score(cfg, sig, state.stats, v)) for v in variants}
-        for v in variants:
+            out[devices].update({("loo", v): np.asarray(detector.patch_score(cfg, sig_loo, state.stats, v))
+                                 for v in variants})
+        for v in list(variants) + [("loo", v) for v in variants]:
             assert np.all(np.isfinite(out[1][v])), v
             np.testing.assert_allclose(out[8][v], out[1][v], rtol=1e-5, atol=1e-6,
                                        err_msg=f"influence={influence} score={v}")
