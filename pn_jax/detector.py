@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import calibration
+from pn_jax import ahead, calibration
 from pn_jax import features as features_lib
 from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
@@ -138,7 +138,8 @@ def pad_batch(x, size: int):
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
                    calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None,
-                   rerank: bool = False, n_valid: int | None = None, loo: bool = False):
+                   rerank: bool = False, n_valid: int | None = None, loo: bool = False,
+                   knn_excluding_fn: Callable | None = None):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted).
 
     `calibrated`: also the whitened-search scores; `rerank`: the calibrated score over the
@@ -146,7 +147,8 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
     one included (sharded banks); `n_valid`: the real rows of a zero-padded bank, so the
     literal `fd` re-search never picks a pad. `loo`: the function takes a sixth argument
     (bank_owner [M], owners [B]) and scores image b leave-one-image-out: every search returns
-    the K nearest rows not from image owners[b] (`knn_excluding`)."""
+    the K nearest rows not from image owners[b] (`knn_excluding`; `knn_excluding_fn(f, bank,
+    excluded)` instead: a sharded bank, whose owners are padded as its rows)."""
     n = cfg.noising
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
@@ -185,8 +187,9 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
         def one(a):
             excluded = bank_owner == a[1]  # the same rows for every search, fd's re-search included
             # The main search uses the prepared index (when given); the whitened one its own bank.
-            knn = lambda q, b: knn_lib.knn_excluding(  # noqa: E731
-                q, index if (b is bank and index is not None) else b, excluded, k=n.k, block=cfg.bank.knn_block)
+            knn = (lambda q, b: knn_excluding_fn(q, b, excluded)) if knn_excluding_fn else (  # noqa: E731
+                lambda q, b: knn_lib.knn_excluding(q, index if (b is bank and index is not None) else b, excluded,
+                                                   k=n.k, block=cfg.bank.knn_block))
             return per_image(params, bank, dims, stats, a[0], bank_s, knn, excluded)
 
         return jax.lax.map(one, (feats, owners))
@@ -266,28 +269,6 @@ def needs(cfg: Config, variants) -> Needs:
                  rerank=any(v in calibration.RERANK_SCORES for v in vs))
 
 
-# Ahead-of-time compiles in flight (`Scorer.compile_ahead`): jitted function -> Future.
-_AHEAD: dict = {}
-_POOL: list = []
-
-
-def _ahead_pool():
-    if not _POOL:
-        import concurrent.futures
-
-        _POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pn_jax-compile"))
-    return _POOL[0]
-
-
-def _wait_ahead(fn) -> None:
-    """Wait for `fn`'s ahead-of-time compile, if one is in flight (the call then finds the
-    executable in JAX's in-memory cache). A failed one is ignored: the call compiles and
-    raises what is wrong itself."""
-    fut = _AHEAD.pop(fn, None)
-    if fut is not None:
-        fut.exception()
-
-
 # One compiled function per configuration, shared by every Scorer built with it (a run over
 # several categories compiles its scoring path once): (kind, key) -> (jitted fn, trace counter).
 _COMPILED: dict = {}
@@ -332,7 +313,14 @@ class Scorer:
                 return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, n_valid=n_valid,
                                       **flags)
 
-            self._build_sharded, self._sharded_fns = build, {}
+            def build_loo(n_valid):  # leave-one-image-out on the sharded bank
+                knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
+                    f, rows, k=cfg.noising.k, block=cfg.bank.knn_block, n_valid=n_valid, mesh=mesh)
+                return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, n_valid=n_valid, loo=True,
+                                      knn_excluding_fn=sharding.knn_excluding_fn(cfg.noising.k, cfg.bank.knn_block,
+                                                                                 n_valid, mesh), **flags)
+
+            self._build_sharded, self._build_loo, self._sharded_fns = build, build_loo, {}
         else:
             # One compiled function scores test images and, leave-one-image-out, the fit's
             # validation images (issue 25: compile once); a test image excludes nothing (owner
@@ -377,23 +365,30 @@ class Scorer:
         """`exclude`: (bank_owner [M], owners [B]) scores image b without the bank entries
         that came from training image owners[b] (leave-one-image-out; -1 excludes nothing)."""
         if exclude is not None:
-            if self._sharded:
-                raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
             check_loo_bank(exclude[0], exclude[1], self.cfg.noising.k)
+            if self._sharded:
+                return self._signals_sharded(state, feats, exclude)
             ex = (transfer.to_device(exclude[0], np.int32), transfer.to_device(exclude[1], np.int32))
         if not self._sharded:
             index = self._prepared(state)
             if exclude is None:  # owners -1: nothing excluded
                 ex = (self._no_owner, transfer.to_device(np.full(feats.shape[0], -1, np.int32)))
-            _wait_ahead(self._signals)
+            ahead.wait(self._signals)
             return self._signals(state.params, index, state.dims, state.stats, feats, ex)
+        return self._signals_sharded(state, feats)
+
+    def _signals_sharded(self, state: DetectorState, feats, exclude=None) -> dict:
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
             sb = sharding.shard_bank(state.bank, mesh)
             self._bank_src, self._bank_rows, self._n_valid = state.bank, sb.rows, sb.n_valid
-        if self._n_valid not in self._sharded_fns:
-            self._sharded_fns[self._n_valid] = self._build_sharded(self._n_valid)
-        return self._sharded_fns[self._n_valid](state.params, self._bank_rows, state.dims, state.stats, feats)
+        key = (self._n_valid, exclude is not None)
+        if key not in self._sharded_fns:
+            self._sharded_fns[key] = (self._build_loo if exclude is not None else self._build_sharded)(self._n_valid)
+        args = (state.params, self._bank_rows, state.dims, state.stats, feats)
+        if exclude is None:
+            return self._sharded_fns[key](*args)
+        return self._sharded_fns[key](*args, (sharding.shard_owners(exclude[0], mesh), jnp.asarray(exclude[1], jnp.int32)))
 
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
         if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
@@ -410,7 +405,7 @@ class Scorer:
     def scored_maps(self, patch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(maps, image scores, max patch score) of patch scores [B, N], in one compiled call
         (eagerly, the two maxes and a reshape were three more programs to compile)."""
-        _wait_ahead(self._scored)
+        ahead.wait(self._scored)
         return self._scored(patch)
 
     def compile_ahead(self, state: DetectorState, n_images: int):
@@ -431,9 +426,8 @@ class Scorer:
                 shape(state.stats), jax.ShapeDtypeStruct((n_images, n, d), f32),
                 (jax.ShapeDtypeStruct((m,), i32), jax.ShapeDtypeStruct((n_images,), i32)))
         patch = jax.ShapeDtypeStruct((n_images, n), f32)
-        for fn, a in ((self._signals, args), (self._scored, (patch,))):
-            if fn not in _AHEAD:
-                _AHEAD[fn] = _ahead_pool().submit(lambda fn=fn, a=a: fn.lower(*a).compile())
+        ahead.compile(self._signals, args)
+        ahead.compile(self._scored, (patch,))
 
     def __call__(self, state: DetectorState, feats, exclude=None, *, extra_maps: bool = True) -> dict:
         """Scores, maps and signals of a batch (dispatched, not waited for). `extra_maps=False`

@@ -98,7 +98,7 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         # fit_state splits `key` into (coreset key, dims key): the projection is the coreset key's
         store = train_feats = streaming.extract(model, train, jax.random.split(key)[0])
     else:
-        train_feats = distributed.extract(model, train, desc="features train")  # split over processes, if several
+        train_feats = distributed.extract_local(model, train)  # each process keeps its own block, if several
     timer["extract_train_s"] = time.perf_counter() - t0
     try:
         return _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer,
@@ -122,7 +122,7 @@ def _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, l
         calib, val = calibration_split(len(train), cfg.seed, calibrate=holdout_feats is None)
     model.grid = tuple(model.extractor.grid)  # the threshold's scoring compiles while the statistics run:
     ahead = None if validation is not None or val is None or not len(val) else lambda shapes: model.scorer(
-        (None,) + tuple(v for v in validation_variants if v), single_device=True).compile_ahead(shapes, cfg.batch_size)
+        (None,) + tuple(v for v in validation_variants if v)).compile_ahead(shapes, cfg.batch_size)
     state, report = fit_state(cfg, train_feats, holdout_feats, key, calibrate_on=calib, on_bank=ahead)
     timer.update(report.timings)
     model.state = state
@@ -185,7 +185,8 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     key = jax.random.key(cfg.seed) if key is None else key
     k_core, k_dims = jax.random.split(key)
     n_img, n_patch, dim = train_feats.shape
-    streamed = hasattr(train_feats, "coreset")  # a streaming.FeatureStore: features on disk, projection in memory
+    # streaming.FeatureStore (on disk) or distributed.ProcessFeatures (each process its own images)
+    streamed = hasattr(train_feats, "coreset")
     flat = None if streamed else train_feats.reshape(-1, dim)
     t0 = time.perf_counter()
     if streamed:

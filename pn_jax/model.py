@@ -214,7 +214,7 @@ class Model:
         work is queued). Host features are sliced on the host and transferred per batch; device
         features already padded to the batch size are scored as they are."""
         n, bs = len(feats), self.cfg.batch_size
-        scorer = self.scorer(variants, single_device=exclude is not None)
+        scorer = self.scorer(variants)  # leave-one-image-out too: sharded where the bank is
         keys = tuple(outputs) if outputs is not None else None
         want_maps = keys is None or "anomaly_maps" in keys
         owner_rows = None if exclude is None else transfer.to_device(exclude[0], np.int32)

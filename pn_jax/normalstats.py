@@ -132,8 +132,19 @@ def _loo_knn(feats, owners, index, bank_owner, *, k, block):
 
 def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
     """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
-    against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
+    against the bank without the entries that came from that image: (dist [c,N,K], idx).
+    `cfg.devices` > 1: on the bank sharded over those devices (`sharding.knn_sharded_excluding`,
+    the same result)."""
     detector.check_loo_bank(bank_owner, owners, cfg.noising.k)
+    if cfg.devices > 1:  # the search over the bank sharded on the run's devices (every process's, if several)
+        from pn_jax import sharding
+
+        mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
+        dist, idx = sharding.knn_sharded_excluding(
+            np.asarray(feats), owners, sharding.shard_bank(bank, mesh), sharding.shard_owners(bank_owner, mesh),
+            cfg.noising.k, mesh, cfg.bank.knn_block)
+        # Replicated on the mesh; what follows runs beside the host bank on this process's first device.
+        return jnp.asarray(np.asarray(dist)), jnp.asarray(np.asarray(idx))
     return _loo_knn(transfer.to_device(feats), transfer.to_device(owners, np.int32), knn_lib.prepare_bank(bank),
                     transfer.to_device(bank_owner, np.int32),
                     k=cfg.noising.k, block=cfg.bank.knn_block)

@@ -138,10 +138,10 @@ def test_compile_ahead_compiles_what_scoring_then_calls(model):
         lambda event, *_a, **_k: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
     scorer = model.scorer((None,))
     scorer.compile_ahead(model.state, 3)  # a batch size nothing here has used
-    from pn_jax import detector as det
+    from pn_jax import ahead
 
-    det._wait_ahead(scorer._signals)
-    det._wait_ahead(scorer._scored)
+    ahead.wait(scorer._signals)
+    ahead.wait(scorer._scored)
     host = np.asarray(np.random.default_rng(7).normal(size=(3,) + model.features(
         np.zeros((1, 64, 64, 3), np.float32)).shape[1:]), np.float32)
     compiles.clear()
