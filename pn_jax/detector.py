@@ -411,8 +411,9 @@ class Scorer:
     def compile_ahead(self, state: DetectorState, n_images: int):
         """Compile, on a background thread, the signal function and the maps with the shapes
         that scoring `n_images`-image batches against `state` will use (issue 25). The fit
-        calls it once the bank exists, so these compile while the statistics compile and run
-        on the main thread (XLA:CPU compiles a program on one core). `signals`/`scored_maps`
+        calls it before its coreset, with the bank's shape, so these compile while the coreset
+        and the statistics compile and run on the main thread (XLA:CPU compiles a program on
+        one core). `signals`/`scored_maps`
         wait for it rather than compile a second copy. Only the shapes of `state` are read;
         a single-device scorer only (the sharded one compiles per bank size)."""
         if self._sharded or self.cfg.noising.influence == "predictor":

@@ -181,13 +181,18 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     """train_feats [n, N, D] (host) -> state. The noise scale, the importance dims and the
     statistics come from `holdout_feats` [h, N, D] (normal images not in the bank) or, with
     `calibrate_on` (training image indices), from those images scored leave-one-image-out.
-    `on_bank(DetectorState, dims a ShapeDtypeStruct)`: once the bank exists (`Scorer.compile_ahead`)."""
+    `on_bank(DetectorState of shapes)`: before the coreset, with the bank's shape (`Scorer.compile_ahead`)."""
     key = jax.random.key(cfg.seed) if key is None else key
     k_core, k_dims = jax.random.split(key)
     n_img, n_patch, dim = train_feats.shape
     # streaming.FeatureStore (on disk) or distributed.ProcessFeatures (each process its own images)
     streamed = hasattr(train_feats, "coreset")
     flat = None if streamed else train_feats.reshape(-1, dim)
+    if on_bank is not None:  # the bank's shape is known before the coreset runs
+        shapes = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+        on_bank(detector.DetectorState(shapes(coreset_lib.n_coreset(n_img * n_patch, cfg.bank.coreset_ratio), dim),
+                                       jax.ShapeDtypeStruct((detector.n_influence_dims(cfg, dim),), jnp.int32),
+                                       detector.init_params(dim), noising.identity_stats()))
     t0 = time.perf_counter()
     if streamed:
         idx = train_feats.coreset(k_core, cfg)
@@ -209,9 +214,6 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
         raise ValueError(f"memory bank has {bank.shape[0]} entries but k={cfg.noising.k}; "
                          f"raise --coreset-ratio or lower --k")
     params = detector.init_params(dim)
-    if on_bank is not None:
-        dims_shape = jax.ShapeDtypeStruct((detector.n_influence_dims(cfg, dim),), jnp.int32)
-        on_bank(detector.DetectorState(bank, dims_shape, params, noising.identity_stats()))
     t0 = time.perf_counter()
     neighbours, calib_feats = None, None
     if holdout_feats is not None and len(holdout_feats):
