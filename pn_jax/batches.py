@@ -5,7 +5,8 @@ fit, test, tuning, the figures and the studies (`Model.extract` collects them on
 
 The loop is asynchronous (issue 25). Decoding runs on worker threads (`data.pipeline`); batch
 i + 1's features are dispatched (`ahead`) before batch i is handed on, and `score_source`
-dispatches batch i's scores before it copies batch i - 1's to the host. So the host waits once
+dispatches batch i's scores before it copies batch i - 1's to the host (on accelerators; on
+XLA:CPU the test pass waits for each step, `overlap`). So the host waits once
 per batch, on results whose successors are already queued: the device is never idle while
 the host converts, draws thumbnails or updates a progress bar, and XLA:CPU can run one batch's
 single-threaded parts beside the next batch's. Stage timings are taken without extra waits:
@@ -71,13 +72,26 @@ def to_host(d: Dispatched) -> dict:
     return merged
 
 
+def overlap() -> bool:
+    """Whether `score_source` queues a batch's scoring behind its features and the next
+    batch's features behind that. Not on XLA:CPU, where it waits for each batch's features
+    before scoring them and for the scores before the next batch (two waits per batch, as
+    before issue 25): in fresh ELPV runs (2-core AMD EPYC, load ~3) the queued test pass ran
+    at 98-116% CPU while the train features of the same process ran at 179%; a cleaner
+    measurement was not possible on the shared machine. GPUs and TPUs run queued programs in
+    order and the host's work hides behind them."""
+    return jax.default_backend() != "cpu"
+
+
 def feature_batches(model, source, *, desc: str = "features", timer: Timer | None = None,
-                    stage: str = "extract_s") -> Iterator[tuple[dict, jax.Array]]:
-    """(batch, patch features [n, N, D] on the device, dispatched) for every batch of
-    `source`, the next batch's features dispatched first (`ahead`). With a `timer`, the time
-    spent here (waiting for decoded images, dispatching) is added to `timer[stage]`."""
+                    stage: str = "extract_s", lookahead: bool = True) -> Iterator[tuple[dict, jax.Array]]:
+    """(batch, patch features [n, N, D] on the device) for every batch of `source`: with
+    `lookahead`, dispatched and the next batch's features dispatched first (`ahead`); without,
+    waited for. With a `timer`, the time spent here (waiting for decoded images, dispatching,
+    waiting without lookahead) is added to `timer[stage]`."""
     batches = tqdm(model.batches(source), desc=desc, unit="batch", leave=False)
-    gen = ahead(batches, lambda b: model.features(b["image"]))
+    start = lambda b: model.features(b["image"])  # noqa: E731
+    gen = ahead(batches, start) if lookahead else ((b, jax.block_until_ready(start(b))) for b in batches)
     while True:
         if timer is None:
             got = next(gen, None)
@@ -174,13 +188,18 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
                                                               for y in batch["label"]])[:n])
 
     pending = None
-    for batch, feats in feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s"):
+    queue = overlap()
+    for batch, feats in feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s",
+                                        lookahead=queue):
         with timer("score_s"):
             dispatched = {sname: model.dispatch_scores(feats, variants, outputs=outputs(sname))
                           for sname, model in models.items()}
             if pending is not None:
                 finish(*pending)
             pending = (batch, feats, dispatched)
+            if not queue:
+                finish(*pending)
+                pending = None
     if pending is not None:
         with timer("score_s"):
             finish(*pending)

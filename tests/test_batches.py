@@ -69,6 +69,8 @@ def test_feature_batches_last_short_batch_and_order_match_one_image_at_a_time(mo
     one = np.concatenate([np.asarray(model.features(imgs[i:i + 1])) for i in range(len(imgs))])
     np.testing.assert_array_equal(feats, one)
     np.testing.assert_array_equal(batches.extract(model, src), feats)
+    waited = list(batches.feature_batches(model, src, lookahead=False))  # the XLA:CPU test pass
+    np.testing.assert_array_equal(np.concatenate([np.asarray(f) for _, f in waited]), feats)
 
 
 def test_a_decode_error_in_a_worker_names_the_file(model, tmp_path):
