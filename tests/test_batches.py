@@ -142,6 +142,7 @@ def test_compile_ahead_compiles_what_scoring_then_calls(model):
     scorer.compile_ahead(model.state, 3)  # a batch size nothing here has used
     from pn_jax import ahead
 
+    ahead.wait(scorer._signals_loo)
     ahead.wait(scorer._signals)
     ahead.wait(scorer._scored)
     host = np.asarray(np.random.default_rng(7).normal(size=(3,) + model.features(
