@@ -87,8 +87,14 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
     owner_of = (None, None) if exclude is None else (jnp.asarray(exclude[0], jnp.int32),
                                                      jnp.asarray(exclude[1], jnp.int32))
-    infl = _holdout_influence(jnp.asarray(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
-                              *owner_of, method=n.influence, eps=n.eps, precision=precision_lib.of(cfg))
+    infl_of = functools.partial(_holdout_influence, bank=bank, dims=dims, predictor_params=params.get("predictor"),
+                                method=n.influence, eps=n.eps, precision=precision_lib.of(cfg))
+    if hasattr(holdout_feats, "chunks"):  # a streamed sample (pn_jax/streaming.py): image by image, as lax.map
+        infl = jnp.concatenate([
+            infl_of(jnp.asarray(f), dist=dist[sl], idx=idx[sl], bank_owner=owner_of[0],
+                    owners=None if owner_of[1] is None else owner_of[1][sl]) for sl, f in holdout_feats.chunks()])
+    else:
+        infl = infl_of(jnp.asarray(holdout_feats), dist=dist, idx=idx, bank_owner=owner_of[0], owners=owner_of[1])
     # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
     # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
     return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
@@ -130,9 +136,14 @@ def _loo_knn(feats, owners, index, bank_owner, *, k, block):
 
 
 def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
-    """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
-    against the bank without the entries that came from that image: (dist [c,N,K], idx)."""
+    """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D], or a
+    `streaming.Subset` read batch by batch) searched against the bank without the entries that
+    came from that image: (dist [c,N,K], idx)."""
     detector.check_loo_bank(bank_owner, owners, cfg.noising.k)
-    return _loo_knn(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), knn_lib.prepare_bank(bank),
-                    jnp.asarray(bank_owner, jnp.int32),
-                    k=cfg.noising.k, block=cfg.bank.knn_block)
+    index, bank_owner = knn_lib.prepare_bank(bank), jnp.asarray(bank_owner, jnp.int32)
+    owners = np.asarray(owners)
+    search = functools.partial(_loo_knn, index=index, bank_owner=bank_owner, k=cfg.noising.k, block=cfg.bank.knn_block)
+    if not hasattr(feats, "chunks"):
+        return search(jnp.asarray(feats), jnp.asarray(owners, jnp.int32))
+    parts = [search(jnp.asarray(f), jnp.asarray(owners[sl], jnp.int32)) for sl, f in feats.chunks()]
+    return jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])
