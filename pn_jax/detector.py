@@ -22,7 +22,7 @@ from pn_jax import knn as knn_lib
 from pn_jax import maps as maps_lib
 from pn_jax import noising
 from pn_jax import precision as precision_lib
-from pn_jax import tiles
+from pn_jax import tilebank, tiles
 from pn_jax.config import Config
 
 
@@ -314,7 +314,23 @@ class Scorer:
 
     def signals(self, state: DetectorState, feats, exclude=None) -> dict:
         """`exclude`: (bank_owner [M], owners [B]) scores image b without the bank entries
-        that came from training image owners[b] (leave-one-image-out; -1 excludes nothing)."""
+        that came from training image owners[b] (leave-one-image-out; -1 excludes nothing).
+        With a bank per tile position (`pn_jax.tilebank`), each position's patches are scored
+        against its own rows by the same compiled function, and the signals laid end to end."""
+        n_pos = tilebank.n_positions(self.cfg)
+        if not n_pos:
+            return self._signals_on(state, feats, exclude)
+        if getattr(self, "_pos_src", None) is not state.bank:  # slice each bank once (and prepare each once)
+            self._pos_src = state.bank
+            cuts = tilebank.slices(state.bank.shape[0], feats.shape[1], n_pos)
+            self._pos = [(state.bank[bs], bs, fs) for bs, fs in cuts]
+            self._indexes = {}
+        parts = [self._signals_on(state._replace(bank=bank_t), feats[:, fs],
+                                  None if exclude is None else (np.asarray(exclude[0])[bs], exclude[1]))
+                 for bank_t, bs, fs in self._pos]
+        return {k: tilebank.join([p[k] for p in parts]) for k in parts[0]}
+
+    def _signals_on(self, state: DetectorState, feats, exclude=None) -> dict:
         if exclude is not None:
             if self._sharded:
                 raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
@@ -336,6 +352,11 @@ class Scorer:
         return self._sharded_fns[self._n_valid](state.params, self._bank_rows, state.dims, state.stats, feats)
 
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
+        if tilebank.n_positions(self.cfg):  # one index per position's bank, kept with its slices
+            hit = self._indexes.get(id(state.bank))
+            if hit is None or hit[0] is not state.bank:
+                hit = self._indexes[id(state.bank)] = (state.bank, knn_lib.prepare_bank(state.bank))
+            return hit[1]
         if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
             self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank)
         return self._index

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import batches, calibration, detector, distributed, metrics, normalstats
+from pn_jax import batches, calibration, detector, distributed, metrics, normalstats, tilebank
 from pn_jax import coreset as coreset_lib
 from pn_jax import model as model_lib
 from pn_jax import precision as precision_lib
@@ -188,7 +188,11 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     streamed = hasattr(train_feats, "coreset")  # a streaming.FeatureStore: features on disk, projection in memory
     flat = None if streamed else train_feats.reshape(-1, dim)
     t0 = time.perf_counter()
-    if streamed:
+    if tilebank.n_positions(cfg):  # one greedy per tile position, on the shared fit's projection
+        proj = train_feats.projection(k_core) if streamed else tilebank.project_all(k_core, flat, cfg)
+        idx = tilebank.coreset(k_core, proj, n_img, n_patch, cfg)
+        del proj
+    elif streamed:
         idx = train_feats.coreset(k_core, cfg)
     elif cfg.devices > 1:
         from pn_jax import sharding

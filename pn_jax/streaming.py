@@ -140,6 +140,16 @@ class FeatureStore:
         self.projected = None  # the selection was all it was for
         return idx
 
+    def projection(self, key) -> np.ndarray:
+        """Every row's projection (`tilebank.coreset` selects per tile position from it), then
+        dropped from the store."""
+        if not np.array_equal(jax.random.key_data(self._key), jax.random.key_data(key)):
+            raise ValueError("feature store: the coreset key differs from the one its projection was drawn with")
+        if self._pre:
+            raise ValueError("feature store: a pre-selected projection holds the survivors only")
+        out, self.projected = self.projected[:self._kept], None
+        return out
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -187,15 +197,21 @@ class Subset:
     (`lax.map` over images; `Model.score_features` over batches), so reading in batches gives
     the whole array's results bit for bit (tests/test_streaming.py)."""
 
-    def __init__(self, store: FeatureStore, idx, batch: int):
+    def __init__(self, store: FeatureStore, idx, batch: int, cols: slice = slice(None)):
         self.store, self.idx, self.batch = store, np.asarray(idx, np.int64), max(2, int(batch))
+        self.cols = cols  # the patches of each image kept (one tile position's, pn_jax/tilebank.py)
+
+    def view(self, cols: slice) -> "Subset":
+        """The same images, patches `cols` only (of the whole image's patches)."""
+        return Subset(self.store, self.idx, self.batch, cols)
 
     def __len__(self) -> int:
         return len(self.idx)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (len(self.idx),) + tuple(self.store.shape[1:])
+        _, n, d = self.store.shape
+        return len(self.idx), len(range(n)[self.cols]), d
 
     def chunks(self):
         """(slice into the sample, features [b, N, D] host float32) per batch of images. No
@@ -208,7 +224,8 @@ class Subset:
         if len(starts) > 1 and n - starts[-1] == 1:
             starts.pop()
         for lo, hi in zip(starts, starts[1:] + [n]):
-            yield slice(lo, hi), self.store[self.idx[lo:hi]]
+            f = self.store[self.idx[lo:hi]]
+            yield slice(lo, hi), (f if self.cols == slice(None) else np.ascontiguousarray(f[:, self.cols]))
 
     def device_rows(self) -> jax.Array:
         """The sample's features as one [c * N, D] device array, filled batch by batch in place
