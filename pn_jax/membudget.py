@@ -40,7 +40,7 @@ def patches_per_image(cfg) -> tuple[int, int]:
 
 def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, streamed: bool = True) -> dict:
     """Peak resident bytes of a fit on n_train images then a test on n_test, by part."""
-    from pn_jax import coreset, tiles
+    from pn_jax import coreset, knn, tiles
 
     n_patch, unit = patches_per_image(cfg)
     d, p = cfg.model.target_embed_dimension, min(cfg.bank.coreset_proj_dim, cfg.model.target_embed_dimension)
@@ -65,8 +65,9 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
         "train": (2 * kept * p * f32 + 2 * CHUNK_ROWS * d * f32) if streamed else (rows * d + 2 * rows * p) * f32,
         "coreset": 4 * kept * f32,  # min-distance, squared norms and their temporaries
         "bank": 3 * bank_rows * d * f32,
-        # one image's k-NN distance block against the bank, and its top-k temporaries
-        "knn": 2 * n_patch * min(bank_rows, cfg.bank.knn_block) * f32,
+        # one image's k-NN: every bank block's candidate scores of a chunk of its queries
+        # (knn.QUERY_SCORES) live at once (measured: 1.7 GB for 4,096 x 65,536 scores)
+        "knn": 8 * knn.query_chunk(n_patch, bank_rows) * bank_rows,
         # calibration: streamed = the noise scale's [c * N, D] device array and one batch read
         # back (+ its device copy); in memory = the sample and its device copy. Either way its
         # K-NN (distances, indices) and influence on S per patch.
