@@ -225,9 +225,10 @@ def main(argv=None) -> None:
     p.add_argument("--max-memory", type=float, default=8.0)
     p.add_argument("--small-root", type=Path, default=Path("data/small_defects"))
     a = p.parse_args(argv)
-    bad = [s for s in a.settings + a.elpv_settings if s not in SETTINGS] + [d for d in a.datasets if d not in DATASETS]
+    bad = ([s for s in a.settings + a.elpv_settings if s not in SETTINGS + PER_POSITION]
+           + [d for d in a.datasets if d not in DATASETS])
     if bad:
-        p.error(f"unknown setting(s)/dataset(s) {bad}; settings: {SETTINGS}, datasets: {DATASETS}")
+        p.error(f"unknown setting(s)/dataset(s) {bad}; settings: {SETTINGS + PER_POSITION}, datasets: {DATASETS}")
     print(table(run_all(a)))
 
 

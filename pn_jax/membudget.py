@@ -66,8 +66,11 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
         "coreset": 4 * kept * f32,  # min-distance, squared norms and their temporaries
         "bank": 3 * bank_rows * d * f32,
         # one image's k-NN: every bank block's candidate scores of a chunk of its queries
-        # (knn.QUERY_SCORES) live at once (measured: 1.7 GB for 4,096 x 65,536 scores)
-        "knn": 8 * knn.query_chunk(n_patch, bank_rows) * bank_rows,
+        # (knn.QUERY_SCORES) live at once. 16 bytes a score: the search alone measured 8-13
+        # (1.3 GB for 16,384 x 65,536 in chunks of 2,048), but a 1024 px fit on 400 images
+        # peaked at 8.6 GB early in calibration where 8 bytes a score estimated 7.8 GB (the
+        # rest is not yet explained: README "Resolution and tiles"), so the term carries it.
+        "knn": 16 * knn.query_chunk(n_patch, bank_rows) * bank_rows,
         # calibration: streamed = the noise scale's [c * N, D] device array and one batch read
         # back (+ its device copy); in memory = the sample and its device copy. Either way its
         # K-NN (distances, indices) and influence on S per patch.
