@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import knn
+from pn_jax import knn, projection
 
 # Candidate columns held at once: [n_cand, N] float32. 64 amortises the pass over the
 # points well on a CPU; the cap keeps the block under CAND_BYTES for very large N.
@@ -452,7 +452,7 @@ def project_chunked(features, proj: jax.Array, chunk: int = 32768, precision=HIG
         p = np.asarray(proj, np.float32)
         out = np.empty((len(features), p.shape[1]), np.float32)
         for i in range(0, len(features), chunk):
-            np.matmul(features[i:i + chunk].astype(np.float32, copy=False), p, out=out[i:i + chunk])
+            out[i:i + chunk] = projection.project_host(features[i:i + chunk], p)
         return jnp.asarray(out)
     parts = [project(jnp.asarray(features[i:i + chunk]), proj, precision) for i in range(0, len(features), chunk)]
     return jnp.concatenate(parts, axis=0)

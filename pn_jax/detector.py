@@ -112,7 +112,8 @@ def pad_batch(x, size: int):
 # ----------------------------------------------------------------------------- scoring
 def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable | None = None,
                    calibrated: bool = False, jit: bool = True, knn_fn: Callable | None = None,
-                   rerank: bool = False, n_valid: int | None = None, loo: bool = False):
+                   rerank: bool = False, n_valid: int | None = None, loo: bool = False,
+                   knn_excluding_fn: Callable | None = None):
     """(params, bank, dims, stats, feats [B,N,D]) -> dict of per-patch signals [B,N] (jitted).
 
     `calibrated`: also the whitened-search scores; `rerank`: the calibrated score over the
@@ -120,7 +121,8 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
     one included (sharded banks); `n_valid`: the real rows of a zero-padded bank, so the
     literal `fd` re-search never picks a pad. `loo`: the function takes a sixth argument
     (bank_owner [M], owners [B]) and scores image b leave-one-image-out: every search returns
-    the K nearest rows not from image owners[b] (`knn_excluding`)."""
+    the K nearest rows not from image owners[b] (`knn_excluding`; `knn_excluding_fn(f, bank,
+    excluded)` instead: a sharded bank, whose owners are padded as its rows)."""
     n = cfg.noising
     knn_fn = knn_fn or (lambda f, b: knn_lib.knn(f, b, k=n.k, block=cfg.bank.knn_block))
     kw = dict(k=n.k, influence=n.influence, eps=n.eps,
@@ -159,8 +161,9 @@ def make_signal_fn(cfg: Config, need_influence: bool = True, on_trace: Callable 
         def one(a):
             excluded = bank_owner == a[1]  # the same rows for every search, fd's re-search included
             # The main search uses the prepared index (when given); the whitened one its own bank.
-            knn = lambda q, b: knn_lib.knn_excluding(  # noqa: E731
-                q, index if (b is bank and index is not None) else b, excluded, k=n.k, block=cfg.bank.knn_block)
+            knn = (lambda q, b: knn_excluding_fn(q, b, excluded)) if knn_excluding_fn else (  # noqa: E731
+                lambda q, b: knn_lib.knn_excluding(q, index if (b is bank and index is not None) else b, excluded,
+                                                   k=n.k, block=cfg.bank.knn_block))
             return per_image(params, bank, dims, stats, a[0], bank_s, knn, excluded)
 
         return jax.lax.map(one, (feats, owners))
@@ -284,7 +287,14 @@ class Scorer:
                 return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, n_valid=n_valid,
                                       **flags)
 
-            self._build_sharded, self._sharded_fns = build, {}
+            def build_loo(n_valid):  # leave-one-image-out on the sharded bank
+                knn_fn = lambda f, rows: sharding._knn_sharded(  # noqa: E731
+                    f, rows, k=cfg.noising.k, block=cfg.bank.knn_block, n_valid=n_valid, mesh=mesh)
+                return make_signal_fn(cfg, on_trace=self._count_sharded, knn_fn=knn_fn, n_valid=n_valid, loo=True,
+                                      knn_excluding_fn=sharding.knn_excluding_fn(cfg.noising.k, cfg.bank.knn_block,
+                                                                                 n_valid, mesh), **flags)
+
+            self._build_sharded, self._build_loo, self._sharded_fns = build, build_loo, {}
         else:
             key = (cfg.noising, cfg.bank.knn_block, cfg.model.precision, tuple(sorted(flags.items())))
             self._signals, self._sig_counter = _shared(
@@ -332,9 +342,9 @@ class Scorer:
 
     def _signals_on(self, state: DetectorState, feats, exclude=None) -> dict:
         if exclude is not None:
-            if self._sharded:
-                raise ValueError("leave-one-image-out scoring runs on one device; build the Scorer with devices=1")
             check_loo_bank(exclude[0], exclude[1], self.cfg.noising.k)
+            if self._sharded:
+                return self._signals_sharded(state, feats, exclude)
             cfg, flags = self.cfg, self._flags
             key = (cfg.noising, cfg.bank.knn_block, cfg.model.precision, tuple(sorted(flags.items())))
             fn, _ = _shared("signals_loo", key, lambda on_trace: make_signal_fn(
@@ -343,13 +353,20 @@ class Scorer:
                       (jnp.asarray(exclude[0], jnp.int32), jnp.asarray(exclude[1], jnp.int32)))
         if not self._sharded:
             return self._signals(state.params, self._prepared(state), state.dims, state.stats, feats)
+        return self._signals_sharded(state, feats)
+
+    def _signals_sharded(self, state: DetectorState, feats, exclude=None) -> dict:
         sharding, mesh = self._sharded
         if getattr(self, "_bank_src", None) is not state.bank:  # pad + place the rows once per bank
             sb = sharding.shard_bank(state.bank, mesh)
             self._bank_src, self._bank_rows, self._n_valid = state.bank, sb.rows, sb.n_valid
-        if self._n_valid not in self._sharded_fns:
-            self._sharded_fns[self._n_valid] = self._build_sharded(self._n_valid)
-        return self._sharded_fns[self._n_valid](state.params, self._bank_rows, state.dims, state.stats, feats)
+        key = (self._n_valid, exclude is not None)
+        if key not in self._sharded_fns:
+            self._sharded_fns[key] = (self._build_loo if exclude is not None else self._build_sharded)(self._n_valid)
+        args = (state.params, self._bank_rows, state.dims, state.stats, feats)
+        if exclude is None:
+            return self._sharded_fns[key](*args)
+        return self._sharded_fns[key](*args, (sharding.shard_owners(exclude[0], mesh), jnp.asarray(exclude[1], jnp.int32)))
 
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
         if tilebank.n_positions(self.cfg):  # one index per position's bank, kept with its slices

@@ -16,6 +16,11 @@ write into a private temporary folder that is removed when they finish (their co
 must match process 0's call for call, figures included, or a collective would wait forever),
 and print one line.
 
+The training features of a fit stay with the process that extracted them (`ProcessFeatures`):
+the coreset runs over one global array of every device's own projected rows, and only what is
+selected (the bank's rows, the calibration and validation images) crosses between processes.
+The bank itself is still held whole by every process after the coreset (issue 25, not met).
+
 Without `--coordinator/--num-processes/--process-id`, JAX's own cluster detection fills in
 what is missing (SLURM, Open MPI, Cloud TPU, `JAX_COORDINATOR_ADDRESS` with
 `JAX_NUM_PROCESSES`/`JAX_PROCESS_ID` where the cluster sets them).
@@ -165,32 +170,44 @@ def check_devices(flag: str | None, n_global: int) -> str:
                      f"({n_global} here); drop --devices or give --devices all")
 
 
-# Images per process in one all-gather of features: the gather holds processes x GATHER_IMAGES
-# x N x D float32 on each device (2 processes x 8 x 1024 x 1024: 64 MB).
+# Images per process in one all-gather: the gather holds processes x GATHER_IMAGES x N x D
+# float32 on each device (2 processes x 8 x 1024 x 1024: 64 MB); rows of selected patches
+# (the bank, the calibration and validation images) go GATHER_ROWS at a time.
 GATHER_IMAGES = 8
+GATHER_ROWS = 8192
 
 
-def extract(model, source, *, desc: str = "features"):
-    """Patch features [n, N, D] (host float32) of every image of `source`, the backbone's work
-    split over the processes: process p extracts the p-th contiguous block of images (block
-    sizes differ by at most one), and the blocks are all-gathered, a few images at a time,
-    into every process's copy (the fit needs them all: the coreset, the leave-one-image-out
-    calibration, the threshold). One process, or fewer images than processes: `Model.extract`."""
-    n, n_proc = len(source), _STATE.get("num_processes", 1)
-    if n_proc == 1 or n < n_proc:
-        return model.extract(source, desc=desc)
-    from jax.experimental import multihost_utils
+def _blocks(n: int, n_proc: int) -> np.ndarray:
+    """Image bounds of the processes' blocks: process p extracts images [b[p], b[p + 1])."""
+    return np.cumsum([0] + [n // n_proc + (p < n % n_proc) for p in range(n_proc)])
 
+
+def _extract_block(model, source, bounds, desc):
     from pn_jax.data import records
 
-    bounds = np.cumsum([0] + [n // n_proc + (p < n % n_proc) for p in range(n_proc)])
     lo, hi = int(bounds[_STATE["process_id"]]), int(bounds[_STATE["process_id"] + 1])
     names = getattr(source, "names", None)
     block = records.Source(hi - lo, lambda i: source[lo + i],
                            names[lo:hi] if names is not None else [str(i) for i in range(lo, hi)],
                            dataset=getattr(source, "dataset", "user"), category=getattr(source, "category", "user"),
                            split=getattr(source, "split", "train"))
-    local = model.extract(block, desc=desc)
+    return model.extract(block, desc=desc)
+
+
+def extract(model, source, *, desc: str = "features"):
+    """Patch features [n, N, D] (host float32) of every image of `source`, the backbone's work
+    split over the processes: process p extracts the p-th contiguous block of images (block
+    sizes differ by at most one), and the blocks are all-gathered, a few images at a time,
+    into every process's copy (held-out images: they calibrate). The training images of a
+    fit stay where they were extracted instead (`extract_local`). One process, or fewer
+    images than processes: `Model.extract`."""
+    n, n_proc = len(source), _STATE.get("num_processes", 1)
+    if n_proc == 1 or n < n_proc:
+        return model.extract(source, desc=desc)
+    from jax.experimental import multihost_utils
+
+    bounds = _blocks(n, n_proc)
+    local = _extract_block(model, source, bounds, desc)
     per = int(np.max(np.diff(bounds)))
     out = np.empty((n,) + local.shape[1:], np.float32)
     for c in range(0, per, GATHER_IMAGES):  # every process joins the same number of gathers
@@ -202,3 +219,73 @@ def extract(model, source, *, desc: str = "features"):
             take = max(0, min(GATHER_IMAGES, int(bounds[p + 1] - bounds[p]) - c))
             out[bounds[p] + c:bounds[p] + c + take] = got[p, :take]
     return out
+
+
+def extract_local(model, source, *, desc: str = "features train"):
+    """The training features of a distributed fit, kept where they were extracted: a
+    `ProcessFeatures` holding this process's block of images (as `extract` splits them). One
+    process, or fewer images than processes: `Model.extract`'s array."""
+    n, n_proc = len(source), _STATE.get("num_processes", 1)
+    if n_proc == 1 or n < n_proc:
+        return model.extract(source, desc=desc)
+    bounds = _blocks(n, n_proc)
+    return ProcessFeatures(_extract_block(model, source, bounds, desc), bounds, _STATE["process_id"])
+
+
+class ProcessFeatures:
+    """Patch features [n, N, D] of which this process holds only its block of images
+    ([bounds[p], bounds[p + 1])), what `fitting.fit_state` reads as it reads a
+    `streaming.FeatureStore`: `coreset` (sharded over every process's devices, each device
+    projecting its own rows), `rows` (the bank's rows) and `store[images]` (the calibration and
+    validation images): only what is selected crosses between processes, never all features.
+    `held` records what this process held and fetched (tests/test_distributed.py)."""
+
+    def __init__(self, local: np.ndarray, bounds, process_id: int):
+        self.local, self.bounds, self.pid = local, np.asarray(bounds, np.int64), process_id
+        self.shape = (int(self.bounds[-1]),) + tuple(local.shape[1:])
+        self.held = {"images": self.shape[0], "images_held": int(len(local)), "rows_fetched": 0}
+        _STATE["train_features"] = self.held
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def coreset(self, key, cfg, progress: bool = True) -> np.ndarray:
+        """`coreset.coreset_indices(key, <all features>, ...)`'s indices (sharding.coreset_indices_by_process)."""
+        from pn_jax import sharding
+
+        _, n_patch, dim = self.shape
+        flat, off = self.local.reshape(-1, dim), int(self.bounds[self.pid]) * n_patch
+        return sharding.coreset_indices_by_process(
+            key, lambda lo, hi: flat[lo - off:hi - off], np.diff(self.bounds) * n_patch, dim, cfg.bank.coreset_ratio,
+            cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, sharding.process_mesh())
+
+    def rows(self, flat_idx) -> np.ndarray:
+        """Rows [len(idx), D] by flat patch index (image * N + patch), each from the process that
+        holds it (every process calls this with the same indices)."""
+        from jax.experimental import multihost_utils
+
+        _, n_patch, dim = self.shape
+        flat_idx = np.asarray(flat_idx, np.int64)
+        owner = np.searchsorted(self.bounds, flat_idx // n_patch, side="right") - 1
+        local = self.local.reshape(-1, dim)
+        off = int(self.bounds[self.pid]) * n_patch
+        out = np.empty((len(flat_idx), dim), np.float32)
+        for c in range(0, len(flat_idx), GATHER_ROWS):
+            idx, own = flat_idx[c:c + GATHER_ROWS], owner[c:c + GATHER_ROWS]
+            part = np.zeros((GATHER_ROWS, dim), np.float32)
+            mine = np.flatnonzero(own == self.pid)
+            part[mine] = local[idx[mine] - off]
+            got = multihost_utils.process_allgather(part)  # [n_proc, GATHER_ROWS, D]
+            out[c:c + len(idx)] = got[own, np.arange(len(idx))]
+        self.held["rows_fetched"] += int(len(flat_idx))
+        return out
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx, np.int64))
+        _, n_patch, dim = self.shape
+        return self.rows((idx[:, None] * n_patch + np.arange(n_patch)).reshape(-1)).reshape(len(idx), n_patch, dim)
+
+
+def held() -> dict | None:
+    """What this process held of a distributed fit's training features (`ProcessFeatures.held`)."""
+    return _STATE.get("train_features")

@@ -94,6 +94,8 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         if cfg.noising.influence == "predictor":
             raise model_lib.ModelError("--influence predictor learns from the calibration features held whole; "
                                        "it does not take --max-memory (drop one of them)")
+    if tilebank.n_positions(cfg) and jax.process_count() > 1:
+        raise model_lib.ModelError("--tile-bank per-position fits on one process; drop it or run one process")
         if cfg.devices > 1 or jax.process_count() > 1:
             raise model_lib.ModelError("--max-memory streams the train features on one device in one process; "
                                        "drop --devices (and run one process)")
@@ -102,7 +104,7 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         # fit_state splits `key` into (coreset key, dims key): the projection is the coreset key's
         store = train_feats = streaming.extract(model, train, jax.random.split(key)[0])
     else:
-        train_feats = distributed.extract(model, train, desc="features train")  # split over processes, if several
+        train_feats = distributed.extract_local(model, train)  # each process keeps its own block, if several
     timer["extract_train_s"] = time.perf_counter() - t0
     try:
         return _fit_rest(cfg, model, train, train_feats, holdout, key, category, dataset, log, timer,
@@ -185,7 +187,8 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     key = jax.random.key(cfg.seed) if key is None else key
     k_core, k_dims = jax.random.split(key)
     n_img, n_patch, dim = train_feats.shape
-    streamed = hasattr(train_feats, "coreset")  # a streaming.FeatureStore: features on disk, projection in memory
+    # streaming.FeatureStore (on disk) or distributed.ProcessFeatures (each process its own images)
+    streamed = hasattr(train_feats, "coreset")
     flat = None if streamed else train_feats.reshape(-1, dim)
     t0 = time.perf_counter()
     if tilebank.n_positions(cfg):  # one greedy per tile position, on the shared fit's projection
@@ -223,9 +226,9 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
         if n_img < 2:
             raise ValueError("leave-one-image-out calibration needs at least 2 training images "
                              "(one image's patches are searched against the others')")
-        if streamed:  # read back batch by batch (pn_jax/streaming.py): never [c, N, D] twice
-            from pn_jax import streaming
+        from pn_jax import streaming
 
+        if isinstance(train_feats, streaming.FeatureStore):  # read back batch by batch: never [c, N, D] twice
             calib_feats = streaming.Subset(train_feats, calib, cfg.batch_size)
         else:
             calib_feats = train_feats[calib]

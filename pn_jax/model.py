@@ -204,7 +204,7 @@ class Model:
         `exclude`: (bank_owner [M], owners [n]) scores training image owners[i] leave-one-image-out."""
         feats = jnp.asarray(feats)
         n, bs = feats.shape[0], self.cfg.batch_size
-        scorer = self.scorer(variants, single_device=exclude is not None)
+        scorer = self.scorer(variants)  # leave-one-image-out too: sharded where the bank is
         parts = []
         for s in range(0, n, bs):
             m = min(bs, n - s)

@@ -176,8 +176,20 @@ def _loo_knn(feats, owners, index, bank_owner, *, k, block):
 def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
     """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D], or a
     `streaming.Subset` read batch by batch) searched against the bank without the entries that
-    came from that image: (dist [c,N,K], idx)."""
+    came from that image: (dist [c,N,K], idx). `cfg.devices` > 1: on the bank sharded over
+    those devices (`sharding.knn_sharded_excluding`, the same result; no --max-memory and no
+    --tile-bank per-position there, both refuse --devices)."""
     owners, bank_owner = np.asarray(owners), np.asarray(bank_owner)
+    if cfg.devices > 1:  # the search over the bank sharded on the run's devices (every process's, if several)
+        from pn_jax import sharding
+
+        detector.check_loo_bank(bank_owner, owners, cfg.noising.k)
+        mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
+        dist, idx = sharding.knn_sharded_excluding(
+            np.asarray(feats), owners, sharding.shard_bank(bank, mesh), sharding.shard_owners(bank_owner, mesh),
+            cfg.noising.k, mesh, cfg.bank.knn_block)
+        # Replicated on the mesh; what follows runs beside the host bank on this process's first device.
+        return jnp.asarray(np.asarray(dist)), jnp.asarray(np.asarray(idx))
 
     def one(bs, fs):
         detector.check_loo_bank(_cut(bank_owner, bs), owners, cfg.noising.k)

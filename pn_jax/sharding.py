@@ -128,13 +128,153 @@ def knn_sharded_batched(features, bank_sharded: ShardedBank, k: int, mesh: Mesh,
     return dist.reshape(b, n, k), idx.reshape(b, n, k)
 
 
+def knn_excluding_fn(k: int, block: int, n_valid: int, mesh: Mesh):
+    """`(queries [Q, D], rows, excluded [n_dev * m_local] bool) -> (dist [Q, k], idx [Q, k])`,
+    for use inside jit: `knn_sharded` without the rows marked `excluded` (sharded as the rows;
+    leave-one-image-out scoring: `bank_owner == owner`), the same result as
+    `knn.knn_excluding` on one device."""
+    axis = _axis(mesh)
+
+    def search(queries, rows, excluded):
+        m_local = rows.shape[0] // mesh.size
+        k_local = min(k, m_local)
+
+        def per_shard(q, b, ex):
+            offset = jax.lax.axis_index(axis) * m_local
+            pads = offset + jnp.arange(m_local) >= n_valid
+            excl = pads | ex
+            aug, sq = knn.augment_rows(b, excl)
+            max_norm = knn.max_norm_bound(jnp.where(pads, 0.0, sq), b.shape[1])
+            found = knn.dense_indices(jax.lax.stop_gradient(q).astype(jnp.float32), b, aug, max_norm, k_local, block,
+                                      excl, dist_from=(q, b), barrier=False)
+            d, li = knn.settle(q, b, found)
+            d = jnp.where(excl[li], jnp.inf, d)
+            all_d = jax.lax.all_gather(d, axis, axis=1, tiled=True)
+            all_i = jax.lax.all_gather(li + offset, axis, axis=1, tiled=True)
+            order = jnp.lexsort((all_i, all_d), axis=-1)[:, :k]
+            return jnp.take_along_axis(all_d, order, -1), jnp.take_along_axis(all_i, order, -1)
+
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axis, None), P(axis)),
+                             out_specs=(P(), P()), check_vma=False)(queries, rows, excluded)
+
+    return search
+
+
+def shard_owners(bank_owner, mesh: Mesh) -> jax.Array:
+    """The training image of each bank row [M] (`fitting.FitReport.bank_owner`), padded with -1
+    and sharded as `shard_bank` shards the rows (pads are excluded by the search anyway)."""
+    o = np.asarray(bank_owner, np.int32)
+    per = -(-len(o) // mesh.size)
+    o = np.concatenate([o, np.full(per * mesh.size - len(o), -1, np.int32)])
+    return jax.device_put(o, NamedSharding(mesh, P(_axis(mesh))))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "n_valid", "mesh"))
+def _knn_sharded_excluding(feats, owners, rows, row_owner, k: int, block: int, n_valid: int, mesh: Mesh):
+    search = knn_excluding_fn(k, block, n_valid, mesh)
+    return jax.lax.map(lambda a: search(a[0], rows, row_owner == a[1]), (feats, owners))
+
+
+def knn_sharded_excluding(feats, owners, bank_sharded: ShardedBank, row_owner: jax.Array, k: int, mesh: Mesh,
+                          block: int = 4096):
+    """Leave-one-image-out exact k-NN against a sharded bank: image c's patches feats[c] [N, D]
+    searched without the bank rows whose owner (`shard_owners`) is owners[c] (-1: none).
+    (dist [C, N, k], global indices [C, N, k]): `detector.knn_excluding` on one device, image
+    by image. Each shard excludes its own rows of the image (by the owner it holds, no table of
+    the whole bank); the shards merge on (distance, global index) as `knn_sharded`. Needs k
+    rows outside each image (`detector.check_loo_bank`)."""
+    if k > bank_sharded.n_valid:
+        raise ValueError(f"k={k} nearest neighbours requested but the memory bank has only "
+                         f"{bank_sharded.n_valid} entries")
+    return _knn_sharded_excluding(jnp.asarray(feats), jnp.asarray(owners, jnp.int32), bank_sharded.rows, row_owner,
+                                  k=k, block=block, n_valid=bank_sharded.n_valid, mesh=mesh)
+
+
 # ----------------------------------------------------------------------------- coreset
-@functools.partial(jax.jit, static_argnames=("n_select", "n_valid", "mesh", "n_cand"))
-def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh, n_cand: int):
+class RowLayout(NamedTuple):
+    """Where the coreset's rows live on a 1-D mesh: device shard q holds `counts[q]` real rows,
+    flat rows [first[q], first[q] + counts[q]), as a prefix of its `per` rows (the rest pads).
+    Shards are in flat order (`first` ascending), so ordering by global position orders the real
+    rows as their flat indices: the smallest-index tie rule is the same."""
+    per: int
+    counts: np.ndarray
+    first: np.ndarray
+
+    def to_global(self, flat) -> np.ndarray:
+        """Flat row indices -> positions in the padded global array."""
+        flat = np.asarray(flat, np.int64)
+        # Shards sharing a `first` are empty but the last: side="right" picks that one.
+        q = np.searchsorted(self.first, flat, side="right") - 1
+        return q * self.per + (flat - self.first[q])
+
+    def to_flat(self, pos) -> np.ndarray:
+        pos = np.asarray(pos, np.int64)
+        return self.first[pos // self.per] + pos % self.per
+
+
+def uniform_layout(n: int, n_dev: int, align: int = 1) -> RowLayout:
+    """`_pad_rows`'s layout: shard q holds flat rows [q * per, (q + 1) * per) (position = index)."""
+    per = -(-n // n_dev)
+    per = max(1, -(-per // align) * align)
+    first = np.arange(n_dev, dtype=np.int64) * per
+    return RowLayout(per, np.clip(n - first, 0, per), first)
+
+
+def process_layout(mesh: Mesh, rows_per_process: Sequence[int], align: int = 128,
+                   process_of: Sequence[int] | None = None) -> RowLayout:
+    """Rows that stay with the process that extracted them: process p holds flat rows
+    [F_p, F_p+1) (F: the cumulative `rows_per_process`), split in contiguous blocks (sizes
+    differing by at most one) over its devices in mesh order. The mesh must list the
+    processes' devices in process order (`process_mesh`). `process_of`: each mesh device's
+    process (default: `device.process_index`; tests simulate processes on one)."""
+    devs = list(mesh.devices.reshape(-1))
+    proc = np.asarray([d.process_index for d in devs] if process_of is None else process_of, np.int64)
+    if np.any(np.diff(proc) < 0):
+        raise ValueError("the mesh must list the processes' devices in process order (sharding.process_mesh)")
+    start = np.concatenate([[0], np.cumsum(rows_per_process)]).astype(np.int64)
+    counts, first = np.zeros(len(devs), np.int64), np.zeros(len(devs), np.int64)
+    for p, n_p in enumerate(rows_per_process):
+        qs = np.flatnonzero(proc == p)
+        if not len(qs):
+            if n_p:
+                raise ValueError(f"process {p} holds {n_p} rows but none of the mesh's devices")
+            continue
+        sizes = np.asarray([n_p // len(qs) + (i < n_p % len(qs)) for i in range(len(qs))], np.int64)
+        counts[qs], first[qs] = sizes, start[p] + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    # Devices of processes beyond rows_per_process (none in a run) hold nothing, after the end.
+    first[proc >= len(rows_per_process)] = start[-1]
+    per = max(1, int(counts.max()))
+    return RowLayout(-(-per // align) * align, counts, first)
+
+
+def process_mesh(axis: str = "bank") -> Mesh:
+    """A 1-D mesh over every device of every process, in process order (`process_layout`)."""
+    return make_bank_mesh(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)), axis)
+
+
+def place_rows(layout: RowLayout, mesh: Mesh, rows_of, width: int) -> jax.Array:
+    """The global [n_dev * per, width] float32 array of `layout` from host pieces: each device
+    of this process gets `rows_of(lo, hi)` (flat rows [lo, hi), [hi - lo, width]) and zero pads;
+    no process sees another's rows."""
+    shards = []
+    for q, dev in enumerate(mesh.devices.reshape(-1)):
+        if dev.process_index != jax.process_index():
+            continue
+        x = np.zeros((layout.per, width), np.float32)
+        c = int(layout.counts[q])
+        if c:
+            x[:c] = rows_of(int(layout.first[q]), int(layout.first[q]) + c)
+        shards.append(jax.device_put(x, dev))
+    return jax.make_array_from_single_device_arrays((mesh.size * layout.per, width),
+                                                    NamedSharding(mesh, P(_axis(mesh), None)), shards)
+
+
+@functools.partial(jax.jit, static_argnames=("n_select", "mesh", "n_cand"))
+def _greedy_sharded(rows, starts, counts, n_select: int, mesh: Mesh, n_cand: int):
     axis = _axis(mesh)
     n_local = rows.shape[0] // mesh.size
 
-    def per_shard(x, starts):
+    def per_shard(x, starts, counts):
         offset = jax.lax.axis_index(axis) * n_local
         gidx = offset + jnp.arange(n_local, dtype=jnp.int32)
         sq = jnp.sum(x * x, axis=-1)
@@ -144,7 +284,8 @@ def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh, n_can
         start_rows = jax.lax.psum(
             jnp.where(own[:, None], x[jnp.clip(loc, 0, n_local - 1)], 0.0), axis)
         start_d = jax.vmap(lambda c: coreset.dist_to(x, sq, c))(start_rows)   # [S, n_local]
-        min_d = jnp.where(gidx < n_valid, jnp.mean(start_d, axis=0), -jnp.inf)
+        real = jnp.arange(n_local) < counts[jax.lax.axis_index(axis)]  # a shard's real rows are a prefix
+        min_d = jnp.where(real, jnp.mean(start_d, axis=0), -jnp.inf)
 
         def global_argmax(min_d):
             # (value, global index) of each shard's local argmax -> the global one.
@@ -170,8 +311,8 @@ def _greedy_sharded(rows, starts, n_select: int, n_valid: int, mesh: Mesh, n_can
 
     # check_vma=False: `sel` is replicated by construction (every shard picks the same winner
     # from the all-gathered candidates).
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axis, None), P()),
-                         out_specs=P(), check_vma=False)(rows, starts)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axis, None), P(), P()),
+                         out_specs=P(), check_vma=False)(rows, starts, counts)
 
 
 def greedy_select_sharded(projected, starts, n_select: int, mesh: Mesh, align: int = 128,
@@ -187,10 +328,10 @@ def greedy_select_sharded(projected, starts, n_select: int, mesh: Mesh, align: i
     """
     projected = jnp.asarray(projected, jnp.float32)
     n = projected.shape[0]
+    layout = uniform_layout(n, mesh.size, align)  # positions = flat indices
     rows = _place(_pad_rows(projected, mesh.size, align), mesh)
-    starts = jnp.asarray(starts, jnp.int32)
-    return _greedy_sharded(rows, starts, n_select=n_select, n_valid=n, mesh=mesh,
-                           n_cand=coreset.n_candidates(n, n_cand))
+    return _greedy_sharded(rows, jnp.asarray(starts, jnp.int32), jnp.asarray(layout.counts, jnp.int32),
+                           n_select=n_select, mesh=mesh, n_cand=coreset.n_candidates(n, n_cand))
 
 
 def coreset_indices_sharded(key: jax.Array, features, ratio: float, proj_dim: int = 128,
@@ -206,3 +347,36 @@ def coreset_indices_sharded(key: jax.Array, features, ratio: float, proj_dim: in
         if proj_dim < d else jnp.asarray(features, jnp.float32)
     starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
     return greedy_select_sharded(projected, starts, n_select, mesh)
+
+
+def coreset_indices_by_process(key: jax.Array, rows_of, rows_per_process: Sequence[int], dim: int, ratio: float,
+                               proj_dim: int = 128, n_starts: int = 10, mesh: Mesh | None = None,
+                               align: int = 128, process_of: Sequence[int] | None = None) -> np.ndarray:
+    """`coreset_indices_sharded` of features that no process holds whole: process p holds the
+    flat rows of its block (`process_layout`) and `rows_of(lo, hi)` reads this process's rows
+    [lo, hi) [hi - lo, dim]. Each device's rows are projected where they are and placed
+    (`place_rows`); the greedy loop is `_greedy_sharded`'s. Returns the flat indices (numpy).
+
+    The same indices as one process: the same projection key, starts and greedy loop. The
+    projection of a row is the same matmul row whatever rows share its call (numpy's sgemm on
+    CPUs, XLA's dot elsewhere: the same K-order accumulation per row; tests/test_sharding.py
+    checks pieces of several sizes)."""
+    mesh = process_mesh() if mesh is None else mesh
+    n = int(np.sum(rows_per_process))
+    n_select = coreset.n_coreset(n, ratio)
+    if n_select >= n:
+        return np.arange(n, dtype=np.int32)
+    k_proj, k_start = jax.random.split(key)
+    proj = coreset.random_projection(k_proj, dim, proj_dim) if proj_dim < dim else None
+    layout = process_layout(mesh, rows_per_process, align, process_of)
+
+    def projected(lo, hi):
+        x = rows_of(lo, hi)
+        return np.asarray(coreset.project_chunked(np.asarray(x, np.float32), proj)) if proj is not None else x
+
+    rows = place_rows(layout, mesh, projected, proj_dim if proj is not None else dim)
+    starts = np.asarray(jax.random.choice(k_start, n, (min(n_starts, n),), replace=False))
+    sel = _greedy_sharded(rows, jnp.asarray(layout.to_global(starts), jnp.int32),
+                          jnp.asarray(layout.counts, jnp.int32), n_select=n_select, mesh=mesh,
+                          n_cand=coreset.n_candidates(n, coreset.N_CAND))
+    return layout.to_flat(np.asarray(sel)).astype(np.int32)

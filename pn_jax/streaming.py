@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pn_jax import coreset as coreset_lib
 from pn_jax import precision as precision_lib
+from pn_jax import projection
 
 CHUNK = 32768  # = coreset.project_chunked's default chunk
 
@@ -85,7 +86,7 @@ class FeatureStore:
             if self._proj is None:
                 proj = part
             elif jax.default_backend() == "cpu":  # the call project_chunked makes on a CPU
-                proj = np.matmul(part.astype(np.float32, copy=False), self._proj)
+                proj = projection.project_host(part, self._proj)
             else:
                 proj = np.asarray(coreset_lib.project(jax.numpy.asarray(part), self._proj, self._precision))
             if self._pre:  # keep the chunk's own coreset only (coreset.preselect_chunk)

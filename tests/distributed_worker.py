@@ -1,7 +1,10 @@
 """`python tests/distributed_worker.py DUMP.npz <experiments.run flags>`: runs
 `experiments.run` and, in the process that writes results (process 0, or the only one),
 dumps what tests/test_distributed.py compares: the memory bank (the coreset's rows, in
-selection order), which training image each entry came from, and every test image score."""
+selection order), which training image each entry came from, and every test image score;
+every process writes DUMP.held<process id>.json: what it held of the training features
+(`distributed.held`)."""
+import json
 import os
 import sys
 
@@ -17,6 +20,8 @@ _real = runner.run_category
 
 def _spy(*args, **kwargs):
     entry = _real(*args, **kwargs)
+    with open(f"{DUMP}.held{distributed.info().get('process_id', 0)}.json", "w") as f:  # every process
+        json.dump(distributed.held(), f)
     if distributed.is_primary():
         model = entry["_models"][next(iter(entry["_models"]))]
         res = entry["_test"]

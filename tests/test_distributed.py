@@ -97,6 +97,21 @@ def test_two_processes_give_the_one_process_coreset_scores_and_metrics(runs):
     assert e1["counts"]["backbone_batches"] - e2["counts"]["backbone_batches"] == -(-12 // 4) - (-(-6 // 4))
 
 
+def test_each_process_keeps_only_its_own_training_features(runs):
+    """No all-gather of the training features: each process held its 6 of the 12 training
+    images, and what crossed between them is the bank's rows and the calibration and
+    validation images (ceil(12 / 2) = 6 calibrate, the other 6 validate), nothing else."""
+    tmp, _, _ = runs
+    one = _load(tmp, "one_fit")
+    held = [json.load(open(tmp / f"two_fit.npz.held{p}.json")) for p in (0, 1)]
+    n_patch = json.load(open(tmp / "one" / "results.json"))["categories"]["synthetic"]["counts"]["train_patches"] // 12
+    assert n_patch == 64  # an 8 x 8 grid at 64 px
+    for h in held:
+        assert h["images"] == 12 and h["images_held"] == 6
+        assert h["rows_fetched"] == one["bank"].shape[0] + (6 + 6) * n_patch
+    assert json.load(open(tmp / "one_fit.npz.held0.json")) is None  # one process: a plain array
+
+
 def test_only_process_zero_writes_and_the_other_prints_one_line(runs):
     tmp, _, outs = runs
     assert (tmp / "two" / "results.json").is_file()

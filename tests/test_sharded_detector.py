@@ -33,6 +33,28 @@ SCRIPT = textwrap.dedent("""
         bigger = state._replace(bank=np.concatenate([state.bank, np.zeros((1, 32), np.float32)]))
         zeros = np.zeros(ext(test).shape, np.float32)  # the same shapes: no retrace on its own
         out[devices] += (np.asarray(scorer(bigger, zeros)["signals"]["nearest"]),)
+        # Leave-one-image-out calibration (its k-NN on the sharded bank with 8 devices)
+        loo, rep = fitting.fit_state(cfg, np.asarray(ext(train)), None, jax.random.key(0),
+                                     calibrate_on=np.array([0, 2, 5]))
+        out[devices] += (np.asarray(loo.params["noise_scale"]), np.concatenate([np.asarray(x).ravel() for x in loo.stats]))
+        # ... and leave-one-image-out scoring (the threshold's) of training images 0, 2, 5 and a
+        # test image (owner -1: nothing excluded), on the sharded bank with 8 devices
+        feats = np.concatenate([np.asarray(ext(train))[[0, 2, 5]], np.asarray(ext(test))[:1]])
+        sc = detector.Scorer(cfg, ext.grid, variants=(None, "patchcore"))(loo, feats, (rep.bank_owner, np.array([0, 2, 5, -1])))
+        out[devices] += (np.asarray(sc["image_scores"]), np.asarray(sc["signals"]["nearest"]))
+        own = rep.bank_owner
+        assert len(set(own.tolist())) == 6 and state.bank.shape[0] % 8  # every image owns rows; pads on 8 devices
+    np.testing.assert_array_equal(out[1][4], out[8][4])  # leave-one-image-out: the same noise scale
+    np.testing.assert_array_equal(out[1][5], out[8][5])  # ... and statistics, bit for bit
+    np.testing.assert_array_equal(out[1][6], out[8][6])  # ... and image scores
+    np.testing.assert_array_equal(out[1][7], out[8][7])
+    # independent check of the exclusion: each training image's nearest distance is that of a
+    # float64 brute force over the bank rows of the other images
+    bank = np.asarray(loo.bank, np.float64)
+    for c, o in enumerate([0, 2, 5]):
+        f = feats[c].astype(np.float64)
+        d = np.sqrt(((f[:, None] - bank[rep.bank_owner != o][None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(out[8][7][c], d, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out[1][0], out[8][0])  # same coreset
     np.testing.assert_allclose(out[1][1], out[8][1], rtol=1e-6)
     np.testing.assert_allclose(out[1][2], out[8][2], rtol=1e-6)
@@ -55,9 +77,10 @@ VARIANTS_SCRIPT = textwrap.dedent("""
     test[1, 8:30, 8:30] += 2.0
     base = tiny_config(model={"pretrain_embed_dimension": 32, "target_embed_dimension": 32})
     ext = detector.FeatureExtractor(base, backbone_fn=fake_backbone)
-    state, _ = fitting.fit_state(base, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
+    state, rep = fitting.fit_state(base, np.asarray(ext(train)), np.asarray(ext(hold)), jax.random.key(0))
     assert state.bank.shape[0] % 8, state.bank.shape  # 8 devices: the sharded bank has pad rows
     feats = np.array(ext(test))
+    loo = (rep.bank_owner, np.array([0, 3, -1]))  # leave-one-image-out: each image scored without one image's rows
     # Patches at or near the origin: a zero pad row would be their nearest entry if any search
     # (Euclidean, whitened, or the literal fd re-search) looked at the pads.
     feats[2, :40] = 0.0
@@ -68,9 +91,12 @@ VARIANTS_SCRIPT = textwrap.dedent("""
         out = {}
         for devices in (1, 8):
             cfg = base.replace(devices=devices, noising={"influence": influence})
-            sig = detector.Scorer(cfg, ext.grid, variants=variants).signals(state, feats)
+            scorer = detector.Scorer(cfg, ext.grid, variants=variants)
+            sig, sig_loo = scorer.signals(state, feats), scorer.signals(state, feats, loo)
             out[devices] = {v: np.asarray(detector.patch_score(cfg, sig, state.stats, v)) for v in variants}
-        for v in variants:
+            out[devices].update({("loo", v): np.asarray(detector.patch_score(cfg, sig_loo, state.stats, v))
+                                 for v in variants})
+        for v in list(variants) + [("loo", v) for v in variants]:
             assert np.all(np.isfinite(out[1][v])), v
             np.testing.assert_allclose(out[8][v], out[1][v], rtol=1e-5, atol=1e-6,
                                        err_msg=f"influence={influence} score={v}")

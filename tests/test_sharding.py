@@ -43,6 +43,14 @@ GREEDY_CASES = [
     ("n2003_p32_c5", 2003, 32, 150, False, 5),   # ~100 candidate batches
 ]
 N_UNIQUE = 50
+# Leave-one-image-out search on a sharded bank: (name, M, D, k, block, query offset) as
+# KNN_CASES; each bank row belongs to one of N_OWNERS training images, spread over the shards.
+LOO_CASES = [
+    ("m1003_k9_b64", 1003, 24, 9, 64, 30.0),
+    ("m157_k9_b64_ties", 157, 16, 9, 64, "ties"),   # duplicated rows: exact ties across shards
+    ("m203_k9_b64_near_ties", 203, 16, 9, 64, "near_ties"),
+]
+N_OWNERS = 7
 
 
 def _knn_data(m, d, offset, seed=0):
@@ -95,7 +103,50 @@ def _run_checks(mesh):
     a = np.asarray(coreset.coreset_indices(key, f, 0.05, proj_dim=64, n_starts=10))
     b = np.asarray(sharding.coreset_indices_sharded(key, f, 0.05, proj_dim=64, n_starts=10, mesh=mesh))
     out["coreset_indices_equal"] = bool(np.array_equal(a, b)) and len(a) == 60
+    out["loo"] = {}
+    for name, m, d, k, block, off in LOO_CASES:
+        q, bank = _knn_data(m, d, off)
+        rng = np.random.default_rng(5)
+        owner = rng.integers(0, N_OWNERS, m).astype(np.int32)
+        img_owner = np.asarray([0, 3, 6, -1, 3], np.int32)  # -1: no image of the bank
+        n_img = len(img_owner)
+        feats = np.resize(q, (n_img, 6, d))  # 6 patches an image (the queries, repeated where fewer)
+        ds, i_s = sharding.knn_sharded_excluding(feats, img_owner, sharding.shard_bank(bank, mesh),
+                                                 sharding.shard_owners(owner, mesh), k, mesh, block)
+        ds, i_s = np.asarray(ds), np.asarray(i_s)
+        same, same_d, ref_ok, own_out = True, True, True, True
+        for c, o in enumerate(img_owner):
+            d1, i1 = knn.knn_excluding(jnp.asarray(feats[c]), jnp.asarray(bank), jnp.asarray(owner == o), k=k, block=block)
+            same &= bool(np.array_equal(np.asarray(i1), i_s[c]))
+            same_d &= bool(np.array_equal(np.asarray(d1), ds[c]))
+            keep = np.flatnonzero(owner != o)  # float64 brute force on the bank without image o's rows
+            ref_ok &= bool(np.array_equal(keep[reference.knn_bruteforce(feats[c], bank[keep], k)[1]], i_s[c]))
+            own_out &= bool(not np.any(owner[i_s[c]] == o))
+        out["loo"][name] = {"idx_equal": same, "dist_equal": same_d, "idx_equal_float64": ref_ok,
+                            "own_rows_excluded": own_out}
+    # Features no process holds whole (a distributed fit): simulated processes each holding a
+    # block of rows over some of the devices, projected block by block, the same indices.
+    out["by_process"] = {}
+    for name, process_of, rows in _PROCESS_CASES[mesh.size]:
+        layout = sharding.process_layout(mesh, rows, 128, process_of)
+        pos = layout.to_global(np.arange(len(f)))
+        c = np.asarray(sharding.coreset_indices_by_process(key, lambda lo, hi: f[lo:hi], rows, 200, 0.05, proj_dim=64,
+                                                           n_starts=10, mesh=mesh, process_of=process_of))
+        out["by_process"][name] = {
+            "equal": bool(np.array_equal(a, c)),
+            "layout_roundtrip": bool(np.array_equal(layout.to_flat(pos), np.arange(len(f)))),
+            "positions_increase": bool(np.all(np.diff(pos) > 0)),
+            "counts": [int(x) for x in layout.counts]}
     return out
+
+
+# (name, the process of each mesh device, rows per process) of 1203 rows, per device count
+_PROCESS_CASES = {
+    8: [("uneven", [0, 0, 0, 1, 1, 2, 2, 2], [500, 3, 700]),  # process 1: 2 rows and 1 row on its devices
+        ("empty_process", [0, 0, 0, 1, 1, 2, 2, 2], [600, 0, 603]),
+        ("two_hosts", [0, 0, 0, 0, 1, 1, 1, 1], [601, 602])],
+    1: [("one", [0], [1203])],
+}
 
 
 _SUBPROCESS = """
@@ -160,6 +211,50 @@ def test_greedy_select_sharded_equals_greedy_select(results, case):
 
 def test_coreset_indices_sharded_equals_coreset_indices(results):
     assert results["coreset_indices_equal"]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in LOO_CASES])
+def test_leave_one_image_out_knn_on_a_sharded_bank(results, case):
+    r = results["loo"][case]
+    assert r["idx_equal"] and r["dist_equal"]  # detector.knn_excluding's, bit for bit
+    assert r["idx_equal_float64"]
+    assert r["own_rows_excluded"]
+
+
+def test_coreset_of_rows_held_by_processes_equals_coreset_indices(results):
+    assert results["by_process"]
+    for name, r in results["by_process"].items():
+        assert r["equal"], name
+        assert r["layout_roundtrip"] and r["positions_increase"], name
+        assert sum(r["counts"]) == 1203, name
+    if "uneven" in results["by_process"]:
+        assert results["by_process"]["uneven"]["counts"] == [167, 167, 166, 2, 1, 234, 233, 233]
+
+
+def test_projection_of_a_row_does_not_depend_on_the_rows_beside_it():
+    """The coreset's host projection of a block of rows (a distributed fit's process, a streamed
+    chunk) equals the same rows' projection in one call over all rows, bit for bit, for blocks
+    of 1 row up (OpenBLAS's small-matrix kernel rounds differently without the padding)."""
+    from pn_jax import projection
+
+    rng = np.random.default_rng(3)
+    for d in (64, 1024):
+        x = rng.normal(size=(700, d)).astype(np.float32)
+        p = (rng.normal(size=(d, 128)) / np.sqrt(128)).astype(np.float32)
+        whole = projection.project_host(x, p)
+        np.testing.assert_allclose(whole, x.astype(np.float64) @ p.astype(np.float64), rtol=1e-4, atol=1e-4)
+        for lo, hi in ((0, 1), (5, 8), (13, 20), (100, 355), (355, 700)):
+            np.testing.assert_array_equal(projection.project_host(x[lo:hi], p), whole[lo:hi], err_msg=f"{d} {lo}:{hi}")
+
+
+def test_process_layout_refuses_a_mesh_out_of_process_order():
+    from types import SimpleNamespace
+
+    two = SimpleNamespace(devices=np.asarray([None, None], dtype=object))  # process_layout reads the device list only
+    with pytest.raises(ValueError, match="process order"):
+        sharding.process_layout(two, [3, 4], process_of=[1, 0])
+    with pytest.raises(ValueError, match="holds 4 rows but none"):
+        sharding.process_layout(two, [3, 4], process_of=[0, 0])
 
 
 def test_shard_bank_pads_and_places():
