@@ -28,14 +28,18 @@ from pathlib import Path
 from experiments import bench
 
 SETTINGS = ("256", "384", "512", "768", "1024", "512/t256", "1024/t256")
+PER_POSITION = ("512/t256/pp", "1024/t256/pp")  # --tile-bank per-position (run with --settings)
 DATASETS = ("elpv", "texture", "pattern")  # ELPV mono; the small-defect categories
 OVERLAP = 32
 
 
 def setting_flags(s: str) -> list[str]:
+    """"SIZE", "SIZE/tTILE", or "SIZE/tTILE/pp" (a bank per tile position, --tile-bank per-position)."""
+    s, per_position = (s[:-3], True) if s.endswith("/pp") else (s, False)
     size, _, tile = s.partition("/t")
     out = ["--image-size", size]
-    return out + (["--tile", tile, "--tile-overlap", str(OVERLAP)] if tile else [])
+    return (out + (["--tile", tile, "--tile-overlap", str(OVERLAP)] if tile else [])
+            + (["--tile-bank", "per-position"] if per_position else []))
 
 
 def run_argv(ds: str, setting: str, a) -> list[str]:
@@ -155,7 +159,7 @@ def figure(doc: dict, path: Path) -> None:
     rows = [r for r in doc["rows"] if "error" not in r]
     dss = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    order = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]  # one x position per setting
+    order = [s for s in SETTINGS + PER_POSITION if any(r["setting"] == s for r in rows)]  # one x per setting
     for ds in dss:
         rs = sorted((r for r in rows if r["dataset"] == ds), key=lambda r: order.index(r["setting"]))
         x = [order.index(r["setting"]) for r in rs]
@@ -221,9 +225,10 @@ def main(argv=None) -> None:
     p.add_argument("--max-memory", type=float, default=8.0)
     p.add_argument("--small-root", type=Path, default=Path("data/small_defects"))
     a = p.parse_args(argv)
-    bad = [s for s in a.settings + a.elpv_settings if s not in SETTINGS] + [d for d in a.datasets if d not in DATASETS]
+    bad = ([s for s in a.settings + a.elpv_settings if s not in SETTINGS + PER_POSITION]
+           + [d for d in a.datasets if d not in DATASETS])
     if bad:
-        p.error(f"unknown setting(s)/dataset(s) {bad}; settings: {SETTINGS}, datasets: {DATASETS}")
+        p.error(f"unknown setting(s)/dataset(s) {bad}; settings: {SETTINGS + PER_POSITION}, datasets: {DATASETS}")
     print(table(run_all(a)))
 
 

@@ -125,6 +125,28 @@ def extract(model, source, *, desc: str = "features", keep: tuple[str, ...] = ()
     return (arr[:n], {k: np.concatenate(v) for k, v in kept.items()}) if keep else arr[:n]
 
 
+def owned(feature_batches, owners):
+    """(owners of the batch's images, features) from `batches.feature_batches`' (batch, features)."""
+    n = 0
+    for _, f in feature_batches:
+        yield owners[n:n + len(f)], f
+        n += len(f)
+
+
+def score_loo(model, owned_batches, variants, bank_owner=None) -> dict:
+    """{"image_scores", "variants": {variant: (image scores, None)}} of training images scored
+    leave-one-image-out, batch by batch: `Model.score_features` scores `cfg.batch_size` images
+    per call whatever it is given, so the scores are those of the whole array, bit for bit,
+    and only the image scores are kept (the threshold needs nothing else)."""
+    bank_owner = model.bank_owner if bank_owner is None else bank_owner
+    parts = [model.score_features(f, variants, exclude=(bank_owner, own), outputs=("image_scores",))
+             for own, f in owned_batches]
+    if not parts:
+        raise ValueError("no validation images to score")
+    return {"image_scores": np.concatenate([p["image_scores"] for p in parts]),
+            "variants": {v: (np.concatenate([p["variants"][v][0] for p in parts]), None) for v in variants}}
+
+
 class Figure(NamedTuple):
     """A test image kept for the figures, with what its test pass computed (nothing is
     extracted or scored a second time for them)."""

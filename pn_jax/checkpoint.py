@@ -53,7 +53,7 @@ COMPAT_FIELDS = (
     # compare features of two arithmetics (on an accelerator). A checkpoint from before the field
     # loads as "highest" (config.ModelConfig.precision says why that is right).
     "model.precision",
-    "bank.coreset_ratio", "bank.coreset_preselect",
+    "bank.coreset_ratio", "bank.coreset_preselect", "bank.tile_bank",
     "noising.influence_ratio", "noising.dim_selection",  # the fitted dims S (not for patchcore)
 )
 _DIMS_FIELDS = ("noising.influence_ratio", "noising.dim_selection")

@@ -308,7 +308,7 @@ def banner(cfg) -> str:
             f"method={cfg.noising.method} score={cfg.noising.score} influence={cfg.noising.influence} "
             f"k={cfg.noising.k} coreset={cfg.bank.coreset_ratio} image={cfg.data.image_size} seed={cfg.seed} "
             f"precision={cfg.model.precision}"
-            + (f" tile={cfg.data.tile} overlap={cfg.data.tile_overlap}" if cfg.data.tile else ""))
+            + (f" tile={cfg.data.tile} overlap={cfg.data.tile_overlap} tile_bank={cfg.bank.tile_bank}" if cfg.data.tile else ""))
 
 
 def summary_line(e: dict, ck) -> str:

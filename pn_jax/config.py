@@ -27,6 +27,7 @@ RESIZE_MODES = ("resize", "patchcore")  # resize: WxW no crop; patchcore: shorte
 # convolution of the model path to float32 (lax.Precision.HIGHEST); "fast" leaves the backend
 # default (TF32 on NVIDIA GPUs, one bf16 pass on TPUs; the same float32 as "highest" on a CPU).
 PRECISIONS = ("highest", "fast")
+TILE_BANKS = ("shared", "per_position")  # bank.tile_bank
 DATA_BACKENDS = ("direct", "tfds")
 TFDS_DATASETS = ("mvtec_ad", "elpv", "synthetic")  # = pn_jax.data.pipeline.TFDS_DATASETS
 
@@ -77,6 +78,9 @@ class BankConfig:
     # train patches keeps its own greedy coreset of coreset_preselect x coreset_ratio, then the
     # global greedy runs on those. 0 (default): the exact single greedy over all patches.
     coreset_preselect: float = 0.0
+    # With tiles (data.tile): "shared" = one bank for every tile position; "per_position" = one
+    # coreset bank per tile position, each tile scored against its own (pn_jax/tilebank.py).
+    tile_bank: str = "shared"
     knn_block: int = 8192  # bank rows per k-NN matmul (one block up to M = 8192: measured 5 ms/image faster at M = 7000)
 
 
@@ -192,6 +196,13 @@ def validate(cfg: Config) -> None:
          f"bank.coreset_preselect (--coreset-preselect) must be 0 (off) or >= 1, got {b.coreset_preselect}"),
         (b.coreset_preselect == 0 or cfg.devices == 1,
          "bank.coreset_preselect (--coreset-preselect) runs on one device; drop --devices"),
+        (b.tile_bank in TILE_BANKS, f"bank.tile_bank (--tile-bank) must be one of {TILE_BANKS}, got {b.tile_bank!r}"),
+        (b.tile_bank == "shared" or d.tile, "bank.tile_bank per_position (--tile-bank per-position) needs --tile"),
+        (b.tile_bank == "shared" or b.coreset_preselect == 0,
+         "--tile-bank per-position runs the exact greedy per position; drop --coreset-preselect"),
+        (b.tile_bank == "shared" or cfg.devices == 1, "--tile-bank per-position scores on one device; drop --devices"),
+        (b.tile_bank == "shared" or n.influence != "predictor",
+         "--influence predictor learns from one bank; it does not take --tile-bank per-position"),
         (len(m.layers) >= 1, "model.layers must name at least one layer"),
         (m.precision in PRECISIONS, f"model.precision must be one of {PRECISIONS}, got {m.precision!r}"),
         (d.resize_mode in RESIZE_MODES, f"data.resize_mode must be one of {RESIZE_MODES}"),

@@ -22,7 +22,7 @@ from pn_jax import knn as knn_lib
 from pn_jax import maps as maps_lib
 from pn_jax import noising
 from pn_jax import precision as precision_lib
-from pn_jax import tiles, transfer
+from pn_jax import tilebank, tiles, transfer
 from pn_jax.config import Config
 
 
@@ -322,10 +322,8 @@ class Scorer:
 
             self._build_sharded, self._build_loo, self._sharded_fns = build, build_loo, {}
         else:
-            # Test images: the plain search. The fit's validation images, leave-one-image-out:
-            # its own function (scoring test images with it, owner -1, gave the same bits and
-            # one compile fewer, but each image's table copies made the 400 + 300 ELPV test
-            # pass 12% slower). `compile_ahead` compiles both off the main thread.
+            # Test images: the plain search; leave-one-image-out: its own function (owner -1 for test
+            # images gave the same bits, one compile fewer, a 12% slower 400+300 ELPV test pass).
             key = (cfg.noising, cfg.bank.knn_block, cfg.model.precision, tuple(sorted(flags.items())))
             self._signals, self._sig_counter = _shared(
                 "signals", key, lambda on_trace: make_signal_fn(cfg, on_trace=on_trace, **flags))
@@ -365,7 +363,23 @@ class Scorer:
 
     def signals(self, state: DetectorState, feats, exclude=None) -> dict:
         """`exclude`: (bank_owner [M], owners [B]) scores image b without the bank entries
-        that came from training image owners[b] (leave-one-image-out; -1 excludes nothing)."""
+        that came from training image owners[b] (leave-one-image-out; -1 excludes nothing).
+        With a bank per tile position (`pn_jax.tilebank`), each position's patches are scored
+        against its own rows by the same compiled function, and the signals laid end to end."""
+        n_pos = tilebank.n_positions(self.cfg)
+        if not n_pos:
+            return self._signals_on(state, feats, exclude)
+        if getattr(self, "_pos_src", None) is not state.bank:  # slice each bank once (and prepare each once)
+            self._pos_src = state.bank
+            cuts = tilebank.slices(state.bank.shape[0], feats.shape[1], n_pos)
+            self._pos = [(state.bank[bs], bs, fs) for bs, fs in cuts]
+            self._indexes = {}
+        parts = [self._signals_on(state._replace(bank=bank_t), feats[:, fs],
+                                  None if exclude is None else (np.asarray(exclude[0])[bs], exclude[1]))
+                 for bank_t, bs, fs in self._pos]
+        return {k: tilebank.join([p[k] for p in parts]) for k in parts[0]}
+
+    def _signals_on(self, state: DetectorState, feats, exclude=None) -> dict:
         if exclude is not None:
             check_loo_bank(exclude[0], exclude[1], self.cfg.noising.k)
             if self._sharded:
@@ -392,6 +406,11 @@ class Scorer:
         return self._sharded_fns[key](*args, (sharding.shard_owners(exclude[0], mesh), jnp.asarray(exclude[1], jnp.int32)))
 
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
+        if tilebank.n_positions(self.cfg):  # one index per position's bank, kept with its slices
+            hit = self._indexes.get(id(state.bank))
+            if hit is None or hit[0] is not state.bank:
+                hit = self._indexes[id(state.bank)] = (state.bank, knn_lib.prepare_bank(state.bank))
+            return hit[1]
         if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
             self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank)
         return self._index
@@ -409,13 +428,10 @@ class Scorer:
         return self._scored(patch)
 
     def compile_ahead(self, state: DetectorState, n_images: int):
-        """Compile, on a background thread, the signal functions and the maps with the shapes
-        that scoring `n_images`-image batches against `state` will use (issue 25). The fit
-        calls it before its coreset, with the bank's shape, so these compile while the coreset
-        and the statistics compile and run on the main thread (XLA:CPU compiles a program on
-        one core). `signals`/`scored_maps`
-        wait for it rather than compile a second copy. Only the shapes of `state` are read;
-        a single-device scorer only (the sharded one compiles per bank size)."""
+        """Compile on a background thread (`pn_jax.ahead`) the signal functions and maps for
+        `n_images`-image batches against `state` (only its shapes are read; issue 25): the fit
+        calls it before its coreset, so these compile beside the coreset's and the statistics'
+        on a second core. `signals`/`scored_maps` wait for it. Single-device scorers only."""
         if self._sharded or self.cfg.noising.influence == "predictor":
             return
         shape = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731

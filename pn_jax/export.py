@@ -183,6 +183,10 @@ def export_model(cfg, state, grid, threshold: float, meta: dict | None, path, *,
 
     path = os.fspath(path)
     platforms = tuple(platforms)
+    if cfg.bank.tile_bank != "shared":
+        raise ExportError(f"export {path}: this model holds a bank per tile position (--tile-bank per-position), "
+                          f"which the exported artifact does not implement yet; score it with `pn-jax predict`, "
+                          f"or fit with --tile-bank shared to export")
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
         raise ExportError(f"export {path}: unknown platform(s) {bad or '(none given)'}; "

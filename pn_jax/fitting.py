@@ -18,8 +18,9 @@
 `detector` holds the maths (features, signals, the Scorer, the bank), `model` the public
 object (fit / predict / save / load / export), `runner` evaluation and reporting.
 
-(Over 450 lines on purpose: the fit protocol is one module, its steps in the order they run,
-as the style guide asks; split, one protocol would again be spread over several files.)
+(Over 450 lines on purpose: the fit protocol is one module, read in the order it runs
+(STYLE.md, "one module for the fit protocol"); splitting its steps apart would hide which
+choice sees which data.)
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import batches, calibration, detector, distributed, metrics, noising, normalstats, transfer
+from pn_jax import batches, calibration, detector, distributed, metrics, noising, normalstats, tilebank, transfer
 from pn_jax import coreset as coreset_lib
 from pn_jax import model as model_lib
 from pn_jax import precision as precision_lib
@@ -90,6 +91,11 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         from pn_jax import membudget, streaming
 
         membudget.check(cfg, len(train))
+        if cfg.noising.influence == "predictor":
+            raise model_lib.ModelError("--influence predictor learns from the calibration features held whole; "
+                                       "it does not take --max-memory (drop one of them)")
+    if tilebank.n_positions(cfg) and jax.process_count() > 1:
+        raise model_lib.ModelError("--tile-bank per-position fits on one process; drop it or run one process")
         if cfg.devices > 1 or jax.process_count() > 1:
             raise model_lib.ModelError("--max-memory streams the train features on one device in one process; "
                                        "drop --devices (and run one process)")
@@ -194,7 +200,11 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
                                        jax.ShapeDtypeStruct((detector.n_influence_dims(cfg, dim),), jnp.int32),
                                        detector.init_params(dim), noising.identity_stats()))
     t0 = time.perf_counter()
-    if streamed:
+    if tilebank.n_positions(cfg):  # one greedy per tile position, on the shared fit's projection
+        proj = train_feats.projection(k_core) if streamed else tilebank.project_all(k_core, flat, cfg)
+        idx = tilebank.coreset(k_core, proj, n_img, n_patch, cfg)
+        del proj
+    elif streamed:
         idx = train_feats.coreset(k_core, cfg)
     elif cfg.devices > 1:
         from pn_jax import sharding
@@ -225,7 +235,12 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
         if n_img < 2:
             raise ValueError("leave-one-image-out calibration needs at least 2 training images "
                              "(one image's patches are searched against the others')")
-        calib_feats = train_feats[calib]
+        from pn_jax import streaming
+
+        if isinstance(train_feats, streaming.FeatureStore):  # read back batch by batch: never [c, N, D] twice
+            calib_feats = streaming.Subset(train_feats, calib, cfg.batch_size)
+        else:
+            calib_feats = train_feats[calib]
         neighbours = normalstats.loo_neighbours(cfg, bank, bank_owner, calib_feats, calib)
         info = {"source": "leave-one-image-out", "images": int(len(calib))}
     else:
@@ -233,16 +248,21 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
         warnings.warn("fit: no calibration images (no held-out images and no leave-one-image-out sample): "
                       "identity statistics and noise scale s = 1 are used, so calibrated scores equal "
                       "unwhitened distances", stacklevel=2)
+    # [c * N, D] on the device: from the host array, or a streamed sample's rows filled in place
+    flat_calib = None if calib_feats is None else (
+        calib_feats.device_rows() if streamed and hasattr(calib_feats, "device_rows")
+        else jnp.asarray(calib_feats.reshape(-1, dim)))
     if calib_feats is not None:
         params["noise_scale"] = calibration.fit_noise_scale(
-            bank, transfer.to_device(calib_feats.reshape(-1, dim)), shrinkage=cfg.noising.noise_shrinkage,
+            bank, flat_calib, shrinkage=cfg.noising.noise_shrinkage,
             floor=cfg.noising.noise_floor, nearest=neighbours[1][..., 0].reshape(-1))
-    dims = normalstats.select_dims(cfg, k_dims, dim, calib_feats, bank, neighbours)
+    dims = normalstats.select_dims(cfg, k_dims, dim, flat_calib, bank, neighbours)
+    del flat_calib  # the whole sample's features are not needed below (influence runs per image)
     info["dim_selection"] = cfg.noising.dim_selection if calib_feats is not None else "random"
     if cfg.noising.dim_selection != info["dim_selection"]:
         warnings.warn("fit: dim_selection=importance needs calibration images; the dims S were drawn at "
                       "random instead (recorded in the checkpoint's calibration info)", stacklevel=2)
-    info["patches"] = 0 if calib_feats is None else int(calib_feats.shape[0] * calib_feats.shape[1])
+    info["patches"] = 0 if calib_feats is None else int(len(calib_feats) * n_patch)
     if cfg.noising.influence == "predictor":
         if calib_feats is None:
             raise ValueError("--influence predictor learns from calibration images: fit on at least 2 "
@@ -292,10 +312,13 @@ def set_threshold_loo(model: Model, train, val, *, train_feats=None, validation_
     seeded synthetic anomaly of each, all scored leave-one-image-out (never a test image)."""
     val = np.asarray(val)
     variants = (None,) + tuple(v for v in validation_variants if v is not None)
-    feats = train_feats[val] if train_feats is not None else model.extract(subset(train, val, "validation"),
-                                                                           desc="threshold")
-    normal = model.score_features(feats, variants, exclude=(model.bank_owner, val), outputs=("image_scores",))
-    del feats
+    bs = model.cfg.batch_size
+    if train_feats is not None:  # a batch of images at a time (at 1024 px 32 images are 2.1 GB)
+        batches_ = ((val[lo:lo + bs], train_feats[val[lo:lo + bs]]) for lo in range(0, len(val), bs))
+    else:
+        src = subset(train, val, "validation")
+        batches_ = batches.owned(batches.feature_batches(model, src, desc="threshold"), val)
+    normal = batches.score_loo(model, batches_, variants)
     anomal = _loo_anomaly_scores(model, train, val, model.bank_owner, variants)
     _keep_validation(model, normal, anomal, variants)
     model.calibration["validation_images"] = [int(i) for i in val]
@@ -319,8 +342,8 @@ def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) 
     recs = [train[int(i)] for i in val]
     anomalies = validation_records(recs, model.cfg.seed)[1]
     src = data.records_source(anomalies, dataset="validation", category="validation", split="validation")
-    feats = model.extract(src, desc="threshold")
-    return model.score_features(feats, variants, exclude=(bank_owner, np.asarray(val)), outputs=("image_scores",))
+    owned = batches.owned(batches.feature_batches(model, src, desc="threshold"), np.asarray(val))
+    return batches.score_loo(model, owned, variants, bank_owner)
 
 
 def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:

@@ -35,7 +35,7 @@ DEFAULT_BACKBONE = {"mvtec_ad": "wide_resnet50_2", "visa": "wide_resnet50_2", "e
 DEFAULTS = dict(image_size=256, resize_mode="resize", embed_dim=1024, coreset_ratio=0.01, k=9,
                 method="propose_noising", influence="fd_fixed", influence_ratio=0.1, dim_selection="random",
                 eps=1e-3, score_weights="0.4,0.4,0.2", holdout_fraction=0.0, seed=0, batch_size=8, devices="1",
-                precision="highest", tile=0, tile_overlap=0, coreset_preselect=0.0)
+                precision="highest", tile=0, tile_overlap=0, coreset_preselect=0.0, tile_bank="shared")
 
 
 class UsageError(ValueError):
@@ -85,21 +85,21 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", default=None, help="comma-separated stage names; default: the backbone's")
     g.add_argument("--image-size", type=_int("--image-size", 32, 4096), default=None, help="default 256")
     g.add_argument("--resize-mode", choices=C.RESIZE_MODES, default=None)
-    g.add_argument("--tile", type=_int("--tile", 0, 4096), default=None,
-                   help="cut each --image-size image into overlapping tiles of this size, featurise each, "
-                        "stitch the maps back (default 0: no tiles)")
-    g.add_argument("--tile-overlap", type=_int("--tile-overlap", 0, 4096), default=None,
-                   help="pixels shared by neighbouring tiles, blended by a linear ramp (default 0)")
-    g.add_argument("--embed-dim", type=_int("--embed-dim", 1, 65536), default=None,
-                   help="pretrain and target embedding dimension (default 1024)")
-    g.add_argument("--precision", choices=C.PRECISIONS, default=None,
-                   help="matmuls and convolutions: highest = float32 on every backend, the same metrics on "
-                        "CPU, GPU and TPU (default); fast = the backend's default (TF32 / bf16 passes on "
-                        "accelerators, other digits)")
+    g.add_argument("--tile", type=_int("--tile", 0, 4096), default=None, help="cut each --image-size image into "
+                   "overlapping tiles of this size, featurise each, stitch the maps back (default 0: no tiles)")
+    g.add_argument("--tile-bank", choices=("shared", "per_position"), default=None, type=lambda s: s.replace("-", "_"),
+                   help="with --tile: one bank for every tile position (default), or per-position: one per position")
+    g.add_argument("--tile-overlap", type=_int("--tile-overlap", 0, 4096), default=None, help="pixels shared by "
+                   "neighbouring tiles, blended by a linear ramp (default 0)")
+    g.add_argument("--embed-dim", type=_int("--embed-dim", 1, 65536), default=None, help="pretrain and target "
+                   "embedding dimension (default 1024)")
+    g.add_argument("--precision", choices=C.PRECISIONS, default=None, help="matmuls and convolutions: highest = "
+                   "float32 on every backend, the same metrics on CPU, GPU and TPU (default); fast = the backend's "
+                   "default (TF32 / bf16 passes on accelerators, other digits)")
     g.add_argument("--coreset-ratio", type=_float("--coreset-ratio", 0, 1), default=None, help="default 0.01")
     g.add_argument("--coreset-preselect", type=_float("--coreset-preselect", 0, 1e4, lo_open=False), default=None,
-                   metavar="FACTOR", help="two-stage coreset: every 32,768 train patches keep FACTOR x the ratio "
-                        "first, then the greedy runs on those (default 0: the exact greedy over all patches)")
+                   metavar="FACTOR", help="two-stage coreset: every 32,768 train patches keep FACTOR x the ratio first, "
+                   "then the greedy runs on those (default 0: the exact greedy over all patches)")
     g.add_argument("--k", type=_int("--k", 1, 1024), default=None, help="K nearest neighbours (default 9; 1 for --method patchcore)")
     g.add_argument("--method", choices=C.METHODS, default=None)
     g.add_argument("--influence", choices=C.INFLUENCE_METHODS, default=None)
@@ -116,14 +116,14 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-fraction", type=_float("--holdout-fraction", 0, 1, lo_open=False, hi_open=True),
                    default=None, help="normal train images held out of the bank for calibration and the threshold "
                         "(default 0: every image in the bank, calibration leave-one-image-out)")
-    g.add_argument("--threshold-fpr", type=_float("--threshold-fpr", 0, 1, hi_open=True), default=None,
-                   help="decision threshold = the (1-q) quantile of validation normal scores "
-                        "(default: F1-max on validation normals + synthetic anomalies)")
+    g.add_argument("--threshold-fpr", type=_float("--threshold-fpr", 0, 1, hi_open=True), default=None, help="decision "
+                   "threshold = the (1-q) quantile of validation normal scores (default: F1-max on validation normals "
+                   "+ synthetic anomalies)")
     g.add_argument("--seed", type=_int("--seed", 0, 2**31 - 1), default=None)
     g.add_argument("--batch-size", type=_int("--batch-size", 1, 4096), default=None)
-    g.add_argument("--max-memory", type=_float("--max-memory", 0, 1e6), default=None, metavar="GB",
-                   help="bound the run's peak memory: stream the train features to disk (the same bank) and "
-                        "refuse, before reading an image, a run estimated to need more")
+    g.add_argument("--max-memory", type=_float("--max-memory", 0, 1e6), default=None, metavar="GB", help="bound the "
+                   "run's peak memory: stream the train features to disk (the same bank) and refuse, before reading "
+                   "an image, a run estimated to need more")
     g.add_argument("--devices", type=_devices, default=None,
                    help="shard the bank and coreset over this many devices ('all' = every device JAX sees)")
 
@@ -291,7 +291,7 @@ def build_config(a):
             model={"backbone": backbone, "weights": a.weights, "layers": layers,
                    "pretrain_embed_dimension": v["embed_dim"], "target_embed_dimension": v["embed_dim"],
                    "precision": v["precision"]},
-            bank={"coreset_ratio": v["coreset_ratio"], "coreset_preselect": v["coreset_preselect"]},
+            bank={k: v[k] for k in ("coreset_ratio", "coreset_preselect", "tile_bank")},
             noising=noising, seed=v["seed"],
             batch_size=v["batch_size"], devices=n_devices(v["devices"]), threshold_fpr=a.threshold_fpr,
             max_memory_gb=getattr(a, "max_memory", None))
@@ -321,8 +321,8 @@ def n_devices(flag: str) -> int:
     return n
 
 
-CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "tile", "tile_overlap", "embed_dim",
-                "precision", "coreset_preselect", "max_memory",
+CONFIG_FLAGS = ("backbone", "weights", "layers", "image_size", "resize_mode", "tile", "tile_overlap", "tile_bank",
+                "embed_dim", "precision", "coreset_preselect", "max_memory",
                 "coreset_ratio", "k", "method", "influence", "influence_ratio", "dim_selection", "eps", "znorm",
                 "score_weights", "score", "image_score", "holdout_fraction", "threshold_fpr", "seed", "devices")
 
@@ -340,6 +340,7 @@ FIXED_IN_TEST = {
     "precision": ("model.precision", "the memory bank and the statistics were computed at that precision"),
     "coreset_ratio": ("bank.coreset_ratio", "the memory bank was subsampled at that ratio"),
     "coreset_preselect": ("bank.coreset_preselect", "the memory bank was subsampled that way"),
+    "tile_bank": ("bank.tile_bank", "the memory bank was built per tile position or shared"),
     "k": ("noising.k", "the statistics, the noise scale and the threshold were fitted with that K"),
     "method": ("noising.method", "the statistics and the threshold were fitted for that method"),
     "influence": ("noising.influence", "the influence statistics were fitted with that estimator"),

@@ -5,12 +5,15 @@ The estimate adds what a run holds at its peak, from the sizes alone: N patches 
 (the first layer's stride at the image or tile size, times the tiles), D feature dims, the
 image and tile sides, the image counts and the coreset ratio. Under `--max-memory` the fit
 streams its train features to disk (`pn_jax.streaming`), so the train set costs its
-projection ([n * N, 128] float32) instead of its features ([n * N, D]); the calibration and
-validation samples (at most 32 images each, pn_jax.detector.calibration_split) are still
-held whole, and the test phase holds one map per test image (and the pixel metrics sort
-them). The constants were measured on efficientnet_lite0 (the features of a batch of 8 at
-256 and 1024 px); against measured peaks the estimate was 3.77 GB for 3.68 (ELPV 512 px, 400 +
-300) and 3.8-5.3 GB for 2.8-4.2 (1024 px, tiles or not): README "Resolution and tiles".
+projection ([n * N, 128] float32) instead of its features ([n * N, D]). The calibration
+sample (at most 32 images, pn_jax.fitting.calibration_split) is read back a batch at a time
+(`streaming.Subset`) except for the noise scale's one [c * N, D] device array; the validation
+images and their synthetic anomalies are scored a batch at a time and only their image
+scores kept. The test phase holds one map per test image (and the pixel metrics sort them).
+The fit has two phases that do not overlap: extraction + coreset (the projection), then
+calibration + validation (the bank, the calibration sample). The constants were measured on
+efficientnet_lite0 (the features of a batch of 8 at 256 and 1024 px); estimates against
+measured peaks are in README "Resolution and tiles".
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def patches_per_image(cfg) -> tuple[int, int]:
 
 def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, streamed: bool = True) -> dict:
     """Peak resident bytes of a fit on n_train images then a test on n_test, by part."""
-    from pn_jax import coreset, tiles
+    from pn_jax import coreset, knn, tiles
 
     n_patch, unit = patches_per_image(cfg)
     d, p = cfg.model.target_embed_dimension, min(cfg.bank.coreset_proj_dim, cfg.model.target_embed_dimension)
@@ -50,6 +53,9 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
     f32 = 4
     n_cal = min(32, max(1, -(-n_train // 2))) if n_train >= 2 else 0
     n_val = min(32, n_train - n_cal)
+    bank_rows = coreset.n_coreset(rows, cfg.bank.coreset_ratio)
+    read = (max(2, cfg.batch_size) + 1) * n_patch * d * f32  # one streaming.Subset batch (a lone last image joins it)
+    s_dims = max(1, round(cfg.noising.influence_ratio * d))
     parts = {
         "base": BASE,
         # one batch through the backbone and the aggregation (+ its host copy)
@@ -58,17 +64,32 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
         # in memory = the features and the projection
         "train": (2 * kept * p * f32 + 2 * CHUNK_ROWS * d * f32) if streamed else (rows * d + 2 * rows * p) * f32,
         "coreset": 4 * kept * f32,  # min-distance, squared norms and their temporaries
-        "bank": 3 * coreset.n_coreset(rows, cfg.bank.coreset_ratio) * d * f32,
-        # calibration (held with a device copy) and validation normals + synthetic anomalies
-        "calibration": 2 * n_cal * n_patch * d * f32,
-        "validation": 2 * n_val * n_patch * d * f32 + 3 * n_val * side * side * f32,
+        "bank": 3 * bank_rows * d * f32,
+        # one image's k-NN: every bank block's candidate scores of a chunk of its queries
+        # (knn.QUERY_SCORES) live at once. 16 bytes a score: the search alone measured 8-13
+        # (1.3 GB for 16,384 x 65,536 in chunks of 2,048), but a 1024 px fit on 400 images
+        # peaked at 8.6 GB early in calibration where 8 bytes a score estimated 7.8 GB (the
+        # rest is not yet explained: README "Resolution and tiles"), so the term carries it.
+        "knn": 16 * knn.query_chunk(n_patch, bank_rows) * bank_rows,
+        # calibration: streamed = the noise scale's [c * N, D] device array and one batch read
+        # back (+ its device copy); in memory = the sample and its device copy. Either way its
+        # K-NN (distances, indices) and influence on S per patch.
+        "calibration": ((n_cal * n_patch * d * f32 + 2 * read) if streamed else 2 * n_cal * n_patch * d * f32)
+                       + n_cal * n_patch * (2 * cfg.noising.k + s_dims) * f32,
+        # validation normals + synthetic anomalies, a batch at a time: its features (host and
+        # device) and its three maps
+        "validation": 2 * read + 3 * cfg.batch_size * side * side * f32,
         # one anomaly map per test image, the masks, and the pixel metrics' sort of all pixels
         "test": n_test * side * side * ((f32 + 1 + 12) if pixel_metrics else 0),
     }
-    # The phases do not all overlap: the fit's train part is freed before the test holds maps.
-    fit_peak = parts["base"] + parts["batch"] + parts["train"] + parts["coreset"] + parts["bank"] + max(
-        parts["calibration"], parts["validation"])
-    test_peak = parts["base"] + parts["batch"] + parts["bank"] + parts["test"]
+    # The phases do not all overlap: the projection is dropped once the coreset is chosen
+    # (streamed; in memory the features stay until the fit returns), and the fit is over
+    # before the test holds maps.
+    select_phase = parts["train"] + parts["coreset"]
+    calib_phase = parts["bank"] + parts["knn"] + max(parts["calibration"], parts["validation"])
+    fit_peak = parts["base"] + parts["batch"] + (max(select_phase, calib_phase) if streamed
+                                                 else select_phase + calib_phase)
+    test_peak = parts["base"] + parts["batch"] + parts["bank"] + parts["knn"] + parts["test"]
     return {"parts": parts, "fit": fit_peak, "test": test_peak, "peak": max(fit_peak, test_peak),
             "patches_per_image": n_patch}
 

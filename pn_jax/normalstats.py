@@ -16,7 +16,7 @@ from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
 from pn_jax import noising
 from pn_jax import precision as precision_lib
-from pn_jax import transfer
+from pn_jax import tilebank, transfer
 from pn_jax.config import Config
 
 
@@ -27,9 +27,34 @@ def _holdout_knn(feats, index, *, k, block):
 
 def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax.Array]:
     """The K-NN of every held-out patch, searched once for all fit-time statistics:
-    (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image)."""
-    return _holdout_knn(transfer.to_device(holdout_feats), knn_lib.prepare_bank(bank), k=cfg.noising.k,
-                        block=cfg.bank.knn_block)
+    (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image). With a bank
+    per tile position, each tile's patches against their position's rows (idx into the whole bank)."""
+    def search(b, f):
+        return _holdout_knn(jnp.asarray(f), knn_lib.prepare_bank(b), k=cfg.noising.k, block=cfg.bank.knn_block)
+    return _per_position(cfg, bank, holdout_feats, lambda bs, fs: search(_cut(bank, bs), _view(holdout_feats, fs)))
+
+
+def _view(feats, cols: slice):
+    """Patches `cols` of every image of feats [n, N, D] (an array or a `streaming.Subset`)."""
+    if cols == slice(None):
+        return feats
+    return feats.view(cols) if hasattr(feats, "chunks") else feats[:, cols]
+
+
+def _cut(x, s: slice, axis: int = 0):
+    """x[s] along `axis`, or x itself for the whole (no copy on the shared bank's path)."""
+    return x if s == slice(None) else x[(slice(None),) * axis + (s,)]
+
+
+def _per_position(cfg, bank, feats, search):
+    """search(bank rows, patch columns) -> (dist, idx into those rows), over the whole bank,
+    or per tile position (`tilebank`) laid end to end with idx into the whole bank."""
+    n_pos = tilebank.n_positions(cfg)
+    if not n_pos:
+        return search(slice(None), slice(None))
+    parts = [(search(bs, fs), bs.start) for bs, fs in tilebank.slices(bank.shape[0], feats.shape[1], n_pos)]
+    return (tilebank.join([p[0] for p, _ in parts]),
+            tilebank.join([p[1] for p, _ in parts], offsets=[o for _, o in parts]))
 
 
 def select_dims(cfg: Config, key, dim: int, holdout_feats=None, bank=None, neighbours=None) -> jax.Array:
@@ -86,10 +111,28 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     if exclude is not None and neighbours is None:
         neighbours = loo_neighbours(cfg, bank, exclude[0], holdout_feats, exclude[1])
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
-    owner_of = (None, None) if exclude is None else (transfer.to_device(exclude[0], np.int32),
-                                                     transfer.to_device(exclude[1], np.int32))
-    infl = _holdout_influence(transfer.to_device(holdout_feats), bank, dist, idx, dims, params.get("predictor"),
-                              *owner_of, method=n.influence, eps=n.eps, precision=precision_lib.of(cfg))
+    owner_of = (None, None) if exclude is None else (jnp.asarray(exclude[0], jnp.int32),
+                                                     jnp.asarray(exclude[1], jnp.int32))
+
+    def infl_on(bs, fs, offset=0):  # the influence against bank rows bs of patch columns fs
+        infl_of = functools.partial(_holdout_influence, bank=_cut(bank, bs), dims=dims,
+                                    predictor_params=params.get("predictor"), method=n.influence, eps=n.eps,
+                                    precision=precision_lib.of(cfg))
+        bo = None if owner_of[0] is None else _cut(owner_of[0], bs)
+        feats, d_, i_ = _view(holdout_feats, fs), _cut(dist, fs, 1), _cut(idx, fs, 1)
+        i_ = i_ - offset if offset else i_
+        if hasattr(feats, "chunks"):  # a streamed sample (pn_jax/streaming.py): image by image, as lax.map
+            return jnp.concatenate([
+                infl_of(jnp.asarray(f), dist=d_[sl], idx=i_[sl], bank_owner=bo,
+                        owners=None if owner_of[1] is None else owner_of[1][sl]) for sl, f in feats.chunks()])
+        return infl_of(jnp.asarray(feats), dist=d_, idx=i_, bank_owner=bo, owners=owner_of[1])
+
+    n_pos = tilebank.n_positions(cfg)
+    if n_pos:  # each tile's patches against their position's bank, laid end to end
+        infl = tilebank.join([infl_on(bs, fs, bs.start)
+                              for bs, fs in tilebank.slices(bank.shape[0], holdout_feats.shape[1], n_pos)])
+    else:
+        infl = infl_on(slice(None), slice(None))
     # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
     # checkpoint save, issue 15) would otherwise be timed with this whole held-out search.
     return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
@@ -131,20 +174,32 @@ def _loo_knn(feats, owners, index, bank_owner, *, k, block):
 
 
 def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Array, jax.Array]:
-    """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D]) searched
-    against the bank without the entries that came from that image: (dist [c,N,K], idx).
-    `cfg.devices` > 1: on the bank sharded over those devices (`sharding.knn_sharded_excluding`,
-    the same result)."""
-    detector.check_loo_bank(bank_owner, owners, cfg.noising.k)
+    """Leave-one-image-out K-NN: patches of training image owners[i] (feats [c, N, D], or a
+    `streaming.Subset` read batch by batch) searched against the bank without the entries that
+    came from that image: (dist [c,N,K], idx). `cfg.devices` > 1: on the bank sharded over
+    those devices (`sharding.knn_sharded_excluding`, the same result; no --max-memory and no
+    --tile-bank per-position there, both refuse --devices)."""
+    owners, bank_owner = np.asarray(owners), np.asarray(bank_owner)
     if cfg.devices > 1:  # the search over the bank sharded on the run's devices (every process's, if several)
         from pn_jax import sharding
 
+        detector.check_loo_bank(bank_owner, owners, cfg.noising.k)
         mesh = sharding.make_bank_mesh(jax.devices()[:cfg.devices])
         dist, idx = sharding.knn_sharded_excluding(
             np.asarray(feats), owners, sharding.shard_bank(bank, mesh), sharding.shard_owners(bank_owner, mesh),
             cfg.noising.k, mesh, cfg.bank.knn_block)
         # Replicated on the mesh; what follows runs beside the host bank on this process's first device.
         return jnp.asarray(np.asarray(dist)), jnp.asarray(np.asarray(idx))
-    return _loo_knn(transfer.to_device(feats), transfer.to_device(owners, np.int32), knn_lib.prepare_bank(bank),
-                    transfer.to_device(bank_owner, np.int32),
-                    k=cfg.noising.k, block=cfg.bank.knn_block)
+
+    def one(bs, fs):
+        detector.check_loo_bank(_cut(bank_owner, bs), owners, cfg.noising.k)
+        search = functools.partial(_loo_knn, index=knn_lib.prepare_bank(_cut(bank, bs)),
+                                   bank_owner=jnp.asarray(_cut(bank_owner, bs), jnp.int32), k=cfg.noising.k,
+                                   block=cfg.bank.knn_block)
+        f_ = _view(feats, fs)
+        if not hasattr(f_, "chunks"):
+            return search(jnp.asarray(f_), jnp.asarray(owners, jnp.int32))
+        parts = [search(jnp.asarray(f), jnp.asarray(owners[sl], jnp.int32)) for sl, f in f_.chunks()]
+        return jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])
+
+    return _per_position(cfg, bank, feats, one)

@@ -17,6 +17,7 @@ approximate: the full-resolution features of the selected rows are the bank.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -140,6 +141,16 @@ class FeatureStore:
         self.projected = None  # the selection was all it was for
         return idx
 
+    def projection(self, key) -> np.ndarray:
+        """Every row's projection (`tilebank.coreset` selects per tile position from it), then
+        dropped from the store."""
+        if not np.array_equal(jax.random.key_data(self._key), jax.random.key_data(key)):
+            raise ValueError("feature store: the coreset key differs from the one its projection was drawn with")
+        if self._pre:
+            raise ValueError("feature store: a pre-selected projection holds the survivors only")
+        out, self.projected = self.projected[:self._kept], None
+        return out
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -173,3 +184,56 @@ def extract(model, source, coreset_key, *, directory: str | None = None, desc: s
         store.close()
         raise
     return store
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(buf, rows, start):
+    return jax.lax.dynamic_update_slice(buf, rows, (start, 0))
+
+
+class Subset:
+    """Some of a FeatureStore's images (the calibration or validation sample), read back
+    `batch` images at a time, so that the sample is never held whole twice (issue 26: at
+    1024 px, 32 images are 2.1 GB). The maths that consume it run image by image
+    (`lax.map` over images; `Model.score_features` over batches), so reading in batches gives
+    the whole array's results bit for bit (tests/test_streaming.py)."""
+
+    def __init__(self, store: FeatureStore, idx, batch: int, cols: slice = slice(None)):
+        self.store, self.idx, self.batch = store, np.asarray(idx, np.int64), max(2, int(batch))
+        self.cols = cols  # the patches of each image kept (one tile position's, pn_jax/tilebank.py)
+
+    def view(self, cols: slice) -> "Subset":
+        """The same images, patches `cols` only (of the whole image's patches)."""
+        return Subset(self.store, self.idx, self.batch, cols)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        _, n, d = self.store.shape
+        return len(self.idx), len(range(n)[self.cols]), d
+
+    def chunks(self):
+        """(slice into the sample, features [b, N, D] host float32) per batch of images. No
+        batch holds a single image unless the sample does: XLA compiles a `lax.map` of one
+        step without its loop, and the influence then differs in the last bits (measured:
+        2e-11 of 0.09) from the same image mapped among others; so a lone last image joins
+        the batch before it."""
+        n = len(self.idx)
+        starts = list(range(0, n, self.batch))
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        for lo, hi in zip(starts, starts[1:] + [n]):
+            f = self.store[self.idx[lo:hi]]
+            yield slice(lo, hi), (f if self.cols == slice(None) else np.ascontiguousarray(f[:, self.cols]))
+
+    def device_rows(self) -> jax.Array:
+        """The sample's features as one [c * N, D] device array, filled batch by batch in place
+        (a donated buffer): one copy of the sample, where `jnp.asarray` of a host array would
+        hold two. The same values as `jnp.asarray(feats.reshape(-1, D))` of the whole array."""
+        _, n, d = self.shape
+        buf = jax.numpy.zeros((len(self.idx) * n, d), jax.numpy.float32)
+        for sl, f in self.chunks():
+            buf = _put_rows(buf, f.reshape(-1, d), sl.start * n)
+        return buf

@@ -380,3 +380,24 @@ def test_bf16_ranking_refused_off_the_cpu():
             knn.check_low(backend)
     knn.check_low("cpu")
     assert knn.default_low("gpu") is False and knn.default_low("tpu") is False
+
+
+def test_query_chunks_give_the_same_bits_and_bound_the_scores_held():
+    """Above knn.QUERY_SCORES candidate scores a search runs its queries in chunks; every
+    row's search is its own, so the chunked answer is the whole call's, bit for bit."""
+    rng = np.random.default_rng(3)
+    bank = jnp.asarray(rng.normal(size=(700, 32)).astype(np.float32))
+    q = jnp.asarray(rng.normal(size=(2048, 32)).astype(np.float32))
+    excluded = jnp.asarray(rng.random(700) < 0.2)
+    index = knn.prepare_bank(bank)
+    assert knn.query_chunk(2048, 700, budget=1 << 18) == 256 and knn.query_chunk(2048, 700) == 2048
+    assert knn.query_chunk(16384, 65536) == 2048  # 1024 px, a 400-image bank
+    for whole, search in [
+        (knn.knn(q, bank, k=5, block=256), lambda x: knn.knn(x, bank, k=5, block=256)),
+        (knn.knn_indexed(q, index, k=5, block=256), lambda x: knn.knn_indexed(x, index, k=5, block=256)),
+        (knn.knn_excluding(q, index, excluded, k=5, block=256),
+         lambda x: knn.knn_excluding(x, index, excluded, k=5, block=256)),
+    ]:
+        got = knn.by_query_chunks(search, q, 700, budget=1 << 18)  # 8 chunks of 256 rows
+        for a, b in zip(whole, got):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -54,13 +54,26 @@ def train_dir(tmp_path_factory):
     return root / "synthetic" / "synthetic"
 
 
-def test_streamed_fit_is_the_in_memory_fit(train_dir):
-    cfg = tiny_config(bank={"coreset_proj_dim": 16})
+@pytest.mark.parametrize("dim_selection", ["random", "importance"])
+def test_streamed_fit_is_the_in_memory_fit(train_dir, dim_selection):
+    # batch_size 3: the calibration and validation samples are read back in several batches,
+    # the last one partial; everything must still be the whole-array fit's, bit for bit
+    cfg = tiny_config(bank={"coreset_proj_dim": 16}, noising={"dim_selection": dim_selection}, batch_size=3)
     quiet = dict(log=lambda *_: None)
     a = pn_jax.fit(cfg, str(train_dir / "train" / "good"), **quiet)
     b = pn_jax.fit(cfg.replace(max_memory_gb=64.0), str(train_dir / "train" / "good"), **quiet)
     np.testing.assert_array_equal(np.asarray(a.state.bank), np.asarray(b.state.bank))
     np.testing.assert_array_equal(a.bank_owner, b.bank_owner)
+    assert a.calibration["images"] > 3 and len(a.calibration["validation_images"]) > 3
+    np.testing.assert_array_equal(np.asarray(a.state.dims), np.asarray(b.state.dims))
+    for name in a.state.params:
+        np.testing.assert_array_equal(np.asarray(a.state.params[name]), np.asarray(b.state.params[name]), err_msg=name)
+    for name, x, y in zip(a.state.stats._fields, a.state.stats, b.state.stats):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    assert a.validation.keys() == b.validation.keys()
+    for v in a.validation:
+        for x, y in zip(a.validation[v], b.validation[v]):
+            np.testing.assert_array_equal(x, y)
     assert a.threshold == b.threshold
     test = str(train_dir / "test" / "blob")
     np.testing.assert_array_equal(a.predict(test, progress=False).scores, b.predict(test, progress=False).scores)
