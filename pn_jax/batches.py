@@ -55,8 +55,8 @@ def ahead(items: Iterable, start) -> Iterator[tuple]:
 
 
 class Dispatched(NamedTuple):
-    """Scores dispatched to the device (`Model.dispatch_scores`): per batch (images, device
-    outputs, {variant: (image scores, maps)})."""
+    """Scores dispatched to the device (`Model.dispatch_scores`): per batch (its number of real
+    images, the device outputs, {variant: (image scores, maps)})."""
     parts: list
     variants: tuple
 

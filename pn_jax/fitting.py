@@ -94,11 +94,11 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
         if cfg.noising.influence == "predictor":
             raise model_lib.ModelError("--influence predictor learns from the calibration features held whole; "
                                        "it does not take --max-memory (drop one of them)")
-    if tilebank.n_positions(cfg) and jax.process_count() > 1:
-        raise model_lib.ModelError("--tile-bank per-position fits on one process; drop it or run one process")
         if cfg.devices > 1 or jax.process_count() > 1:
             raise model_lib.ModelError("--max-memory streams the train features on one device in one process; "
                                        "drop --devices (and run one process)")
+    if tilebank.n_positions(cfg) and jax.process_count() > 1:
+        raise model_lib.ModelError("--tile-bank per-position fits on one process; drop it or run one process")
     t0 = time.perf_counter()
     if cfg.max_memory_gb is not None:
         # fit_state splits `key` into (coreset key, dims key): the projection is the coreset key's

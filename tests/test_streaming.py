@@ -7,6 +7,7 @@ import pytest
 
 import pn_jax
 from pn_jax import cli, coreset, membudget, streaming
+from pn_jax import model as model_lib
 from pn_jax.config import tiny_config
 from pn_jax.data import pipeline
 
@@ -92,6 +93,16 @@ def test_a_run_that_cannot_fit_is_refused_before_reading_an_image(train_dir, mon
                                                         "target_embed_dimension": 1024}, max_memory_gb=1.0)
     with pytest.raises(membudget.MemoryBudgetError, match="--max-memory 1"):
         pn_jax.fit(big, str(train_dir / "train" / "good"), log=lambda *_: None)
+
+
+def test_max_memory_with_several_devices_is_refused_before_reading_an_image(train_dir, monkeypatch):
+    def no_reading(*a, **k):
+        raise AssertionError("an image was read before the refusal")
+
+    monkeypatch.setattr(model_lib.Model, "batches", no_reading)
+    cfg = tiny_config(max_memory_gb=8.0, devices=2)
+    with pytest.raises(model_lib.ModelError, match="--max-memory streams .* drop --devices"):
+        pn_jax.fit(cfg, str(train_dir / "train" / "good"), log=lambda *_: None)
 
 
 def test_estimate_grows_with_what_it_should():
