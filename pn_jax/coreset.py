@@ -36,6 +36,9 @@ move; nothing but the chunk bounds crosses to the host.
 Every matmul takes `precision` (`pn_jax.precision`): HIGHEST by default, float32 on every
 backend; None (the "fast" policy) leaves TF32 / bf16 passes to an accelerator, where the two
 loops' dot products may then round differently.
+
+(Over 450 lines on purpose: the greedy, its two exact reformulations, the projection every
+path shares and the two-stage pre-selection are one algorithm, read against each other.)
 """
 from __future__ import annotations
 
@@ -380,9 +383,7 @@ def coreset_indices(key: jax.Array, features: jax.Array, ratio: float, proj_dim:
     n, d = features.shape
     if n_coreset(n, ratio) >= n:
         return jnp.arange(n, dtype=jnp.int32)
-    k_proj, _ = jax.random.split(key)
-    projected = project_chunked(features, random_projection(k_proj, d, proj_dim), precision=precision) \
-        if proj_dim < d else jnp.asarray(features, jnp.float32)
+    projected = projected_rows(key, features, proj_dim, precision)
     c = PRESELECT_CHUNK
     survivors = np.concatenate([i + preselect_chunk(key, i // c, np.asarray(projected[i:i + c]), ratio, preselect,
                                                     n_starts, precision) for i in range(0, n, c)]) if preselect else None
@@ -434,6 +435,15 @@ def preselect_chunk(key, i: int, projected_chunk, ratio: float, factor: float, n
 
 def projection_key(key: jax.Array) -> jax.Array:  # the key of coreset_indices(key, ...)'s projection
     return jax.random.split(key)[0]
+
+
+def projected_rows(key: jax.Array, features, proj_dim: int, precision=HIGHEST) -> jax.Array:
+    """The greedy's view of features [N, D] in `coreset_indices(key, ...)`: their random
+    projection to proj_dim (`project_chunked`), or the features themselves when proj_dim >= D."""
+    d = features.shape[1]
+    if proj_dim >= d:
+        return jnp.asarray(features, jnp.float32)
+    return project_chunked(features, random_projection(projection_key(key), d, proj_dim), precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))

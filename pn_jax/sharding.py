@@ -276,7 +276,6 @@ def _greedy_sharded(rows, starts, counts, n_select: int, mesh: Mesh, n_cand: int
 
     def per_shard(x, starts, counts):
         offset = jax.lax.axis_index(axis) * n_local
-        gidx = offset + jnp.arange(n_local, dtype=jnp.int32)
         sq = jnp.sum(x * x, axis=-1)
         # Start rows: each start is owned by one shard; psum of it and zeros is exact.
         loc = starts - offset
@@ -342,10 +341,8 @@ def coreset_indices_sharded(key: jax.Array, features, ratio: float, proj_dim: in
     n_select = coreset.n_coreset(n, ratio)
     if n_select >= n:
         return jnp.arange(n, dtype=jnp.int32)
-    k_proj, k_start = jax.random.split(key)
-    projected = coreset.project_chunked(features, coreset.random_projection(k_proj, d, proj_dim)) \
-        if proj_dim < d else jnp.asarray(features, jnp.float32)
-    starts = jax.random.choice(k_start, n, (min(n_starts, n),), replace=False)
+    projected = coreset.projected_rows(key, features, proj_dim)
+    starts = jax.random.choice(jax.random.split(key)[1], n, (min(n_starts, n),), replace=False)
     return greedy_select_sharded(projected, starts, n_select, mesh)
 
 

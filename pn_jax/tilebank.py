@@ -50,11 +50,7 @@ def position_rows(n_img: int, n_patch: int, n_pos: int, t: int) -> np.ndarray:
 
 def project_all(key, flat: np.ndarray, cfg) -> np.ndarray:
     """Every row's coreset projection, as `coreset.coreset_indices(key, flat, ...)` makes it."""
-    d, p = flat.shape[1], cfg.bank.coreset_proj_dim
-    if p >= d:
-        return np.asarray(flat, np.float32)
-    proj = coreset_lib.random_projection(coreset_lib.projection_key(key), d, p)
-    return np.asarray(coreset_lib.project_chunked(flat, proj, precision=precision_lib.of(cfg)))
+    return np.asarray(coreset_lib.projected_rows(key, flat, cfg.bank.coreset_proj_dim, precision_lib.of(cfg)))
 
 
 def coreset(key, projected: np.ndarray, n_img: int, n_patch: int, cfg, progress: bool = True) -> np.ndarray:
