@@ -94,8 +94,31 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
             "patches_per_image": n_patch}
 
 
+def store_bytes(cfg, n_train: int) -> int:
+    """Bytes of the on-disk feature store of a streamed fit (`streaming.FeatureStore`): every
+    train patch's D float32 features."""
+    return n_train * patches_per_image(cfg)[0] * cfg.model.target_embed_dimension * 4
+
+
+def check_disk(cfg, n_train: int, directory: str | None = None) -> None:
+    """Refuse, before any work, a streamed fit whose feature store cannot fit in the free space
+    of its folder (the system's temporary folder: TMPDIR): at 1024 px, 400 images are 27 GB,
+    and a full disk would otherwise stop the run minutes into the extraction."""
+    import shutil
+    import tempfile
+
+    where = directory or tempfile.gettempdir()
+    need, free = store_bytes(cfg, n_train), shutil.disk_usage(where).free
+    if need > free:
+        raise MemoryBudgetError(
+            f"--max-memory streams the train features to disk: {n_train} images need "
+            f"{need / GB:.1f} GB in {where} but {free / GB:.1f} GB are free. Free space there, point TMPDIR "
+            f"at a larger disk, or lower --max-train / --image-size.")
+
+
 def check(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True) -> dict | None:
-    """Refuse, before any work, a run whose estimated peak exceeds cfg.max_memory_gb."""
+    """Refuse, before any work, a run whose estimated peak exceeds cfg.max_memory_gb, or whose
+    streamed feature store does not fit on its disk."""
     if cfg.max_memory_gb is None:
         return None
     est = estimate(cfg, n_train, n_test, pixel_metrics=pixel_metrics)
@@ -109,6 +132,7 @@ def check(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True) -> 
             f"{cfg.model.target_embed_dimension} dims per {side} px image; largest parts: "
             + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in big)
             + "). Lower --max-train / --max-test, --image-size or --embed-dim, use --tile, or raise --max-memory.")
+    check_disk(cfg, n_train)
     return est
 
 

@@ -165,3 +165,31 @@ def test_two_stage_coreset_is_chunk_greedy_then_global_greedy_and_streams_alike(
 def test_preselect_flag_is_validated():
     with pytest.raises(ValueError, match=r"--coreset-preselect\) must be 0 \(off\) or >= 1"):
         tiny_config(bank={"coreset_preselect": 0.5})
+
+
+def test_the_disk_check_counts_the_store_streaming_writes(train_dir, monkeypatch):
+    from pn_jax import data
+
+    cfg = tiny_config(max_memory_gb=8.0)
+    src = data.folder_source(str(train_dir / "train" / "good"))
+    store = streaming.extract(model_lib.Model(cfg, (0, 0), None), src, jax.random.key(0))
+    try:
+        assert membudget.store_bytes(cfg, len(src)) == __import__("os").path.getsize(store.path)
+    finally:
+        store.close()
+    # a disk with one byte too few is refused by name, before any image is read
+    import shutil
+
+    need = membudget.store_bytes(cfg, len(src))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 * need, 9 * need, need - 1))
+    with pytest.raises(membudget.MemoryBudgetError, match=r"streams the train features to disk: .* but .* GB are free"):
+        membudget.check(cfg, len(src))
+
+    def no_reading(*a, **k):
+        raise AssertionError("an image was read before the disk check")
+
+    monkeypatch.setattr(model_lib.Model, "batches", no_reading)
+    with pytest.raises(membudget.MemoryBudgetError, match="TMPDIR"):
+        pn_jax.fit(cfg, str(train_dir / "train" / "good"), log=lambda *_: None)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 * need, 9 * need - 1, need + 1))
+    assert membudget.check(cfg, len(src)) is not None  # enough: accepted
