@@ -337,11 +337,15 @@ def validation_records(holdout, seed: int) -> tuple[list, list]:
 def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) -> dict:
     """Image scores of one seeded synthetic anomaly of each validation training image, scored
     without that image's own bank entries."""
-    from pn_jax import data
+    from pn_jax.data import anomalies, records
 
-    recs = [train[int(i)] for i in val]
-    anomalies = validation_records(recs, model.cfg.seed)[1]
-    src = data.records_source(anomalies, dataset="validation", category="validation", split="validation")
+    # Each anomaly is read and made where the batch loop reads its images (decode workers,
+    # beside the backbone), not all of them first on this thread: the same records
+    # (data.make_validation_records' seeds), never all held at once.
+    seed, val = model.cfg.seed, np.asarray(val)
+    src = records.Source(len(val), lambda i: anomalies.anomaly_record(train[int(val[i])], seed=seed, index=i),
+                         [f"{i}" for i in range(len(val))], dataset="validation", category="validation",
+                         split="validation", has_masks=True)
     owned = batches.owned(batches.feature_batches(model, src, desc="threshold"), np.asarray(val))
     return batches.score_loo(model, owned, variants, bank_owner)
 

@@ -155,8 +155,14 @@ def make_validation_records(normal: Sequence[dict], *, seed: int, kind: str = "m
     out = []
     for i in range(len(normal)):
         r = normal[i]
-        out.append({**r, "split": split})
-        img, mask, used = synthesize_anomaly(r["image"], np.random.default_rng([seed, i]), kind)
-        out.append({"image": img, "mask": mask, "label": 1, "defect": f"synthetic_{used}",
-                    "name": f"{r['name']}#{used}", "split": split})
+        out += [{**r, "split": split}, anomaly_record(r, seed=seed, index=i, kind=kind, split=split)]
     return out
+
+
+def anomaly_record(normal: dict, *, seed: int, index: int, kind: str = "mixed", split: str = "validation") -> dict:
+    """The synthetic anomaly of normal record `index` of a validation list (generator seeded
+    (seed, index)), as `make_validation_records` makes it: made on its own, it can be made
+    where the record is read (a decode worker) instead of all before the first is used."""
+    img, mask, used = synthesize_anomaly(normal["image"], np.random.default_rng([seed, index]), kind)
+    return {"image": img, "mask": mask, "label": 1, "defect": f"synthetic_{used}",
+            "name": f"{normal['name']}#{used}", "split": split}
