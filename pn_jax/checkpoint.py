@@ -125,12 +125,13 @@ def _sha256(a: np.ndarray) -> str:
 def _state_tree(state) -> dict:
     """The fixed layout of a DetectorState; its params must be those `init_params` creates
     (names, shapes, dtypes), so that `load` can trust a checkpoint whose arrays match their sha256."""
-    from pn_jax import detector, noising
+    from pn_jax import detector, noising, sharding
 
+    rows = state.bank.rows if isinstance(state.bank, sharding.ShardedBank) else state.bank
     if not (isinstance(state, detector.DetectorState) and isinstance(state.stats, noising.Stats)
-            and isinstance(state.params, dict) and np.ndim(state.bank) == 2):
+            and isinstance(state.params, dict) and np.ndim(rows) == 2):
         raise TypeError(f"checkpoint: state must be a detector.DetectorState with a [M, D] bank, got {state!r:.200}")
-    want = jax.eval_shape(lambda: detector.init_params(np.shape(state.bank)[-1]))
+    want = jax.eval_shape(lambda: detector.init_params(np.shape(rows)[-1]))
     got = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in state.params.items()}
     if got != want:
         raise TypeError(f"checkpoint: state.params must be {want}, got {got}")
@@ -181,38 +182,99 @@ def _leftovers(target: Path, kind: str = "tmp|old") -> list[Path]:
     return sorted(p for p in target.parent.iterdir() if pat.match(p.name)) if target.parent.is_dir() else []
 
 
+def _shard_spec(bank) -> dict:
+    """meta.json's entry of a sharded bank: its padded rows' shape, the real rows M, and a
+    sha256 of the real rows of each device's shard (each process hashes its own; no host
+    holds the whole bank to hash it whole)."""
+    from jax.experimental import multihost_utils
+
+    rows, m = bank.rows, bank.n_valid
+    per = rows.shape[0] // len(rows.sharding.device_set)
+    mine = np.zeros((jax.local_device_count(), 34), np.int64)  # lo, hi, 32 digest bytes; empty: lo = hi
+    for i, sh in enumerate(sorted(rows.addressable_shards, key=lambda sh: sh.index[0].start or 0)):
+        lo = sh.index[0].start or 0
+        hi = min(lo + per, m)
+        if lo < hi:
+            mine[i, :2] = lo, hi
+            mine[i, 2:] = np.frombuffer(bytes.fromhex(_sha256(np.asarray(sh.data)[:hi - lo])), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 34)
+    shards = sorted({(int(r[0]), int(r[1]), bytes(r[2:].astype(np.uint8)).hex()) for r in every if r[1] > r[0]})
+    return {"path": ["state", "bank"], "dtype": np.dtype(rows.dtype).name, "shape": list(rows.shape), "rows": m,
+            "shards": [{"rows": [lo, hi], "sha256": h} for lo, hi, h in shards]}
+
+
+def _check_bank_shards(a: np.ndarray, spec: dict) -> np.ndarray | None:
+    """A sharded bank's padded rows, read back whole: its real rows [M, D], or None when a
+    shard's rows read back other than they were saved."""
+    m = int(spec["rows"])
+    covered = 0
+    for sh in spec["shards"]:
+        lo, hi = sh["rows"]
+        if lo != covered or _sha256(a[lo:hi]) != sh["sha256"]:
+            return None
+        covered = hi
+    return a[:m] if covered == m else None
+
+
 # ----------------------------------------------------------------------------- save / load
 def save(directory, state, cfg: Config, meta: dict | None = None, extra_arrays: dict | None = None) -> str:
     """Write `state` (a DetectorState), `cfg` and the JSON dict `meta` atomically; returns the
     absolute path. `extra_arrays`: a nested dict of named arrays, returned by `load` in
     meta["extra_arrays"]. Leftovers of an interrupted earlier save are removed."""
-    target = Path(os.path.abspath(os.fspath(directory)))
+    from pn_jax import distributed, sharding
+
     if not isinstance(cfg, Config):
         raise TypeError(f"save: cfg must be a pn_jax Config, got {type(cfg).__name__}")
     if set(_RESERVED) & set(meta or {}):
         raise CheckpointError(f"checkpoint meta: keys {sorted(set(_RESERVED) & set(meta))} are reserved")
-    flat = _flatten({"state": _state_tree(state), "extra": dict(extra_arrays or {})}, (), {})
+    tree = _state_tree(state)
+    bank = tree.pop("bank")
+    # A distributed fit's bank (sharding.ShardedBank): every process writes its own rows into
+    # process 0's folder (Orbax's multi-process save); the rest is process 0's, as always.
+    sharded = isinstance(bank, sharding.ShardedBank) and distributed.active()
+    flat = _flatten({"state": tree if sharded else {**tree, "bank": bank}, "extra": dict(extra_arrays or {})}, (), {})
     full = {**(meta or {}), "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {n: _version(n) for n in ("pn_jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy")},
             "arrays": [{"path": list(p), "dtype": a.dtype.name, "shape": list(a.shape), "sha256": _sha256(a)}
-                       for p, a in flat.items()]}
+                       for p, a in flat.items()] + ([_shard_spec(bank)] if sharded else [])}
     try:
         full = json.loads(json.dumps(full))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint meta must be JSON-serialisable: {e}") from None
+    target = Path(os.path.abspath(os.fspath(directory)))
+    refused = None
     if target.exists() and not (target.is_dir() and ((target / "meta.json").is_file() or not any(target.iterdir()))):
-        raise CheckpointError(f"cannot save checkpoint to {target}: it exists and is not a pn_jax checkpoint "
-                              "(no meta.json); refusing to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+        refused = (f"cannot save checkpoint to {target}: it exists and is not a pn_jax checkpoint "
+                   "(no meta.json); refusing to overwrite it")
     tmp = target.with_name(f"{target.name}.tmp-{secrets.token_hex(6)}")
-    tmp.mkdir()
+    if sharded:  # one folder for every process: process 0's (a file system they all reach)
+        target, tmp, refused = (lambda t: (Path(t[0]), Path(t[1]), t[2]))(
+            distributed.from_primary([os.fspath(target), os.fspath(tmp), refused]))
+    if refused:
+        raise CheckpointError(refused)
+    primary = not sharded or distributed.is_primary()
+    if primary:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         import orbax.checkpoint as ocp
 
-        # multiprocessing_options: this process alone writes it (host arrays; pn_jax.distributed)
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_mp_options()) as ckptr:
-            ckptr.save(tmp / "arrays", args=ocp.args.StandardSave(_nest(flat)))
+        if sharded:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("pn_jax checkpoint folder")  # process 0 made it
+            # Every process: Orbax waits for all of them, then process 0 commits the folder.
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler(),
+                                  multiprocessing_options=ocp.options.MultiprocessingOptions()) as ckptr:
+                ckptr.save(tmp / "arrays", args=ocp.args.StandardSave(
+                    _nest({**flat, ("state", "bank"): bank.rows})))
+            if not primary:
+                return os.fspath(target)
+        else:
+            # multiprocessing_options: this process alone writes it (host arrays; pn_jax.distributed)
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_mp_options()) as ckptr:
+                ckptr.save(tmp / "arrays", args=ocp.args.StandardSave(_nest(flat)))
         _write_json(tmp / "config.json", cfg.to_dict())
         _write_json(tmp / "meta.json", full)
         if target.exists():  # old aside, new in; a crash in between leaves the old one complete
@@ -253,7 +315,10 @@ def load(directory, expected: Config | None = None, expected_meta: dict | None =
                       "the pn_jax that wrote it, or")
     try:
         cfg = Config.from_dict(raw_cfg)
-        specs = {tuple(s["path"]): (jnp.dtype(s["dtype"]), tuple(s["shape"]), s["sha256"]) for s in meta.pop("arrays")}
+        listed = meta.pop("arrays")
+        specs = {tuple(s["path"]): (jnp.dtype(s["dtype"]), tuple(s["shape"]), s.get("sha256")) for s in listed}
+        # a distributed fit's bank: padded rows, hashed shard by shard (`_shard_spec`)
+        shard_spec = next((s for s in listed if "shards" in s), None)
     except (TypeError, KeyError, ValueError) as e:
         raise _bad(d, f"config.json or meta.json's array list is not valid for this pn_jax ({e})") from None
     from pn_jax import noising
@@ -270,7 +335,7 @@ def load(directory, expected: Config | None = None, expected_meta: dict | None =
         if value is not None and have != value and not (key == "category" and value in str(have).split("+")):
             conflicts.append(f"{key}: saved {have!r}, requested {value!r}"
                              + " (the checkpoint recorded none, so it cannot be checked)" * (have is None))
-    m = specs[("state", "bank")][1][0]
+    m = specs[("state", "bank")][1][0] if shard_spec is None else int(shard_spec["rows"])
     if expected is not None and m < expected.noising.k:
         conflicts.append(f"noising.k: the saved memory bank has {m} entries, fewer than the requested "
                          f"k={expected.noising.k} (lower --k, or re-train with a larger --coreset-ratio)")
@@ -293,7 +358,13 @@ def load(directory, expected: Config | None = None, expected_meta: dict | None =
     except Exception as e:  # noqa: BLE001 - any read failure is a damaged payload
         raise _bad(d, f"corrupted: reading {src / 'arrays'} failed ({type(e).__name__}: {str(e)[:300]})") from None
     for p, (dtype, shape, sha) in specs.items():
-        if arrays[p].dtype != dtype or arrays[p].shape != shape or _sha256(arrays[p]) != sha:
+        ok = arrays[p].dtype == dtype and arrays[p].shape == shape
+        if ok and shard_spec is not None and p == ("state", "bank"):
+            arrays[p] = _check_bank_shards(arrays[p], shard_spec)
+            ok = arrays[p] is not None
+        elif ok:
+            ok = _sha256(arrays[p]) == sha
+        if not ok:
             raise _bad(d, f"corrupted: array {'/'.join(p)} reads back other than it was saved (files under arrays/)")
     state = _build_state(_nest({p[1:]: a for p, a in arrays.items() if p[0] == "state"}))
     meta["extra_arrays"] = _nest({p[1:]: a for p, a in arrays.items() if p[0] == "extra"})

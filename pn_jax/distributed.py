@@ -149,6 +149,23 @@ def orbax_options():
                                               barrier_sync_key_prefix=f"pn_jax_p{pid}")
 
 
+def from_primary(obj):
+    """Process 0's JSON-able `obj`, in every process (a checkpoint's folder and temporary name,
+    which every process must write to alike). One process: `obj` itself."""
+    if not active():
+        return obj
+    import json
+
+    from jax.experimental import multihost_utils
+
+    raw = json.dumps(obj).encode()
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(raw))))
+    buf = np.zeros(size, np.uint8)
+    if is_primary():
+        buf[:] = np.frombuffer(raw, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)).decode())
+
+
 def bank_bytes_per_row(dim: int, dtype_bytes: int = 4) -> dict:
     """Device bytes one memory-bank row costs where it lives, from its dimension D and dtype:
     `stored`: the row itself (D values); `search`: what the exact sharded search adds while
@@ -279,6 +296,42 @@ class ProcessFeatures:
             out[c:c + len(idx)] = got[own, np.arange(len(idx))]
         self.held["rows_fetched"] += int(len(flat_idx))
         return out
+
+    def bank(self, flat_idx, mesh):
+        """The bank rows `flat_idx` (in that order) as `sharding.shard_bank` would shard them over
+        `mesh`, without any process holding the whole bank: the rows go GATHER_ROWS at a time
+        (each from the process that holds it, as `rows`), and each process keeps only the rows
+        bound for its own devices (`sharding.place_bank`). `held` records how many it kept."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        from pn_jax import sharding
+
+        _, n_patch, dim = self.shape
+        flat_idx = np.asarray(flat_idx, np.int64)
+        m = len(flat_idx)
+        layout = sharding.bank_layout(m, mesh)
+        mine = [q for q, d in enumerate(mesh.devices.reshape(-1)) if d.process_index == jax.process_index()]
+        spans = {q: (int(layout.first[q]), int(layout.first[q] + layout.counts[q])) for q in mine}
+        kept = {q: np.zeros((hi - lo, dim), np.float32) for q, (lo, hi) in spans.items()}
+        owner = np.searchsorted(self.bounds, flat_idx // n_patch, side="right") - 1
+        local = self.local.reshape(-1, dim)
+        off = int(self.bounds[self.pid]) * n_patch
+        for c in range(0, m, GATHER_ROWS):
+            idx, own = flat_idx[c:c + GATHER_ROWS], owner[c:c + GATHER_ROWS]
+            part = np.zeros((GATHER_ROWS, dim), np.float32)
+            sel = np.flatnonzero(own == self.pid)
+            part[sel] = local[idx[sel] - off]
+            got = multihost_utils.process_allgather(part)  # [n_proc, GATHER_ROWS, D]: a transient chunk
+            for q, (lo, hi) in spans.items():  # bank rows [c, c + len(idx)) that land on device q
+                a, b = max(lo, c), min(hi, c + len(idx))
+                if a < b:
+                    kept[q][a - lo:b - lo] = got[own[a - c:b - c], np.arange(a - c, b - c)]
+        self.held["rows_fetched"] += int(m)
+        self.held.update(bank_rows=int(m), bank_rows_held=int(sum(len(v) for v in kept.values())),
+                         bank_chunk_rows=int(len(self.bounds) - 1) * GATHER_ROWS)
+        by_first = {lo: kept[q] for q, (lo, _) in spans.items()}
+        return sharding.place_bank(m, dim, mesh, lambda lo, hi: by_first[lo][:hi - lo])
 
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.atleast_1d(np.asarray(idx, np.int64))

@@ -99,6 +99,12 @@ def fit(cfg: Config, train, *, holdout=None, key: jax.Array | None = None, categ
                                        "drop --devices (and run one process)")
     if tilebank.n_positions(cfg) and jax.process_count() > 1:
         raise model_lib.ModelError("--tile-bank per-position fits on one process; drop it or run one process")
+    if jax.process_count() > 1 and (cfg.noising.influence == "predictor" or tune or validation is not None):
+        # these read the bank whole on one device; a distributed fit's bank is sharded over the processes
+        what = "--influence predictor" if cfg.noising.influence == "predictor" else (
+            "--tune" if tune else "--validation")
+        raise model_lib.ModelError(f"{what} reads the memory bank whole on one device; a --distributed fit "
+                                   f"keeps it sharded over the processes: drop {what} or run one process")
     t0 = time.perf_counter()
     if cfg.max_memory_gb is not None:
         # fit_state splits `key` into (coreset key, dims key): the projection is the coreset key's
@@ -217,11 +223,17 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
                                           cfg.bank.coreset_proj_dim, cfg.bank.coreset_starts, progress=True,
                                           precision=precision_lib.of(cfg), preselect=cfg.bank.coreset_preselect)
     idx = np.asarray(idx)
-    bank = transfer.to_device(train_feats.rows(idx) if streamed else flat[idx])
+    if isinstance(train_feats, distributed.ProcessFeatures):  # sharded as it is fetched: never whole on a host
+        from pn_jax import sharding
+
+        bank = train_feats.bank(idx, sharding.make_bank_mesh(jax.devices()[:cfg.devices]))
+    else:
+        bank = transfer.to_device(train_feats.rows(idx) if streamed else flat[idx])
+    m_bank = len(idx)
     bank_owner = (idx // n_patch).astype(np.int32)
     t_core = time.perf_counter() - t0
-    if bank.shape[0] < cfg.noising.k:
-        raise ValueError(f"memory bank has {bank.shape[0]} entries but k={cfg.noising.k}; "
+    if m_bank < cfg.noising.k:
+        raise ValueError(f"memory bank has {m_bank} entries but k={cfg.noising.k}; "
                          f"raise --coreset-ratio or lower --k")
     params = detector.init_params(dim)
     t0 = time.perf_counter()
@@ -252,11 +264,12 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     flat_calib = None if calib_feats is None else (
         calib_feats.device_rows() if streamed and hasattr(calib_feats, "device_rows")
         else jnp.asarray(calib_feats.reshape(-1, dim)))
+    rows = getattr(bank, "rows", bank)  # a ShardedBank's padded rows: the statistics only gather from them
     if calib_feats is not None:
         params["noise_scale"] = calibration.fit_noise_scale(
-            bank, flat_calib, shrinkage=cfg.noising.noise_shrinkage,
+            rows, flat_calib, shrinkage=cfg.noising.noise_shrinkage,
             floor=cfg.noising.noise_floor, nearest=neighbours[1][..., 0].reshape(-1))
-    dims = normalstats.select_dims(cfg, k_dims, dim, flat_calib, bank, neighbours)
+    dims = normalstats.select_dims(cfg, k_dims, dim, flat_calib, rows, neighbours)
     del flat_calib  # the whole sample's features are not needed below (influence runs per image)
     info["dim_selection"] = cfg.noising.dim_selection if calib_feats is not None else "random"
     if cfg.noising.dim_selection != info["dim_selection"]:
@@ -280,7 +293,7 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     stats = normalstats.fit_stats(cfg, params, bank, dims, calib_feats, neighbours, exclude=loo)
     t_stats = time.perf_counter() - t0
     state = detector.DetectorState(bank=bank, dims=dims, params=params, stats=stats)
-    return state, FitReport(n_img * n_patch, int(bank.shape[0]), {"coreset_s": t_core, "stats_s": t_stats},
+    return state, FitReport(n_img * n_patch, m_bank, {"coreset_s": t_core, "stats_s": t_stats},
                             bank_owner=bank_owner, calibration=info)
 
 

@@ -29,6 +29,14 @@ def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax
     """The K-NN of every held-out patch, searched once for all fit-time statistics:
     (dist [h,N,K], idx [h,N,K]). The bank is prepared once (not once per image). With a bank
     per tile position, each tile's patches against their position's rows (idx into the whole bank)."""
+    from pn_jax import sharding
+
+    if isinstance(bank, sharding.ShardedBank):  # a distributed fit's bank: searched where its rows are
+        mesh = bank.rows.sharding.mesh
+        dist, idx = sharding.knn_sharded_batched(np.asarray(holdout_feats), bank, cfg.noising.k, mesh,
+                                                 cfg.bank.knn_block)
+        return jnp.asarray(np.asarray(dist)), jnp.asarray(np.asarray(idx))
+
     def search(b, f):
         return _holdout_knn(jnp.asarray(f), knn_lib.prepare_bank(b), k=cfg.noising.k, block=cfg.bank.knn_block)
     return _per_position(cfg, bank, holdout_feats, lambda bs, fs: search(_cut(bank, bs), _view(holdout_feats, fs)))
@@ -111,13 +119,19 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     if exclude is not None and neighbours is None:
         neighbours = loo_neighbours(cfg, bank, exclude[0], holdout_feats, exclude[1])
     dist, idx = neighbours if neighbours is not None else holdout_neighbours(cfg, bank, holdout_feats)
-    owner_of = (None, None) if exclude is None else (jnp.asarray(exclude[0], jnp.int32),
+    from pn_jax import sharding
+
+    n_valid, owners_m = None, None if exclude is None else exclude[0]
+    if isinstance(bank, sharding.ShardedBank):  # its padded rows; the pads are kept out of fd's re-search
+        n_valid, bank = bank.n_valid, bank.rows
+        owners_m = None if exclude is None else sharding.padded_owners(exclude[0], bank.shape[0])
+    owner_of = (None, None) if exclude is None else (jnp.asarray(owners_m, jnp.int32),
                                                      jnp.asarray(exclude[1], jnp.int32))
 
     def infl_on(bs, fs, offset=0):  # the influence against bank rows bs of patch columns fs
         infl_of = functools.partial(_holdout_influence, bank=_cut(bank, bs), dims=dims,
                                     predictor_params=params.get("predictor"), method=n.influence, eps=n.eps,
-                                    precision=precision_lib.of(cfg))
+                                    precision=precision_lib.of(cfg), n_valid=n_valid)
         bo = None if owner_of[0] is None else _cut(owner_of[0], bs)
         feats, d_, i_ = _view(holdout_feats, fs), _cut(dist, fs, 1), _cut(idx, fs, 1)
         i_ = i_ - offset if offset else i_
@@ -138,9 +152,9 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
 
 
-@functools.partial(jax.jit, static_argnames=("method", "eps", "precision"))
+@functools.partial(jax.jit, static_argnames=("method", "eps", "precision", "n_valid"))
 def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owner, owners, *, method, eps,
-                       precision=precision_lib.HIGHEST):
+                       precision=precision_lib.HIGHEST, n_valid=None):
     bank_s = influence_lib.bank_columns(bank, dims)
     if method == "predictor":
         from pn_jax.research import predictor
@@ -148,8 +162,9 @@ def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owne
         return jax.lax.map(lambda a: predictor.influence(predictor_params, a[0], bank, a[1], a[2], dims, eps, bank_s),
                            (feats, dist, idx))
     # owners None: held-out images, nothing excluded
+    # n_valid: a sharded bank's real rows (the rest are zero pads); None: all rows are real
     return jax.lax.map(lambda a: influence_lib.influence(method, a[0], bank, a[1], a[2], dims, eps, bank_s,
-                                                         excluded=None if a[3] is None else bank_owner == a[3],
+                                                         n_valid=n_valid, excluded=None if a[3] is None else bank_owner == a[3],
                                                          precision=precision),
                        (feats, dist, idx, owners))
 

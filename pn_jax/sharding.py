@@ -68,11 +68,44 @@ def _place(x: jax.Array, mesh: Mesh) -> jax.Array:
 
 
 def shard_bank(bank, mesh: Mesh) -> ShardedBank:
-    """Pad the bank [M, D] with zero rows to a multiple of the device count and shard it along M."""
+    """Pad the bank [M, D] with zero rows to a multiple of the device count and shard it along M.
+    A `ShardedBank` (a distributed fit's, `place_bank`) is returned as it is: never gathered."""
+    if isinstance(bank, ShardedBank):
+        return bank
     bank = jnp.asarray(bank)
     if bank.ndim != 2:
         raise ValueError(f"bank must be [M, D], got shape {bank.shape}")
     return ShardedBank(_place(_pad_rows(bank, mesh.size), mesh), int(bank.shape[0]))
+
+
+def n_rows(bank) -> int:
+    """The real rows M of a bank: [M, D] or a `ShardedBank`."""
+    return bank.n_valid if isinstance(bank, ShardedBank) else int(bank.shape[0])
+
+
+def bank_layout(n_valid: int, mesh: Mesh) -> "RowLayout":
+    """Where `shard_bank` puts bank row i of M: position i, shard i // ceil(M / n_dev)."""
+    return uniform_layout(n_valid, mesh.size)
+
+
+def place_bank(n_valid: int, dim: int, mesh: Mesh, rows_of) -> ShardedBank:
+    """`shard_bank`'s ShardedBank of an M-row bank that no process holds whole: each device of
+    this process gets `rows_of(lo, hi)` (bank rows [lo, hi), [hi - lo, D] float32) and zero
+    pads (`place_rows`). The same array as `shard_bank(<the whole bank>, mesh)`."""
+    return ShardedBank(place_rows(bank_layout(n_valid, mesh), mesh, rows_of, dim), int(n_valid))
+
+
+def padded_owners(bank_owner, n_padded: int) -> np.ndarray:
+    """bank_owner [M] padded with -1 to the rows of a sharded bank (pads belong to no image)."""
+    o = np.asarray(bank_owner, np.int32)
+    return np.concatenate([o, np.full(n_padded - len(o), -1, np.int32)])
+
+
+def replicated(x, mesh: Mesh) -> jax.Array:
+    """Host data that every process holds alike, as one array replicated over `mesh`: what a
+    jitted computation on a sharded bank takes beside it in a multi-process run (a committed
+    one-device array there is on another device set)."""
+    return jax.device_put(np.asarray(x), NamedSharding(mesh, P()))
 
 
 # ----------------------------------------------------------------------------- k-NN
@@ -163,10 +196,8 @@ def knn_excluding_fn(k: int, block: int, n_valid: int, mesh: Mesh):
 def shard_owners(bank_owner, mesh: Mesh) -> jax.Array:
     """The training image of each bank row [M] (`fitting.FitReport.bank_owner`), padded with -1
     and sharded as `shard_bank` shards the rows (pads are excluded by the search anyway)."""
-    o = np.asarray(bank_owner, np.int32)
-    per = -(-len(o) // mesh.size)
-    o = np.concatenate([o, np.full(per * mesh.size - len(o), -1, np.int32)])
-    return jax.device_put(o, NamedSharding(mesh, P(_axis(mesh))))
+    per = -(-len(bank_owner) // mesh.size)
+    return jax.device_put(padded_owners(bank_owner, per * mesh.size), NamedSharding(mesh, P(_axis(mesh))))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "n_valid", "mesh"))

@@ -12,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pn_jax import cli, distributed, runner  # noqa: E402
+from pn_jax import cli, distributed, runner, sharding  # noqa: E402
 
 DUMP = sys.argv[1]
 _real = runner.run_category
@@ -22,10 +22,15 @@ def _spy(*args, **kwargs):
     entry = _real(*args, **kwargs)
     with open(f"{DUMP}.held{distributed.info().get('process_id', 0)}.json", "w") as f:  # every process
         json.dump(distributed.held(), f)
+    model = entry["_models"][next(iter(entry["_models"]))]
+    bank = model.state.bank
+    if isinstance(bank, sharding.ShardedBank):  # for the comparison only, after the run: every process's rows
+        from jax.experimental import multihost_utils
+
+        bank = multihost_utils.process_allgather(bank.rows, tiled=True)[:bank.n_valid]
     if distributed.is_primary():
-        model = entry["_models"][next(iter(entry["_models"]))]
         res = entry["_test"]
-        np.savez(DUMP, bank=np.asarray(model.state.bank), dims=np.asarray(model.state.dims),
+        np.savez(DUMP, bank=np.asarray(bank), dims=np.asarray(model.state.dims),
                  bank_owner=np.asarray(model.bank_owner) if getattr(model, "bank_owner", None) is not None
                  else np.zeros(0), scores=np.asarray(res["scores"][next(iter(res["scores"]))]),
                  labels=np.asarray(res["labels"]))

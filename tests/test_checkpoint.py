@@ -380,3 +380,21 @@ def test_kill_minus_9_mid_save_leaves_a_loadable_checkpoint(tmp_path, cfg):
         assert_exact(states[cfg2.seed], state)
     ckpt.save(target, make_state(), cfg)
     assert siblings(target) == []
+
+
+def test_a_sharded_banks_rows_are_checked_shard_by_shard():
+    """A distributed fit's bank is saved as its padded rows with one sha256 per device's real
+    rows (no host holds it whole to hash it whole); loading keeps the real rows, and a changed
+    row, a missing shard or shards that do not cover the rows are refused."""
+    import hashlib
+
+    a = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)  # M = 7 real rows, one pad, 2 shards of 4
+    a[7] = 0.0
+    sha = lambda x: hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()  # noqa: E731
+    spec = {"rows": 7, "shards": [{"rows": [0, 4], "sha256": sha(a[:4])}, {"rows": [4, 7], "sha256": sha(a[4:7])}]}
+    np.testing.assert_array_equal(ckpt._check_bank_shards(a, spec), a[:7])
+    b = a.copy()
+    b[5, 1] += 1.0
+    assert ckpt._check_bank_shards(b, spec) is None
+    assert ckpt._check_bank_shards(a, {**spec, "shards": spec["shards"][:1]}) is None
+    assert ckpt._check_bank_shards(a, {**spec, "rows": 8}) is None

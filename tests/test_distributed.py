@@ -106,9 +106,16 @@ def test_each_process_keeps_only_its_own_training_features(runs):
     held = [json.load(open(tmp / f"two_fit.npz.held{p}.json")) for p in (0, 1)]
     n_patch = json.load(open(tmp / "one" / "results.json"))["categories"]["synthetic"]["counts"]["train_patches"] // 12
     assert n_patch == 64  # an 8 x 8 grid at 64 px
+    m = one["bank"].shape[0]
     for h in held:
         assert h["images"] == 12 and h["images_held"] == 6
-        assert h["rows_fetched"] == one["bank"].shape[0] + (6 + 6) * n_patch
+        assert h["rows_fetched"] == m + (6 + 6) * n_patch
+    # The bank was never whole on a host: each process kept the rows of its one device,
+    # shard_bank's split of the M rows (ceil(M / 2) on process 0, the rest on process 1), and
+    # beyond them only one all-gathered chunk at a time (2 processes x GATHER_ROWS rows).
+    assert [h["bank_rows"] for h in held] == [m, m]
+    assert [h["bank_rows_held"] for h in held] == [-(-m // 2), m - -(-m // 2)]
+    assert all(h["bank_chunk_rows"] == 2 * distributed.GATHER_ROWS for h in held)
     assert json.load(open(tmp / "one_fit.npz.held0.json")) is None  # one process: a plain array
 
 

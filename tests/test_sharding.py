@@ -263,3 +263,22 @@ def test_shard_bank_pads_and_places():
     assert sb.n_valid == 5 and sb.rows.shape == (5, 3)
     with pytest.raises(ValueError, match="memory bank has only 5"):
         sharding.knn_sharded(np.zeros((2, 3), np.float32), sb, k=9, mesh=mesh)
+
+
+def test_place_bank_is_shard_bank_of_the_whole_bank():
+    """A bank placed piece by piece (a distributed fit: no process holds it whole) is the array
+    `shard_bank` makes of the whole bank, and `shard_bank` passes it through unpadded again."""
+    mesh = sharding.make_bank_mesh(jax.devices()[:1])
+    bank = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    asked = []
+
+    def rows_of(lo, hi):
+        asked.append((lo, hi))
+        return bank[lo:hi]
+
+    sb = sharding.place_bank(7, 3, mesh, rows_of)
+    ref = sharding.shard_bank(bank, mesh)
+    assert sb.n_valid == ref.n_valid == 7 and asked == [(0, 7)]
+    np.testing.assert_array_equal(np.asarray(sb.rows), np.asarray(ref.rows))
+    assert sharding.shard_bank(sb, mesh) is sb and sharding.n_rows(sb) == 7 == sharding.n_rows(bank)
+    np.testing.assert_array_equal(sharding.padded_owners([4, 2], 4), [4, 2, -1, -1])

@@ -37,9 +37,10 @@ def full_influence(f, bank, dist, idx, eps):
     return influence_lib.grad(f, bank, dist, idx, jnp.arange(d, dtype=jnp.int32), eps, bank_s=bank)
 
 
-def fine_level(f, bank, scale, eps, *, k, block):
-    """Flagged patches f [P,D] -> (full-D influence [P,D], whitened residual [P,D], neighbour [P])."""
-    dist, idx = knn_lib.knn(f, bank, k=k, block=block)
+def fine_level(f, bank, scale, eps, *, k, block, knn_fn=None):
+    """Flagged patches f [P,D] -> (full-D influence [P,D], whitened residual [P,D], neighbour [P]).
+    `knn_fn(f, bank) -> (dist, idx)`: the K-NN search (default `knn.knn`; a sharded bank's own)."""
+    dist, idx = knn_lib.knn(f, bank, k=k, block=block) if knn_fn is None else knn_fn(f, bank)
     infl = full_influence(f, bank, dist, idx, eps)
     inv = 1.0 / scale
     d_w = knn_lib.exact_distances(f, bank, idx, inv_scale=inv)
@@ -55,16 +56,24 @@ class Explainer:
                  batch: int = 64, top: int = 5):
         if batch < 1 or top < 1:
             raise ValueError(f"Explainer: batch and top must be >= 1 (got {batch}, {top})")
-        self.bank, self.scale = jnp.asarray(bank), jnp.asarray(noise_scale, jnp.float32)
+        from pn_jax import sharding
+
+        knn_fn, m = None, sharding.n_rows(bank)
+        if isinstance(bank, sharding.ShardedBank):  # a distributed fit's: searched and gathered where it lies
+            mesh, k_ = bank.rows.sharding.mesh, min(k, m)
+            knn_fn = lambda f, rows: sharding._knn_sharded(f, rows, k=k_, block=block, n_valid=m, mesh=mesh)  # noqa: E731
+            self.bank, self.scale = bank.rows, noise_scale
+        else:
+            self.bank, self.scale = jnp.asarray(bank), jnp.asarray(noise_scale, jnp.float32)
         if self.scale.shape != self.bank.shape[-1:]:
             raise ValueError(f"Explainer: noise_scale has shape {self.scale.shape}, the bank's D is "
                              f"{self.bank.shape[-1]}")
-        self.k, self.eps, self.batch, self.top = min(k, int(self.bank.shape[0])), float(eps), batch, top
+        self.k, self.eps, self.batch, self.top = min(k, m), float(eps), batch, top
         self.traces = 0
 
         def counted(f, bank, scale, eps):
             self.traces += 1
-            return fine_level(f, bank, scale, eps, k=self.k, block=block)
+            return fine_level(f, bank, scale, eps, k=self.k, block=block, knn_fn=knn_fn)
 
         self._fn = jax.jit(counted)
 
