@@ -19,7 +19,11 @@ and print one line.
 The training features of a fit stay with the process that extracted them (`ProcessFeatures`):
 the coreset runs over one global array of every device's own projected rows, and only what is
 selected (the bank's rows, the calibration and validation images) crosses between processes.
-The bank itself is still held whole by every process after the coreset (issue 25, not met).
+The bank is built as a global row-sharded array (`ProcessFeatures.bank`, a
+`sharding.ShardedBank`): each process keeps only the rows bound for its own devices, and what
+follows (the searches, the statistics, the scoring, the checkpoint's multi-process save) works
+on that array; no process holds the whole bank. A checkpoint loaded into a distributed
+`test` is still read whole by every process and then sharded.
 
 Without `--coordinator/--num-processes/--process-id`, JAX's own cluster detection fills in
 what is missing (SLURM, Open MPI, Cloud TPU, `JAX_COORDINATOR_ADDRESS` with

@@ -17,7 +17,7 @@ from pn_jax import distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 TINY = ["--dataset", "synthetic", "--category", "synthetic", "--image-size", "64", "--embed-dim", "64",
-        "--coreset-ratio", "0.1", "--k", "3", "--batch-size", "4", "--figures", "2", "--max-train", "12",
+        "--coreset-ratio", "0.098", "--k", "3", "--influence", "fd", "--batch-size", "4", "--figures", "2", "--max-train", "12",
         "--max-test", "16"]
 TIMEOUT_S = 300
 

@@ -104,6 +104,42 @@ VARIANTS_SCRIPT = textwrap.dedent("""
 """)
 
 
+STATS_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    assert len(jax.devices()) == 8, jax.devices()
+    from pn_jax import calibration, detector, normalstats, sharding
+    from pn_jax.config import tiny_config
+    from pn_jax.research import explain
+    rng = np.random.default_rng(1)
+    M, D, N = 61, 16, 12  # 61 rows on 8 devices: 3 pad rows
+    bank = rng.normal(size=(M, D)).astype(np.float32)
+    owner = (np.arange(M) // 11).astype(np.int32)  # 6 training images
+    feats = rng.normal(size=(3, N, D)).astype(np.float32)
+    feats[2, :4] = 0.0  # at the origin: a zero pad row would be their nearest if a search saw the pads
+    sb = sharding.shard_bank(bank, sharding.make_bank_mesh(jax.devices()))
+    assert sb.rows.shape[0] == 64 and sharding.shard_bank(sb, None) is sb
+    for influence in ("fd_fixed", "fd"):
+        cfg = tiny_config().replace(noising={"influence": influence, "k": 3, "dim_selection": "importance"})
+        for exclude in (None, (owner, np.array([0, 2, 5]))):
+            out = {}
+            for devices, b in ((1, bank), (8, sb)):  # the whole bank on one device; the ShardedBank
+                c = cfg.replace(devices=devices)
+                nb = (normalstats.holdout_neighbours(c, b, feats) if exclude is None
+                      else normalstats.loo_neighbours(c, b, owner, feats, exclude[1]))
+                rows, flat = getattr(b, "rows", b), jnp.asarray(feats.reshape(-1, D))
+                s = calibration.fit_noise_scale(rows, flat, nearest=nb[1][..., 0].reshape(-1))
+                dims = normalstats.select_dims(c, jax.random.key(0), D, flat, rows, nb)
+                params = {**detector.init_params(D), "noise_scale": s}
+                stats = normalstats.fit_stats(c, params, b, dims, feats, nb, exclude=exclude)
+                ex = explain.Explainer(b, s, k=3, eps=c.noising.eps, batch=8).fine(feats.reshape(-1, D))
+                out[devices] = [np.asarray(x) for x in (*nb, s, dims, *stats, *ex)]
+            assert out[1][1].max() < M
+            for i, (a, b_) in enumerate(zip(out[1], out[8])):
+                np.testing.assert_array_equal(b_, a, err_msg=f"{influence} exclude={exclude is not None} #{i}")
+    print("SHARDED_OK")
+""")
+
+
 def run_on_8_devices(script):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,3 +154,11 @@ def test_sharded_bank_and_coreset_match_single_device():
 
 def test_every_score_variant_sharded_matches_single_device():
     run_on_8_devices(VARIANTS_SCRIPT)
+
+
+def test_fit_statistics_on_a_sharded_bank_equal_the_whole_banks():
+    """What a distributed fit computes on its ShardedBank (never whole on a host): the held-out
+    and leave-one-image-out K-NN, the noise scale, the importance dims, the influence
+    statistics (fd's re-search kept off the pad rows) and the explanations' fine level, the
+    same bits as on the whole bank on one device."""
+    run_on_8_devices(STATS_SCRIPT)
