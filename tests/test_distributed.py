@@ -230,3 +230,22 @@ def test_split_extraction_reassembles_every_image_in_order(monkeypatch):
         got = distributed.extract(FakeModel(), source)
         np.testing.assert_array_equal(got, np.stack([feats_of(i) for i in range(n_img)]))
     assert len(calls) == n_proc * 2  # ceil(3 / 2) gathers in every process, the short blocks too
+
+
+@pytest.mark.parametrize("cfg_changes, kw, flag", [
+    ({"noising": {"influence": "predictor"}}, {}, "--influence predictor"),
+    ({}, {"tune": True}, "--tune"),
+])
+def test_what_reads_the_bank_whole_is_refused_with_several_processes(cfg_changes, kw, flag, monkeypatch):
+    """A distributed fit's bank is sharded over the processes; what reads it whole on one
+    device is refused by name before any image goes through the backbone."""
+    import jax
+
+    from pn_jax import fitting, model as model_lib
+    from pn_jax.config import tiny_config
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "extract_local", lambda *a, **k: pytest.fail("extracted before refusing"))
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(model_lib.ModelError, match=flag):
+        fitting.fit(tiny_config().replace(**cfg_changes), images, **kw)
