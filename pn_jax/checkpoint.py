@@ -127,7 +127,8 @@ def _state_tree(state) -> dict:
     (names, shapes, dtypes), so that `load` can trust a checkpoint whose arrays match their sha256."""
     from pn_jax import detector, noising, sharding
 
-    rows = state.bank.rows if isinstance(state.bank, sharding.ShardedBank) else state.bank
+    rows = getattr(state, "bank", None)
+    rows = rows.rows if isinstance(rows, sharding.ShardedBank) else rows
     if not (isinstance(state, detector.DetectorState) and isinstance(state.stats, noising.Stats)
             and isinstance(state.params, dict) and np.ndim(rows) == 2):
         raise TypeError(f"checkpoint: state must be a detector.DetectorState with a [M, D] bank, got {state!r:.200}")
@@ -232,6 +233,8 @@ def save(directory, state, cfg: Config, meta: dict | None = None, extra_arrays: 
     # A distributed fit's bank (sharding.ShardedBank): every process writes its own rows into
     # process 0's folder (Orbax's multi-process save); the rest is process 0's, as always.
     sharded = isinstance(bank, sharding.ShardedBank) and distributed.active()
+    if isinstance(bank, sharding.ShardedBank) and not sharded:  # one process holds every shard: its real rows
+        bank = bank.rows[:bank.n_valid]
     flat = _flatten({"state": tree if sharded else {**tree, "bank": bank}, "extra": dict(extra_arrays or {})}, (), {})
     full = {**(meta or {}), "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -398,3 +398,12 @@ def test_a_sharded_banks_rows_are_checked_shard_by_shard():
     assert ckpt._check_bank_shards(b, spec) is None
     assert ckpt._check_bank_shards(a, {**spec, "shards": spec["shards"][:1]}) is None
     assert ckpt._check_bank_shards(a, {**spec, "rows": 8}) is None
+
+
+def test_a_sharded_bank_saved_by_one_process_is_its_real_rows(tmp_path, cfg):
+    from pn_jax import sharding
+
+    state = make_state(m=5)
+    sb = sharding.ShardedBank(jnp.concatenate([state.bank, jnp.zeros((3, D), state.bank.dtype)]), 5)
+    ckpt.save(tmp_path / "ck", state._replace(bank=sb), cfg)
+    np.testing.assert_array_equal(np.asarray(ckpt.load(tmp_path / "ck")[0].bank), np.asarray(state.bank))
