@@ -20,6 +20,9 @@ Rows are padded to a multiple of the device count. Pad rows are never selected: 
 gives them an infinite norm (excluded rows of the exact search), and the coreset gives them
 min-distance -inf.
 
+A distributed fit never holds the bank whole: `place_bank` builds the same array from each
+process's own rows (`distributed.ProcessFeatures.bank`), and `shard_bank` passes it through.
+
     mesh = make_bank_mesh()
     sb = shard_bank(bank, mesh)
     dist, idx = knn_sharded(queries, sb, k=9, mesh=mesh)   # == knn.knn(queries, bank, 9)
@@ -99,13 +102,6 @@ def padded_owners(bank_owner, n_padded: int) -> np.ndarray:
     """bank_owner [M] padded with -1 to the rows of a sharded bank (pads belong to no image)."""
     o = np.asarray(bank_owner, np.int32)
     return np.concatenate([o, np.full(n_padded - len(o), -1, np.int32)])
-
-
-def replicated(x, mesh: Mesh) -> jax.Array:
-    """Host data that every process holds alike, as one array replicated over `mesh`: what a
-    jitted computation on a sharded bank takes beside it in a multi-process run (a committed
-    one-device array there is on another device set)."""
-    return jax.device_put(np.asarray(x), NamedSharding(mesh, P()))
 
 
 # ----------------------------------------------------------------------------- k-NN
