@@ -139,11 +139,12 @@ def _state_tree(state) -> dict:
     return {"bank": state.bank, "dims": state.dims, "params": state.params, "stats": state.stats._asdict()}
 
 
-def _build_state(tree: dict):
-    from pn_jax import detector, noising
+def _build_state(tree: dict, bank):
+    from pn_jax import detector, noising, sharding
 
     tree = jax.tree.map(jnp.asarray, tree)
-    return detector.DetectorState(**{**tree, "stats": noising.Stats(**tree["stats"])})
+    bank = bank if isinstance(bank, sharding.ShardedBank) else jnp.asarray(bank)
+    return detector.DetectorState(**{**tree, "bank": bank, "stats": noising.Stats(**tree["stats"])})
 
 
 # ----------------------------------------------------------------------------- files
@@ -298,11 +299,14 @@ def save(directory, state, cfg: Config, meta: dict | None = None, extra_arrays: 
     return os.fspath(target)
 
 
-def load(directory, expected: Config | None = None, expected_meta: dict | None = None):
+def load(directory, expected: Config | None = None, expected_meta: dict | None = None, mesh=None):
     """-> (state, cfg, meta). Refuses (CheckpointError) missing, incomplete, corrupted and
     mismatching checkpoints. `expected`: the requested run's config (see `check_compatible`).
     `expected_meta`: recorded values that must match, e.g. {"category": ..., "weights_sha256": ...}
-    (None: not checked; a checkpoint that recorded no value for a checked key is refused)."""
+    (None: not checked; a checkpoint that recorded no value for a checked key is refused).
+    `mesh` (a distributed run's, every process calling alike): the bank comes as the
+    `sharding.ShardedBank` `shard_bank` would make over it, each process reading only its rows
+    and checking their sha256 chunk by chunk (`pn_jax.shardload`); never read whole."""
     d = Path(os.path.abspath(os.fspath(directory)))
     if _LEFTOVER.search(d.name):
         raise _bad(d, "the temporary directory of an interrupted or replaced save, not a checkpoint; delete it and")
@@ -351,15 +355,31 @@ def load(directory, expected: Config | None = None, expected_meta: dict | None =
                       f"({'; '.join(stale)}); scores use them as they are. Re-train for statistics that "
                       "match exactly.", stacklevel=2)
 
+    sharded_bank = None
+    if mesh is not None:  # the bank straight into its shards; the rest as below
+        from pn_jax import shardload
+
+        sharded_bank, bad = shardload.read(os.fspath(src / "arrays"), shard_spec or next(
+            s for s in listed if tuple(s["path"]) == ("state", "bank")), mesh)
+        if bad is not None:
+            raise _bad(d, f"corrupted: {bad}")
+        specs.pop(("state", "bank"))
     try:
         import orbax.checkpoint as ocp
 
         target = _nest({p: np.zeros(shape, dtype) for p, (dtype, shape, _) in specs.items()})
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_mp_options()) as ckptr:
-            restored = ckptr.restore(src / "arrays", args=ocp.args.StandardRestore(target))
+        if sharded_bank is None:
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_mp_options()) as ckptr:
+                restored = ckptr.restore(src / "arrays", args=ocp.args.StandardRestore(target))
+        else:  # every array but the bank
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=_mp_options()) as ckptr:
+                restored = ckptr.restore(src / "arrays", args=ocp.args.PyTreeRestore(
+                    target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
         arrays = {p: np.asarray(functools.reduce(lambda t, k: t[k], p, restored)) for p in specs}
     except Exception as e:  # noqa: BLE001 - any read failure is a damaged payload
         raise _bad(d, f"corrupted: reading {src / 'arrays'} failed ({type(e).__name__}: {str(e)[:300]})") from None
+    if sharded_bank is not None:
+        arrays[("state", "bank")] = sharded_bank
     for p, (dtype, shape, sha) in specs.items():
         ok = arrays[p].dtype == dtype and arrays[p].shape == shape
         if ok and shard_spec is not None and p == ("state", "bank"):
@@ -369,6 +389,7 @@ def load(directory, expected: Config | None = None, expected_meta: dict | None =
             ok = _sha256(arrays[p]) == sha
         if not ok:
             raise _bad(d, f"corrupted: array {'/'.join(p)} reads back other than it was saved (files under arrays/)")
-    state = _build_state(_nest({p[1:]: a for p, a in arrays.items() if p[0] == "state"}))
+    state = _build_state(_nest({p[1:]: a for p, a in arrays.items() if p[0] == "state" and p != ("state", "bank")}),
+                         arrays[("state", "bank")])
     meta["extra_arrays"] = _nest({p[1:]: a for p, a in arrays.items() if p[0] == "extra"})
     return state, cfg, meta

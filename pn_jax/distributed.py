@@ -23,7 +23,8 @@ The bank is built as a global row-sharded array (`ProcessFeatures.bank`, a
 `sharding.ShardedBank`): each process keeps only the rows bound for its own devices, and what
 follows (the searches, the statistics, the scoring, the checkpoint's multi-process save) works
 on that array; no process holds the whole bank. A checkpoint loaded into a distributed
-`test` is still read whole by every process and then sharded.
+`test` comes the same way: each process reads and keeps only its devices' rows, checking
+their sha256 chunk by chunk (`pn_jax.shardload`).
 
 Without `--coordinator/--num-processes/--process-id`, JAX's own cluster detection fills in
 what is missing (SLURM, Open MPI, Cloud TPU, `JAX_COORDINATOR_ADDRESS` with

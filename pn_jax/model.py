@@ -435,10 +435,11 @@ def load(directory, *, category: str | None = None, expected: Config | None = No
     """A model saved by `Model.save` (or by `experiments.run`'s train mode). `category`
     resolves a parent directory and must match the checkpoint's (unified checkpoints hold
     several); `expected`: a config whose feature-space fields must match."""
-    from pn_jax import checkpoint
+    from pn_jax import checkpoint, distributed, sharding
 
     d = resolve_checkpoint(directory, category)
-    state, cfg, meta = checkpoint.load(d, expected=expected)
+    # Several processes: the bank straight into its shards over every device (a distributed run's mesh)
+    state, cfg, meta = checkpoint.load(d, expected=expected, mesh=sharding.make_bank_mesh() if distributed.active() else None)
     saved_cat = meta.get("category") or (meta.get("provenance") or {}).get("category")
     if category and saved_cat and category != saved_cat and category not in str(saved_cat).split("+"):
         raise ModelError(f"checkpoint {d} was fitted on category {saved_cat!r}, not {category!r}; "

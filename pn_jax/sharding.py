@@ -21,7 +21,8 @@ gives them an infinite norm (excluded rows of the exact search), and the coreset
 min-distance -inf.
 
 A distributed fit never holds the bank whole: `place_bank` builds the same array from each
-process's own rows (`distributed.ProcessFeatures.bank`), and `shard_bank` passes it through.
+process's own rows (`distributed.ProcessFeatures.bank`, and a checkpoint loaded by a
+distributed test, `checkpoint.load(mesh=...)`), and `shard_bank` passes it through.
 
     mesh = make_bank_mesh()
     sb = shard_bank(bank, mesh)
@@ -91,11 +92,11 @@ def bank_layout(n_valid: int, mesh: Mesh) -> "RowLayout":
     return uniform_layout(n_valid, mesh.size)
 
 
-def place_bank(n_valid: int, dim: int, mesh: Mesh, rows_of) -> ShardedBank:
+def place_bank(n_valid: int, dim: int, mesh: Mesh, rows_of, dtype=np.float32) -> ShardedBank:
     """`shard_bank`'s ShardedBank of an M-row bank that no process holds whole: each device of
-    this process gets `rows_of(lo, hi)` (bank rows [lo, hi), [hi - lo, D] float32) and zero
+    this process gets `rows_of(lo, hi)` (bank rows [lo, hi), [hi - lo, D] `dtype`) and zero
     pads (`place_rows`). The same array as `shard_bank(<the whole bank>, mesh)`."""
-    return ShardedBank(place_rows(bank_layout(n_valid, mesh), mesh, rows_of, dim), int(n_valid))
+    return ShardedBank(place_rows(bank_layout(n_valid, mesh), mesh, rows_of, dim, dtype), int(n_valid))
 
 
 def padded_owners(bank_owner, n_padded: int) -> np.ndarray:
@@ -279,15 +280,15 @@ def process_mesh(axis: str = "bank") -> Mesh:
     return make_bank_mesh(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)), axis)
 
 
-def place_rows(layout: RowLayout, mesh: Mesh, rows_of, width: int) -> jax.Array:
-    """The global [n_dev * per, width] float32 array of `layout` from host pieces: each device
-    of this process gets `rows_of(lo, hi)` (flat rows [lo, hi), [hi - lo, width]) and zero pads;
-    no process sees another's rows."""
+def place_rows(layout: RowLayout, mesh: Mesh, rows_of, width: int, dtype=np.float32) -> jax.Array:
+    """The global [n_dev * per, width] array (`dtype`, float32 by default) of `layout` from host
+    pieces: each device of this process gets `rows_of(lo, hi)` (flat rows [lo, hi),
+    [hi - lo, width]) and zero pads; no process sees another's rows."""
     shards = []
     for q, dev in enumerate(mesh.devices.reshape(-1)):
         if dev.process_index != jax.process_index():
             continue
-        x = np.zeros((layout.per, width), np.float32)
+        x = np.zeros((layout.per, width), dtype)
         c = int(layout.counts[q])
         if c:
             x[:c] = rows_of(int(layout.first[q]), int(layout.first[q]) + c)

@@ -3,7 +3,8 @@
 dumps what tests/test_distributed.py compares: the memory bank (the coreset's rows, in
 selection order), which training image each entry came from, and every test image score;
 every process writes DUMP.held<process id>.json: what it held of the training features
-(`distributed.held`)."""
+(`distributed.held`), and DUMP.bank<process id>.json: what it read and kept of a checkpoint's
+bank (`shardload.held`; read in chunks of 16 rows here, so that a chunk is not the whole bank)."""
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pn_jax import cli, distributed, runner, sharding  # noqa: E402
+from pn_jax import cli, distributed, runner, sharding, shardload  # noqa: E402
 
 DUMP = sys.argv[1]
 _real = runner.run_category
@@ -22,6 +23,8 @@ def _spy(*args, **kwargs):
     entry = _real(*args, **kwargs)
     with open(f"{DUMP}.held{distributed.info().get('process_id', 0)}.json", "w") as f:  # every process
         json.dump(distributed.held(), f)
+    with open(f"{DUMP}.bank{distributed.info().get('process_id', 0)}.json", "w") as f:
+        json.dump(shardload.held(), f)
     model = entry["_models"][next(iter(entry["_models"]))]
     bank = model.state.bank
     if isinstance(bank, sharding.ShardedBank):  # for the comparison only, after the run: every process's rows
@@ -38,4 +41,5 @@ def _spy(*args, **kwargs):
 
 
 runner.run_category = _spy
+shardload.CHUNK_ROWS = 16
 sys.exit(cli.run_main(sys.argv[2:]))

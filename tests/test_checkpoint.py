@@ -407,3 +407,40 @@ def test_a_sharded_bank_saved_by_one_process_is_its_real_rows(tmp_path, cfg):
     sb = sharding.ShardedBank(jnp.concatenate([state.bank, jnp.zeros((3, D), state.bank.dtype)]), 5)
     ckpt.save(tmp_path / "ck", state._replace(bank=sb), cfg)
     np.testing.assert_array_equal(np.asarray(ckpt.load(tmp_path / "ck")[0].bank), np.asarray(state.bank))
+
+
+@pytest.mark.parametrize("runs", [None, [(0, 9), (9, 23), (23, 40)]])
+def test_a_bank_loaded_onto_a_mesh_is_read_chunk_by_chunk_and_checked(saved, monkeypatch, runs):
+    """checkpoint.load(mesh=...) (a distributed test): the bank comes as shard_bank's
+    ShardedBank, read in chunks of CHUNK_ROWS rows against one sha256 over the whole bank (a
+    one-process checkpoint) or one per run of rows (a distributed fit's, rewritten here from the
+    saved rows); the other arrays as without a mesh. A changed byte is refused by name."""
+    import hashlib
+
+    from pn_jax import sharding, shardload
+
+    path, state = saved
+    if runs is not None:  # the meta.json entry a distributed fit writes (checkpoint._shard_spec)
+        meta = json.loads((path / "meta.json").read_text())
+        entry = next(s for s in meta["arrays"] if s["path"] == ["state", "bank"])
+        bank = np.asarray(state.bank)
+        entry.update(rows=40, shards=[{"rows": [lo, hi], "sha256": hashlib.sha256(bank[lo:hi].tobytes()).hexdigest()}
+                                      for lo, hi in runs])
+        del entry["sha256"]
+        (path / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(shardload, "CHUNK_ROWS", 7)
+    mesh = sharding.make_bank_mesh()
+    got, _, _ = ckpt.load(path, mesh=mesh)
+    want = sharding.shard_bank(state.bank, mesh)
+    assert isinstance(got.bank, sharding.ShardedBank) and got.bank.n_valid == 40
+    assert got.bank.rows.sharding == want.rows.sharding
+    np.testing.assert_array_equal(np.asarray(got.bank.rows), np.asarray(want.rows))
+    assert_exact(got._replace(bank=None), state._replace(bank=None))
+    assert shardload.held() == {"bank_rows": 40, "bank_rows_held": 40, "rows_read": 40, "chunk_rows": 7,
+                                "runs_checked": 1 if runs is None else 3}
+    store = shardload._open_bank(str(path / "arrays"))
+    bad = np.asarray(store[25:26].read().result()).copy()
+    bad[0, 3] += 1.0
+    store[25:26].write(bad).result()  # one value of row 25, written as Orbax would read it back
+    with pytest.raises(CheckpointError, match=r"corrupted: .*rows \[" + ("0, 40" if runs is None else "23, 40")):
+        ckpt.load(path, mesh=mesh)

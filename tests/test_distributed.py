@@ -138,14 +138,34 @@ def test_checkpoints_move_between_one_and_two_processes(runs):
     # ... and a one-process checkpoint scored by two processes over a bank sharded across them.
     _two_processes(tmp, "two_test", TINY[:-4] + ["--max-test", "16"] + data + [
         "--out", str(tmp / "two_test"), "--mode", "test", "--checkpoint", str(tmp / "one" / "checkpoint" / "synthetic")])
-    for name in ("one_test", "two_test"):
+    # ... and the distributed fit's checkpoint scored by two processes.
+    _two_processes(tmp, "two_test2", TINY[:-4] + ["--max-test", "16"] + data + [
+        "--out", str(tmp / "two_test2"), "--mode", "test", "--checkpoint", str(tmp / "two" / "checkpoint" / "synthetic")])
+    for name in ("one_test", "two_test", "two_test2"):
         got = _load(tmp, name)
         np.testing.assert_array_equal(got["bank"], one["bank"], err_msg=name)
         np.testing.assert_array_equal(got["scores"], one["scores"], err_msg=name)
-    r = json.load(open(tmp / "two_test" / "results.json"))
-    assert r["runtime"]["processes"]["processes"] == 2
-    assert r["categories"]["synthetic"]["metrics"] == json.load(open(tmp / "one" / "results.json"))[
-        "categories"]["synthetic"]["metrics"]
+    for name in ("two_test", "two_test2"):
+        r = json.load(open(tmp / name / "results.json"))
+        assert r["runtime"]["processes"]["processes"] == 2
+        assert r["categories"]["synthetic"]["metrics"] == json.load(open(tmp / "one" / "results.json"))[
+            "categories"]["synthetic"]["metrics"]
+    # Neither distributed test read the bank whole into a process: each kept shard_bank's split
+    # of the M rows (ceil(M / 2) on process 0, the rest on process 1). The one-process
+    # checkpoint's single sha256 was checked by reading every row in order, 16 rows at a time
+    # (the worker's chunk), never more at once; the distributed one's runs were each read by the
+    # process whose rows they are, and only those.
+    m = one["bank"].shape[0]
+    assert m > 2 * 16
+    split = [-(-m // 2), m - -(-m // 2)]
+    for name, rows_read, n_runs in (("two_test", [m, m], [1, 1]), ("two_test2", split, [1, 1])):
+        held = [json.load(open(tmp / f"{name}.npz.bank{p}.json")) for p in (0, 1)]
+        assert [h["bank_rows"] for h in held] == [m, m], name
+        assert [h["bank_rows_held"] for h in held] == split, name
+        assert [h["rows_read"] for h in held] == rows_read, name
+        assert [h["runs_checked"] for h in held] == n_runs, name
+        assert all(h["chunk_rows"] <= 16 and h["bank_rows_held"] + h["chunk_rows"] < m for h in held), name
+    assert json.load(open(tmp / "one_test.npz.bank0.json")) is None  # one process: read whole, as before
 
 
 @pytest.mark.parametrize("argv, flag", [
