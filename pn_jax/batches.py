@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import hostmem
+from pn_jax import distributed, hostmem
 from pn_jax.timing import Timer
 
 # Maps kept for the figures, with their titles.
@@ -211,8 +211,12 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
 
     pending = None
     queue = overlap()
-    for batch, feats in feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s",
-                                        lookahead=queue):
+    if distributed.active():  # the backbone's work split over the processes, features all-gathered
+        queue = False
+        loop = distributed.feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s")
+    else:
+        loop = feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s", lookahead=queue)
+    for batch, feats in loop:
         with timer("score_s"):
             dispatched = {sname: model.dispatch_scores(feats, variants, outputs=outputs(sname))
                           for sname, model in models.items()}

@@ -347,3 +347,46 @@ class ProcessFeatures:
 def held() -> dict | None:
     """What this process held of a distributed fit's training features (`ProcessFeatures.held`)."""
     return _STATE.get("train_features")
+
+
+def feature_batches(model, source, *, desc: str = "scoring", timer=None, stage: str = "extract_test_s"):
+    """`batches.feature_batches` of a test pass with the backbone's work split over the
+    processes: every process decodes every batch (the labels, masks and images the metrics,
+    gallery and figures read, which every process computes alike), and in each group of
+    n_processes consecutive batches, process p runs the backbone on the p-th at the batch's own
+    shape (the bits of one process's pass), padded to the batch size for one all-gather per
+    group. (batch, features [n, N, D] host float32), in source order, in every process."""
+    import contextlib
+    import itertools
+
+    from jax.experimental import multihost_utils
+    from tqdm.auto import tqdm
+
+    n_proc, pid = _STATE["num_processes"], _STATE["process_id"]
+    rec = _STATE["test_features"] = {"batches": 0, "batches_extracted": 0}
+    it = iter(tqdm(model.batches(source), desc=desc, unit="batch", leave=False))
+    shape = None
+    while True:
+        with timer(stage) if timer is not None else contextlib.nullcontext():
+            group = list(itertools.islice(it, n_proc))
+            if not group:
+                return
+            # A process without a batch in a group (the last one) sends zeros, of the shape of its
+            # earlier batches; only when there were fewer batches than processes does it extract
+            # the first batch to learn that shape.
+            todo = group[pid] if pid < len(group) else (group[0] if shape is None else None)
+            f = np.asarray(model.features(todo["image"]), np.float32) if todo is not None else None
+            rec["batches"] += len(group)
+            rec["batches_extracted"] += todo is not None
+            shape = (model.cfg.batch_size,) + f.shape[1:] if shape is None else shape
+            part = np.zeros(shape, np.float32)
+            if pid < len(group):
+                part[:len(f)] = f
+            got = multihost_utils.process_allgather(part)  # [n_proc, batch size, N, D]
+        for p, batch in enumerate(group):
+            yield batch, got[p, :len(batch["image"])]
+
+
+def held_test_batches() -> dict | None:
+    """The test batches this process's last distributed test pass went through and extracted."""
+    return _STATE.get("test_features")

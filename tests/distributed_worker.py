@@ -4,7 +4,9 @@ dumps what tests/test_distributed.py compares: the memory bank (the coreset's ro
 selection order), which training image each entry came from, and every test image score;
 every process writes DUMP.held<process id>.json: what it held of the training features
 (`distributed.held`), and DUMP.bank<process id>.json: what it read and kept of a checkpoint's
-bank (`shardload.held`; read in chunks of 16 rows here, so that a chunk is not the whole bank)."""
+bank (`shardload.held`; read in chunks of 16 rows here, so that a chunk is not the whole bank),
+and DUMP.test<process id>.json: the test batches it went through and extracted
+(`distributed.held_test_batches`)."""
 import json
 import os
 import sys
@@ -25,6 +27,8 @@ def _spy(*args, **kwargs):
         json.dump(distributed.held(), f)
     with open(f"{DUMP}.bank{distributed.info().get('process_id', 0)}.json", "w") as f:
         json.dump(shardload.held(), f)
+    with open(f"{DUMP}.test{distributed.info().get('process_id', 0)}.json", "w") as f:
+        json.dump(distributed.held_test_batches(), f)
     model = entry["_models"][next(iter(entry["_models"]))]
     bank = model.state.bank
     if isinstance(bank, sharding.ShardedBank):  # for the comparison only, after the run: every process's rows

@@ -93,8 +93,12 @@ def test_two_processes_give_the_one_process_coreset_scores_and_metrics(runs):
     assert e2["config"]["devices"] == 2 and e1["config"]["devices"] == 1
     assert r1["runtime"]["processes"] == {"processes": 1}
     # The backbone's work was split: process 0 extracted 6 of the 12 training images (2 batches
-    # of 4 instead of 3); the threshold and test stages extract every image in each process.
-    assert e1["counts"]["backbone_batches"] - e2["counts"]["backbone_batches"] == -(-12 // 4) - (-(-6 // 4))
+    # of 4 instead of 3) and 2 of the 4 test batches (each process every other batch); the
+    # threshold stage extracts every image in each process.
+    assert e1["counts"]["backbone_batches"] - e2["counts"]["backbone_batches"] == (
+        -(-12 // 4) - (-(-6 // 4))) + (4 - 2)
+    assert [json.load(open(tmp / f"two_fit.npz.test{p}.json")) for p in (0, 1)] == [
+        {"batches": 4, "batches_extracted": 2}] * 2
 
 
 def test_each_process_keeps_only_its_own_training_features(runs):
@@ -148,6 +152,10 @@ def test_checkpoints_move_between_one_and_two_processes(runs):
     for name in ("two_test", "two_test2"):
         r = json.load(open(tmp / name / "results.json"))
         assert r["runtime"]["processes"]["processes"] == 2
+        # each process ran the backbone on 2 of the 4 test batches (one process: all 4)
+        assert r["categories"]["synthetic"]["counts"]["backbone_batches"] == 2
+        assert [json.load(open(tmp / f"{name}.npz.test{p}.json")) for p in (0, 1)] == [
+            {"batches": 4, "batches_extracted": 2}] * 2, name
         assert r["categories"]["synthetic"]["metrics"] == json.load(open(tmp / "one" / "results.json"))[
             "categories"]["synthetic"]["metrics"]
     # Neither distributed test read the bank whole into a process: each kept shard_bank's split
@@ -166,6 +174,8 @@ def test_checkpoints_move_between_one_and_two_processes(runs):
         assert [h["runs_checked"] for h in held] == n_runs, name
         assert all(h["chunk_rows"] <= 16 and h["bank_rows_held"] + h["chunk_rows"] < m for h in held), name
     assert json.load(open(tmp / "one_test.npz.bank0.json")) is None  # one process: read whole, as before
+    assert json.load(open(tmp / "one_test" / "results.json"))["categories"]["synthetic"]["counts"][
+        "backbone_batches"] == 4
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -269,3 +279,54 @@ def test_what_reads_the_bank_whole_is_refused_with_several_processes(cfg_changes
     images = np.zeros((4, 32, 32, 3), np.uint8)
     with pytest.raises(model_lib.ModelError, match=flag):
         fitting.fit(tiny_config().replace(**cfg_changes), images, **kw)
+
+
+@pytest.mark.parametrize("n_img", [10, 2])  # 3 batches of 4, 4, 2 over 2 + 1 groups; 1 batch, fewer than processes
+def test_split_test_batches_come_back_in_order_at_their_own_shape(monkeypatch, n_img):
+    """distributed.feature_batches with 3 processes and batches of 4 images, simulated in one
+    process: process p extracts the p-th batch of each group of 3 (the whole batch at once, a
+    short last batch at its own length), the gathers carry each process's batch, and every
+    process gets every batch's features in source order; a process without a batch of its own
+    in the first group extracts the first one only to learn the shape."""
+    from types import SimpleNamespace
+
+    from jax.experimental import multihost_utils
+
+    n_proc, bs = 3, 4
+    feats_of = lambda i: np.full((2, 3), float(i), np.float32) + np.arange(6, dtype=np.float32).reshape(2, 3)  # noqa: E731
+    batches = [np.arange(s, min(s + bs, n_img)) for s in range(0, n_img, bs)]
+
+    class FakeModel:
+        cfg = SimpleNamespace(batch_size=bs)
+
+        def batches(self, source):
+            return ({"image": b} for b in batches)
+
+        def features(self, images):
+            calls.append(tuple(images))
+            return np.stack([feats_of(int(i)) for i in images])
+
+    for pid in range(n_proc):
+        calls = []
+        monkeypatch.setattr(distributed, "_STATE", {"num_processes": n_proc, "process_id": pid})
+        gathers = []
+
+        def allgather(part):
+            g = len(gathers)
+            gathers.append(part)
+            out = np.zeros((n_proc,) + part.shape, np.float32)
+            for p in range(n_proc):
+                if g * n_proc + p < len(batches):
+                    b = batches[g * n_proc + p]
+                    out[p, :len(b)] = np.stack([feats_of(int(i)) for i in b])
+            np.testing.assert_array_equal(out[pid], part)  # what this process contributed
+            return out
+
+        monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+        got = list(distributed.feature_batches(FakeModel(), None))
+        assert [tuple(b["image"]) for b, _ in got] == [tuple(b) for b in batches]
+        np.testing.assert_array_equal(np.concatenate([f for _, f in got]), np.stack([feats_of(i) for i in range(n_img)]))
+        own = [tuple(b) for b in batches[pid::n_proc]]
+        assert calls == (own if own else [tuple(batches[0])])
+        assert len(gathers) == -(-len(batches) // n_proc)
+        assert distributed.held_test_batches() == {"batches": len(batches), "batches_extracted": len(calls)}
