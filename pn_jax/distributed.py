@@ -390,3 +390,67 @@ def feature_batches(model, source, *, desc: str = "scoring", timer=None, stage: 
 def held_test_batches() -> dict | None:
     """The test batches this process's last distributed test pass went through and extracted."""
     return _STATE.get("test_features")
+
+
+def own_feature_batches(model, source, *, desc: str = "threshold"):
+    """Features [n, N, D] (host float32) of each batch of `source`, in source order, in every
+    process, for a pass whose batches nothing reads but the backbone (a fit's synthetic
+    anomalies for the threshold: only their scores are kept). The backbone's work is split as
+    `feature_batches` splits a test pass (process p runs the p-th batch of each group of
+    n_processes, at the batch's own shape: the bits of one process's pass), and each process
+    reads and makes only the images of its own batches (a source of just those, batched alike
+    since every batch but the last is full). The shape of the gathers comes from one small
+    all-gather of each process's first feature shape (process 0 always has the first batch).
+    `held_threshold_batches` records the batches and images this process handled."""
+    from jax.experimental import multihost_utils
+    from tqdm.auto import tqdm
+
+    from pn_jax.data import records
+
+    n_proc, pid, bs, n = _STATE["num_processes"], _STATE["process_id"], model.cfg.batch_size, len(source)
+    n_batches = -(-n // bs)
+    mine = [np.arange(s, min(s + bs, n)) for s in range(pid * bs, n, n_proc * bs)]
+    idx = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+    made: list = []  # list.append is atomic: the decode workers are threads
+    read = lambda j: made.append(j) or source[int(idx[j])]  # noqa: E731
+
+    rec = _STATE["threshold_features"] = {"batches": n_batches, "batches_extracted": 0, "images_made": 0}
+    if n == 0:
+        return
+    names = getattr(source, "names", None)
+    own = iter(model.batches(records.Source(
+        len(idx), read, [names[i] if names is not None else str(i) for i in idx],
+        dataset=getattr(source, "dataset", "user"), category=getattr(source, "category", "user"),
+        split=getattr(source, "split", "validation"), has_masks=getattr(source, "has_masks", False),
+        log=records.ReadLog()))) if len(idx) else iter(())  # the reads are logged by `source` itself
+
+    def extract(g):
+        if g >= len(mine):
+            return None
+        f = np.asarray(model.features(next(own)["image"]), np.float32)
+        if len(f) != len(mine[g]):
+            raise RuntimeError(f"{desc}: batch of {len(f)} images where {len(mine[g])} were expected")
+        rec["batches_extracted"] += 1
+        return f
+
+    f = extract(0)
+    dims = multihost_utils.process_allgather(np.asarray(f.shape[1:] if f is not None else (0, 0), np.int64))
+    shape = (bs,) + tuple(int(d) for d in np.asarray(dims).reshape(n_proc, -1)[0])
+    for g in tqdm(range(-(-n_batches // n_proc)), desc=desc, unit="group", leave=False):
+        f = f if g == 0 else extract(g)
+        part = np.zeros(shape, np.float32)
+        if f is not None:
+            part[:len(f)] = f
+        got = multihost_utils.process_allgather(part)  # [n_proc, batch size, N, D]
+        rec["images_made"] = len(made)
+        for p in range(n_proc):
+            b = g * n_proc + p
+            if b < n_batches:
+                yield got[p, :min(bs, n - b * bs)]
+    rec["images_made"] = len(made)
+
+
+def held_threshold_batches() -> dict | None:
+    """The synthetic-anomaly batches of this process's last distributed threshold stage, those
+    it extracted, and the images it read and made (`own_feature_batches`)."""
+    return _STATE.get("threshold_features")

@@ -359,8 +359,11 @@ def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) 
     src = records.Source(len(val), lambda i: anomalies.anomaly_record(train[int(val[i])], seed=seed, index=i),
                          [f"{i}" for i in range(len(val))], dataset="validation", category="validation",
                          split="validation", has_masks=True)
-    owned = batches.owned(batches.feature_batches(model, src, desc="threshold"), np.asarray(val))
-    return batches.score_loo(model, owned, variants, bank_owner)
+    if distributed.active():  # each process makes and extracts its own batches; features all-gathered
+        feats = ((None, f) for f in distributed.own_feature_batches(model, src, desc="threshold"))
+    else:
+        feats = batches.feature_batches(model, src, desc="threshold")
+    return batches.score_loo(model, batches.owned(feats, val), variants, bank_owner)
 
 
 def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:

@@ -1,12 +1,14 @@
 """`python tests/distributed_worker.py DUMP.npz <experiments.run flags>`: runs
 `experiments.run` and, in the process that writes results (process 0, or the only one),
 dumps what tests/test_distributed.py compares: the memory bank (the coreset's rows, in
-selection order), which training image each entry came from, and every test image score;
+selection order), which training image each entry came from, every test image score and the
+threshold's validation scores (normal images, synthetic anomalies; empty without a fit);
 every process writes DUMP.held<process id>.json: what it held of the training features
 (`distributed.held`), and DUMP.bank<process id>.json: what it read and kept of a checkpoint's
 bank (`shardload.held`; read in chunks of 16 rows here, so that a chunk is not the whole bank),
 and DUMP.test<process id>.json: the test batches it went through and extracted
-(`distributed.held_test_batches`)."""
+(`distributed.held_test_batches`), and DUMP.thr<process id>.json: the threshold stage's
+synthetic-anomaly batches it went through, extracted and made (`distributed.held_threshold_batches`)."""
 import json
 import os
 import sys
@@ -29,6 +31,8 @@ def _spy(*args, **kwargs):
         json.dump(shardload.held(), f)
     with open(f"{DUMP}.test{distributed.info().get('process_id', 0)}.json", "w") as f:
         json.dump(distributed.held_test_batches(), f)
+    with open(f"{DUMP}.thr{distributed.info().get('process_id', 0)}.json", "w") as f:
+        json.dump(distributed.held_threshold_batches(), f)
     model = entry["_models"][next(iter(entry["_models"]))]
     bank = model.state.bank
     if isinstance(bank, sharding.ShardedBank):  # for the comparison only, after the run: every process's rows
@@ -40,7 +44,10 @@ def _spy(*args, **kwargs):
         np.savez(DUMP, bank=np.asarray(bank), dims=np.asarray(model.state.dims),
                  bank_owner=np.asarray(model.bank_owner) if getattr(model, "bank_owner", None) is not None
                  else np.zeros(0), scores=np.asarray(res["scores"][next(iter(res["scores"]))]),
-                 labels=np.asarray(res["labels"]))
+                 labels=np.asarray(res["labels"]),
+                 # the threshold's validation scores (configured variant): normal images, synthetic anomalies
+                 val_normal=np.asarray(next(iter((model.validation or {None: ((), ())}).values()))[0]),
+                 val_anomal=np.asarray(next(iter((model.validation or {None: ((), ())}).values()))[1]))
     return entry
 
 

@@ -80,7 +80,8 @@ def test_two_processes_give_the_one_process_coreset_scores_and_metrics(runs):
     tmp, _, _ = runs
     one, two = _load(tmp, "one_fit"), _load(tmp, "two_fit")
     assert one["bank"].shape[0] >= 3
-    for key in ("bank", "bank_owner", "dims", "scores", "labels"):
+    assert len(one["val_normal"]) == len(one["val_anomal"]) == 6
+    for key in ("bank", "bank_owner", "dims", "scores", "labels", "val_normal", "val_anomal"):
         np.testing.assert_array_equal(two[key], one[key], err_msg=key)
     r1 = json.load(open(tmp / "one" / "results.json"))
     r2 = json.load(open(tmp / "two" / "results.json"))
@@ -93,12 +94,18 @@ def test_two_processes_give_the_one_process_coreset_scores_and_metrics(runs):
     assert e2["config"]["devices"] == 2 and e1["config"]["devices"] == 1
     assert r1["runtime"]["processes"] == {"processes": 1}
     # The backbone's work was split: process 0 extracted 6 of the 12 training images (2 batches
-    # of 4 instead of 3) and 2 of the 4 test batches (each process every other batch); the
-    # threshold stage extracts every image in each process.
+    # of 4 instead of 3), 2 of the 4 test batches (each process every other batch) and 1 of the
+    # 2 batches of synthetic anomalies of the 6 validation images (the validation images' own
+    # features come from the training features), and made only that batch's 4 anomalies
+    # (process 1: the other 2).
     assert e1["counts"]["backbone_batches"] - e2["counts"]["backbone_batches"] == (
-        -(-12 // 4) - (-(-6 // 4))) + (4 - 2)
+        -(-12 // 4) - (-(-6 // 4))) + (4 - 2) + (2 - 1)
     assert [json.load(open(tmp / f"two_fit.npz.test{p}.json")) for p in (0, 1)] == [
         {"batches": 4, "batches_extracted": 2}] * 2
+    assert [json.load(open(tmp / f"two_fit.npz.thr{p}.json")) for p in (0, 1)] == [
+        {"batches": 2, "batches_extracted": 1, "images_made": 4},
+        {"batches": 2, "batches_extracted": 1, "images_made": 2}]
+    assert json.load(open(tmp / "one_fit.npz.thr0.json")) is None  # one process: batches.feature_batches
 
 
 def test_each_process_keeps_only_its_own_training_features(runs):
@@ -330,3 +337,69 @@ def test_split_test_batches_come_back_in_order_at_their_own_shape(monkeypatch, n
         assert calls == (own if own else [tuple(batches[0])])
         assert len(gathers) == -(-len(batches) // n_proc)
         assert distributed.held_test_batches() == {"batches": len(batches), "batches_extracted": len(calls)}
+
+
+@pytest.mark.parametrize("n_img", [10, 2, 0])  # batches of 4, 4, 2 over 2 groups; 1 batch, fewer than processes; none
+def test_threshold_batches_are_made_and_extracted_only_by_their_process(monkeypatch, n_img):
+    """distributed.own_feature_batches with 3 processes and batches of 4 images, simulated in one
+    process: process p reads and makes only the images of the p-th batch of each group of 3 (a
+    source of just those), runs the backbone on each at the one-process batch's own shape, and
+    every process gets every batch's features in source order; a process without a batch
+    extracts nothing (the gathers' shape comes from the first process's)."""
+    from types import SimpleNamespace
+
+    from jax.experimental import multihost_utils
+
+    n_proc, bs = 3, 4
+    feats_of = lambda i: np.full((2, 3), float(i), np.float32) + np.arange(6, dtype=np.float32).reshape(2, 3)  # noqa: E731
+    batches = [list(range(s, min(s + bs, n_img))) for s in range(0, n_img, bs)]
+
+    class FakeModel:
+        cfg = SimpleNamespace(batch_size=bs)
+
+        def batches(self, source):  # consecutive batches of the records, as pipeline.make_batches
+            recs = [source[j] for j in range(len(source))]
+            return ({"image": np.array(recs[s:s + bs])} for s in range(0, len(recs), bs))
+
+        def features(self, images):
+            calls.append(tuple(int(i) for i in images))
+            return np.stack([feats_of(int(i)) for i in images])
+
+    class Src:
+        names = [f"img{i}" for i in range(n_img)]
+
+        def __len__(self):
+            return n_img
+
+        def __getitem__(self, i):
+            read.append(int(i))
+            return int(i)
+
+    for pid in range(n_proc):
+        calls, read, gathers = [], [], []
+        monkeypatch.setattr(distributed, "_STATE", {"num_processes": n_proc, "process_id": pid})
+
+        def allgather(part):
+            if part.dtype == np.int64:  # the shape of the first process's features
+                return np.stack([np.asarray((2, 3)) if p == 0 else part for p in range(n_proc)])
+            g = len(gathers)
+            gathers.append(part)
+            out = np.zeros((n_proc,) + part.shape, np.float32)
+            for p in range(n_proc):
+                if g * n_proc + p < len(batches):
+                    b = batches[g * n_proc + p]
+                    out[p, :len(b)] = np.stack([feats_of(i) for i in b])
+            np.testing.assert_array_equal(out[pid], part)  # what this process contributed
+            return out
+
+        monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+        got = list(distributed.own_feature_batches(FakeModel(), Src()))
+        assert [len(f) for f in got] == [len(b) for b in batches]
+        if n_img:
+            np.testing.assert_array_equal(np.concatenate(got), np.stack([feats_of(i) for i in range(n_img)]))
+        own = [tuple(b) for b in batches[pid::n_proc]]
+        assert calls == own
+        assert sorted(read) == sorted(i for b in own for i in b)
+        assert len(gathers) == -(-len(batches) // n_proc)
+        assert distributed.held_threshold_batches() == {"batches": len(batches), "batches_extracted": len(own),
+                                                         "images_made": len(read)}
