@@ -24,7 +24,9 @@ The bank is built as a global row-sharded array (`ProcessFeatures.bank`, a
 follows (the searches, the statistics, the scoring, the checkpoint's multi-process save) works
 on that array; no process holds the whole bank. A checkpoint loaded into a distributed
 `test` comes the same way: each process reads and keeps only its devices' rows, checking
-their sha256 chunk by chunk (`pn_jax.shardload`).
+their sha256 chunk by chunk (`pn_jax.shardload`). The backbone's work on the test images
+(`feature_batches`) and on a fit's synthetic anomalies for the threshold (`own_feature_batches`:
+each process also makes only its own batches' anomalies) is split by batches over the processes.
 
 Without `--coordinator/--num-processes/--process-id`, JAX's own cluster detection fills in
 what is missing (SLURM, Open MPI, Cloud TPU, `JAX_COORDINATOR_ADDRESS` with
