@@ -7,7 +7,7 @@ the checkpoint's arrays (TensorStore, the store Orbax writes) and keeps only the
 its own devices (`sharding.place_bank`).
 
 Integrity: meta.json records a sha256 per contiguous run of rows, one over the whole bank (a
-one-process checkpoint) or one per device's rows (a distributed fit's, `checkpoint._shard_spec`).
+one-process checkpoint) or one per device's rows (a distributed fit's, as `checkpoint.save` writes them).
 A process checks every run that overlaps its rows, reading that run in order, CHUNK_ROWS rows at
 a time, into one running sha256, and keeps only its own rows of each chunk. So with a
 one-process checkpoint every process reads the whole bank once, chunk by chunk; with a

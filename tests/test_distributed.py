@@ -288,6 +288,28 @@ def test_what_reads_the_bank_whole_is_refused_with_several_processes(cfg_changes
         fitting.fit(tiny_config().replace(**cfg_changes), images, **kw)
 
 
+def _feats_of(i):
+    """Features [2, 3] of simulated image i (distinct per image)."""
+    return np.full((2, 3), float(i), np.float32) + np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+def _group_gather(batches, n_proc: int, pid: int, gathers: list):
+    """A simulated `process_allgather` of split feature batches: gather g carries batch
+    g * n_proc + p of every process p (zeros past the last batch), and checks that this
+    process (pid) contributed its own batch; each call is appended to `gathers`."""
+    def allgather(part):
+        g = len(gathers)
+        gathers.append(part)
+        out = np.zeros((n_proc,) + part.shape, np.float32)
+        for p in range(n_proc):
+            if g * n_proc + p < len(batches):
+                b = batches[g * n_proc + p]
+                out[p, :len(b)] = np.stack([_feats_of(int(i)) for i in b])
+        np.testing.assert_array_equal(out[pid], part)  # what this process contributed
+        return out
+    return allgather
+
+
 @pytest.mark.parametrize("n_img", [10, 2])  # 3 batches of 4, 4, 2 over 2 + 1 groups; 1 batch, fewer than processes
 def test_split_test_batches_come_back_in_order_at_their_own_shape(monkeypatch, n_img):
     """distributed.feature_batches with 3 processes and batches of 4 images, simulated in one
@@ -300,7 +322,7 @@ def test_split_test_batches_come_back_in_order_at_their_own_shape(monkeypatch, n
     from jax.experimental import multihost_utils
 
     n_proc, bs = 3, 4
-    feats_of = lambda i: np.full((2, 3), float(i), np.float32) + np.arange(6, dtype=np.float32).reshape(2, 3)  # noqa: E731
+    feats_of = _feats_of
     batches = [np.arange(s, min(s + bs, n_img)) for s in range(0, n_img, bs)]
 
     class FakeModel:
@@ -318,16 +340,7 @@ def test_split_test_batches_come_back_in_order_at_their_own_shape(monkeypatch, n
         monkeypatch.setattr(distributed, "_STATE", {"num_processes": n_proc, "process_id": pid})
         gathers = []
 
-        def allgather(part):
-            g = len(gathers)
-            gathers.append(part)
-            out = np.zeros((n_proc,) + part.shape, np.float32)
-            for p in range(n_proc):
-                if g * n_proc + p < len(batches):
-                    b = batches[g * n_proc + p]
-                    out[p, :len(b)] = np.stack([feats_of(int(i)) for i in b])
-            np.testing.assert_array_equal(out[pid], part)  # what this process contributed
-            return out
+        allgather = _group_gather(batches, n_proc, pid, gathers)
 
         monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
         got = list(distributed.feature_batches(FakeModel(), None))
@@ -351,7 +364,7 @@ def test_threshold_batches_are_made_and_extracted_only_by_their_process(monkeypa
     from jax.experimental import multihost_utils
 
     n_proc, bs = 3, 4
-    feats_of = lambda i: np.full((2, 3), float(i), np.float32) + np.arange(6, dtype=np.float32).reshape(2, 3)  # noqa: E731
+    feats_of = _feats_of
     batches = [list(range(s, min(s + bs, n_img))) for s in range(0, n_img, bs)]
 
     class FakeModel:
@@ -379,18 +392,12 @@ def test_threshold_batches_are_made_and_extracted_only_by_their_process(monkeypa
         calls, read, gathers = [], [], []
         monkeypatch.setattr(distributed, "_STATE", {"num_processes": n_proc, "process_id": pid})
 
+        group_gather = _group_gather(batches, n_proc, pid, gathers)
+
         def allgather(part):
             if part.dtype == np.int64:  # the shape of the first process's features
                 return np.stack([np.asarray((2, 3)) if p == 0 else part for p in range(n_proc)])
-            g = len(gathers)
-            gathers.append(part)
-            out = np.zeros((n_proc,) + part.shape, np.float32)
-            for p in range(n_proc):
-                if g * n_proc + p < len(batches):
-                    b = batches[g * n_proc + p]
-                    out[p, :len(b)] = np.stack([feats_of(i) for i in b])
-            np.testing.assert_array_equal(out[pid], part)  # what this process contributed
-            return out
+            return group_gather(part)
 
         monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
         got = list(distributed.own_feature_batches(FakeModel(), Src()))
