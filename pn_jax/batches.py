@@ -16,13 +16,16 @@ they are first waited for: `extract`'s copy to the host, `score_source`'s scores
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 from typing import Iterable, Iterator, NamedTuple
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pn_jax import distributed, hostmem
+from pn_jax import distributed, hardware, hostmem
 from pn_jax.timing import Timer
 
 # Maps kept for the figures, with their titles.
@@ -52,6 +55,59 @@ def ahead(items: Iterable, start) -> Iterator[tuple]:
         yield prev
         prev = cur
     yield prev
+
+
+def in_flight(items: Iterable, fn, streams: int, waiting=contextlib.nullcontext) -> Iterator[tuple]:
+    """(item, fn(item)) for every item, in order, with up to `streams` calls of `fn` running at
+    once, each on its own thread (`hardware.cpu_streams`: XLA:CPU runs programs called from
+    different threads side by side). The first item's call runs on this thread, so what it
+    compiles is compiled once; items are drawn from `items` on this thread as calls finish
+    (at most `streams` results wait). An error in `fn` surfaces at its item, after the items
+    before it were yielded; calls still running when the consumer stops are waited for (none
+    spills into the next stage's time). streams <= 1: plain calls, one after another.
+    `waiting()`: a context entered around each call made or waited for here (a stage timer),
+    not around drawing the items."""
+    it = iter(items)
+    if streams <= 1:
+        for item in it:
+            with waiting():
+                out = fn(item)
+            yield item, out
+        return
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    with waiting():
+        out = fn(item)
+    yield item, out
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="pn_jax-stream") as pool:
+        try:
+            for item in it:
+                pending.append((item, pool.submit(fn, item)))
+                while len(pending) >= streams:
+                    done, fut = pending.popleft()
+                    with waiting():
+                        out = fut.result()
+                    yield done, out
+            while pending:
+                done, fut = pending.popleft()
+                with waiting():
+                    out = fut.result()
+                yield done, out
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def streams_for(model) -> int:
+    """Batches of `model` scored at once: `hardware.cpu_streams`, but one where scoring runs
+    collectives (a bank sharded over devices, or several processes), whose launches must come
+    in the same order everywhere."""
+    if distributed.active() or model.cfg.devices > 1:
+        return 1
+    return hardware.cpu_streams()
 
 
 class Dispatched(NamedTuple):
@@ -139,8 +195,9 @@ def score_loo(model, owned_batches, variants, bank_owner=None) -> dict:
     per call whatever it is given, so the scores are those of the whole array, bit for bit,
     and only the image scores are kept (the threshold needs nothing else)."""
     bank_owner = model.bank_owner if bank_owner is None else bank_owner
-    parts = [model.score_features(f, variants, exclude=(bank_owner, own), outputs=("image_scores",))
-             for own, f in owned_batches]
+    score = lambda of: model.score_features(of[1], variants, exclude=(bank_owner, of[0]),  # noqa: E731
+                                            outputs=("image_scores",))
+    parts = [p for _, p in in_flight(owned_batches, score, streams_for(model))]
     if not parts:
         raise ValueError("no validation images to score")
     return {"image_scores": np.concatenate([p["image_scores"] for p in parts]),
@@ -182,10 +239,10 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
             out += list(MAP_TITLES) + ["patch_scores"]
         return out
 
-    def finish(batch, feats, dispatched):
+    def finish(batch, feats, hosted):
         n = len(batch["image"])
         for sname, model in models.items():
-            out = to_host(dispatched[sname])
+            out = hosted[sname]
             for v in variants:
                 sc, amap = out["variants"][v]
                 scores[(sname, v)].append(sc)
@@ -209,26 +266,32 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
         defects.extend(str(d) for d in batch.get("defect", ["good" if y == 0 else "anomalous"
                                                               for y in batch["label"]])[:n])
 
-    pending = None
-    queue = overlap()
+    dispatch = lambda feats: {sname: model.dispatch_scores(feats, variants, outputs=outputs(sname))  # noqa: E731
+                              for sname, model in models.items()}
+    hosted = lambda dispatched: {sname: to_host(d) for sname, d in dispatched.items()}  # noqa: E731
+    streams = streams_for(models[first])
+    queue = overlap() and streams == 1
     if distributed.active():  # the backbone's work split over the processes, features all-gathered
         queue = False
         loop = distributed.feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s")
     else:
         loop = feature_batches(models[first], source, desc=desc, timer=timer, stage="extract_test_s", lookahead=queue)
-    for batch, feats in loop:
-        with timer("score_s"):
-            dispatched = {sname: model.dispatch_scores(feats, variants, outputs=outputs(sname))
-                          for sname, model in models.items()}
-            if pending is not None:
-                finish(*pending)
-            pending = (batch, feats, dispatched)
-            if not queue:
-                finish(*pending)
-                pending = None
-    if pending is not None:
-        with timer("score_s"):
-            finish(*pending)
+    if not queue:  # each batch scored and copied by one call; on the CPU `streams` batches at once
+        for (batch, feats), out in in_flight(loop, lambda bf: hosted(dispatch(bf[1])), streams,
+                                             waiting=lambda: timer("score_s")):
+            with timer("score_s"):
+                finish(batch, feats, out)
+    else:  # batch i's scores dispatched before batch i - 1's are copied
+        pending = None
+        for batch, feats in loop:
+            with timer("score_s"):
+                dispatched = dispatch(feats)
+                if pending is not None:
+                    finish(*pending[:2], hosted(pending[2]))
+                pending = (batch, feats, dispatched)
+        if pending is not None:
+            with timer("score_s"):
+                finish(*pending[:2], hosted(pending[2]))
     if not labels:
         raise ValueError(f"no images to score ({desc})")
     return {

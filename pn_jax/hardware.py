@@ -98,3 +98,15 @@ def decode_workers() -> int:
     """Image decode/resize threads of the input pipeline: one per usable core (PIL releases
     the GIL while it decodes and resizes, so the threads run in parallel with the device)."""
     return usable_cores()
+
+
+def cpu_streams(backend: str | None = None) -> int:
+    """Batches the CPU scores at once, each called from its own host thread (`batches.in_flight`):
+    2 on XLA:CPU with 2 or more usable cores, else 1. PJRT's CPU client runs programs called
+    from different threads side by side but the programs one thread dispatches one after
+    another, and part of every k-NN search (the top-k selection, the gathers of the refined
+    rows) runs on one core: with two batches in flight one batch's single-threaded parts run
+    beside the other's matmul. Accelerators get 1: they run queued programs in order and
+    `batches.overlap` keeps them fed from one thread."""
+    return 2 if (backend or jax.default_backend()) == "cpu" and usable_cores() >= 2 else 1
+

@@ -37,9 +37,33 @@ def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax
                                                  cfg.bank.knn_block)
         return jnp.asarray(np.asarray(dist)), jnp.asarray(np.asarray(idx))
 
-    def search(b, f):
-        return _holdout_knn(jnp.asarray(f), knn_lib.prepare_bank(b), k=cfg.noising.k, block=cfg.bank.knn_block)
+    def search(b, feats):
+        index = knn_lib.prepare_bank(b)
+        parts = _image_map(cfg, lambda _, f: _holdout_knn(transfer.to_device(f), index, k=cfg.noising.k,
+                                                          block=cfg.bank.knn_block), feats)
+        return _joined(parts)
     return _per_position(cfg, bank, holdout_feats, lambda bs, fs: search(_cut(bank, bs), _view(holdout_feats, fs)))
+
+
+def _joined(parts):
+    """The (dist, idx) of image batches, joined in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])
+
+
+def _image_map(cfg: Config, fn, feats) -> list:
+    """[fn(slice of the images, their features [b, N, D])] over `cfg.batch_size` images at a
+    time (`streaming.image_batches`; a streamed sample's own batches), waited for, the CPU's
+    `batches.in_flight` streams at once: every image's bits are those of one `lax.map` over all
+    of them (tests/test_streaming.py), and on a 2-core CPU one batch's single-threaded top-k
+    and gathers run beside the other's matmul."""
+    from pn_jax import batches, distributed, hardware, streaming
+
+    chunks = feats.chunks() if hasattr(feats, "chunks") else (
+        (sl, feats[sl]) for sl in streaming.image_batches(len(feats), cfg.batch_size))
+    streams = 1 if distributed.active() or cfg.devices > 1 else hardware.cpu_streams()
+    return [out for _, out in batches.in_flight(chunks, lambda c: jax.block_until_ready(fn(*c)), streams)]
 
 
 def _view(feats, cols: slice):
@@ -133,13 +157,12 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
                                     predictor_params=params.get("predictor"), method=n.influence, eps=n.eps,
                                     precision=precision_lib.of(cfg), n_valid=n_valid)
         bo = None if owner_of[0] is None else _cut(owner_of[0], bs)
-        feats, d_, i_ = _view(holdout_feats, fs), _cut(dist, fs, 1), _cut(idx, fs, 1)
+        d_, i_ = _cut(dist, fs, 1), _cut(idx, fs, 1)
         i_ = i_ - offset if offset else i_
-        if hasattr(feats, "chunks"):  # a streamed sample (pn_jax/streaming.py): image by image, as lax.map
-            return jnp.concatenate([
-                infl_of(jnp.asarray(f), dist=d_[sl], idx=i_[sl], bank_owner=bo,
-                        owners=None if owner_of[1] is None else owner_of[1][sl]) for sl, f in feats.chunks()])
-        return infl_of(jnp.asarray(feats), dist=d_, idx=i_, bank_owner=bo, owners=owner_of[1])
+        parts = _image_map(cfg, lambda sl, f: infl_of(transfer.to_device(f), dist=d_[sl], idx=i_[sl], bank_owner=bo,
+                                                      owners=None if owner_of[1] is None else owner_of[1][sl]),
+                           _view(holdout_feats, fs))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     n_pos = tilebank.n_positions(cfg)
     if n_pos:  # each tile's patches against their position's bank, laid end to end
@@ -211,10 +234,7 @@ def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Ar
         search = functools.partial(_loo_knn, index=knn_lib.prepare_bank(_cut(bank, bs)),
                                    bank_owner=jnp.asarray(_cut(bank_owner, bs), jnp.int32), k=cfg.noising.k,
                                    block=cfg.bank.knn_block)
-        f_ = _view(feats, fs)
-        if not hasattr(f_, "chunks"):
-            return search(jnp.asarray(f_), jnp.asarray(owners, jnp.int32))
-        parts = [search(jnp.asarray(f), jnp.asarray(owners[sl], jnp.int32)) for sl, f in f_.chunks()]
-        return jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])
+        return _joined(_image_map(cfg, lambda sl, f: search(transfer.to_device(f), transfer.to_device(owners[sl], np.int32)),
+                                  _view(feats, fs)))
 
     return _per_position(cfg, bank, feats, one)
