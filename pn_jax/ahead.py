@@ -10,23 +10,39 @@ first call waits for it rather than compiling a second copy. Shapes are
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 
-_PENDING: dict = {}  # jitted function -> Future of its compile
+_PENDING: dict = {}  # (jitted function, shapes) -> Future of its compile
 _POOL: list = []
+_LOCK = threading.Lock()  # `wait` may be called from `batches.in_flight`'s threads
 
 
-def compile(fn, shapes) -> None:  # noqa: A001 - the verb is the point
-    """Start compiling jitted `fn` for arguments of these shapes (once per function until
-    `wait`)."""
-    if fn not in _PENDING:
-        if not _POOL:
-            _POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pn_jax-compile"))
-        _PENDING[fn] = _POOL[0].submit(lambda: fn.lower(*shapes).compile())
+def compile(fn, shapes, **static) -> None:  # noqa: A001 - the verb is the point
+    """Start compiling jitted `fn` for arguments of these shapes (and these static keyword
+    arguments), once per function and shapes until `wait`."""
+    key = (fn, repr((shapes, sorted(static.items()))))
+    with _LOCK:
+        if key not in _PENDING:
+            _PENDING[key] = _pool().submit(lambda: fn.lower(*shapes, **static).compile())
 
 
 def wait(fn) -> None:
-    """Wait for `fn`'s compile, if one is in flight. A failed one is ignored: the call then
+    """Wait for `fn`'s compiles, if any are in flight. A failed one is ignored: the call then
     compiles and raises what is wrong itself."""
-    fut = _PENDING.pop(fn, None)
-    if fut is not None:
+    with _LOCK:
+        futs = [_PENDING.pop(k) for k in [k for k in _PENDING if k[0] is fn]]
+    for fut in futs:
         fut.exception()
+
+
+def submit(fn) -> concurrent.futures.Future:
+    """Run fn() on the background thread, after the compiles queued before it (work that needs
+    nothing the main thread is computing, e.g. the fit's random dims beside its coreset)."""
+    with _LOCK:
+        return _pool().submit(fn)
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pn_jax-compile"))
+    return _POOL[0]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pn_jax import ahead
 from pn_jax import knn as knn_lib
 
 CALIBRATED_SCORES = ("calibrated", "calibrated_mean", "calibrated_nll", "proposed")  # whitened search
@@ -38,11 +39,14 @@ def fit_noise_scale(bank: jax.Array, holdout: jax.Array, *, shrinkage: float = 0
     index of each patch's nearest bank entry, when the caller has searched already."""
     if nearest is None:
         nearest = knn_lib.knn(holdout, bank, k=1, block=block)[1][:, 0]
-    return _noise_scale(bank, holdout, nearest, shrinkage, floor)
+    ahead.wait(noise_scale_program)
+    return noise_scale_program(bank, holdout, nearest, shrinkage, floor)
 
 
 @jax.jit
-def _noise_scale(bank, holdout, nearest, shrinkage, floor):
+def noise_scale_program(bank, holdout, nearest, shrinkage, floor):
+    """s [D] from residuals to the given nearest rows (`fit_noise_scale`; jitted, called
+    positionally, so `normalstats.compile_ahead` can compile it before the coreset)."""
     r = holdout.astype(jnp.float32) - bank[nearest].astype(jnp.float32)
     var = jnp.mean(r * r, axis=0)
     var = (1.0 - shrinkage) * var + shrinkage * jnp.mean(var)

@@ -500,19 +500,30 @@ def _expanded_err(d: int, q_norm, b_norm):
 # against M = 65,536 raised the peak by 1.7 GB, and at 1024 px (Q = 16,384 patches an image)
 # a 400-image bank of 65,536 rows took a --max-memory 8 fit to 12 GB. Above this many scores
 # the queries are searched in chunks (`lax.map`): each row's search is its own, so the answer
-# is the same bits (tested); below it (every run at 256-512 px) nothing changes.
+# is the same bits (tested); below it (every run at 256-512 px) nothing changes. The budget is
+# shared by the batches the CPU scores at once (`query_budget`).
 QUERY_SCORES = 1 << 27
 
 
-def query_chunk(q: int, m: int, budget: int = QUERY_SCORES) -> int:
-    """Query rows per search chunk: q halved while q x m exceeds `budget` (q stays a divisor)."""
+def query_budget() -> int:
+    """Candidate scores one search may hold: QUERY_SCORES over the batches searched at once
+    (`hardware.cpu_streams`), so two streams hold what one did."""
+    from pn_jax import hardware
+
+    return QUERY_SCORES // hardware.cpu_streams()
+
+
+def query_chunk(q: int, m: int, budget: int | None = None) -> int:
+    """Query rows per search chunk: q halved while q x m exceeds `budget` (default
+    `query_budget()`; q stays a divisor)."""
+    budget = query_budget() if budget is None else budget
     c = q
     while c * m > budget and c % 2 == 0 and c > 256:
         c //= 2
     return c
 
 
-def by_query_chunks(search: Callable, queries: jax.Array, m: int, budget: int = QUERY_SCORES):
+def by_query_chunks(search: Callable, queries: jax.Array, m: int, budget: int | None = None):
     """search(queries [c, D]) -> pytree of [c, ...], run over chunks of `query_chunk` rows."""
     q = queries.shape[0]
     c = query_chunk(q, m, budget)
@@ -589,15 +600,29 @@ def prepare_bank(bank, low: bool | None = None) -> BankIndex:
     (A pruned search by principal-axis lower bounds lived here until issue 24: exact, but
     slower than the dense path on every CPU measured; its figures are in
     docs/bench/bench_knn.json and its code in the git history, commit 1f810c4 and before.)"""
+    from pn_jax import ahead
+
     bank = jnp.asarray(bank)
     d = bank.shape[1]
+    ahead.wait(_bank_tables)
     aug, max_norm, mean = _bank_tables(bank)
     use_low = default_low() if low is None else bool(low)
     if use_low:
         check_low()
+        ahead.wait(_augment_low_jit)
     lb = (_augment_low_jit(bank, mean) if use_low else
           LowBank(jnp.zeros((0, d + AUG), LOW), mean, jnp.float32(0.0)))
     return BankIndex(bank, aug, max_norm, mean, lb)
+
+
+def compile_index_ahead(m: int, d: int, low: bool | None = None) -> None:
+    """Compile `prepare_bank`'s programs for an [m, d] float32 bank on `pn_jax.ahead`'s thread."""
+    from pn_jax import ahead
+
+    bank = jax.ShapeDtypeStruct((m, d), jnp.float32)
+    ahead.compile(_bank_tables, (bank,))
+    if default_low() if low is None else low:
+        ahead.compile(_augment_low_jit, (bank, jax.ShapeDtypeStruct((d,), jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block"))

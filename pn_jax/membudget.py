@@ -40,7 +40,7 @@ def patches_per_image(cfg) -> tuple[int, int]:
 
 def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, streamed: bool = True) -> dict:
     """Peak resident bytes of a fit on n_train images then a test on n_test, by part."""
-    from pn_jax import coreset, knn, tiles
+    from pn_jax import coreset, hardware, knn, tiles
 
     n_patch, unit = patches_per_image(cfg)
     d, p = cfg.model.target_embed_dimension, min(cfg.bank.coreset_proj_dim, cfg.model.target_embed_dimension)
@@ -70,7 +70,8 @@ def estimate(cfg, n_train: int, n_test: int = 0, *, pixel_metrics: bool = True, 
         # (1.3 GB for 16,384 x 65,536 in chunks of 2,048), but a 1024 px fit on 400 images
         # peaked at 8.6 GB early in calibration where 8 bytes a score estimated 7.8 GB (the
         # rest is not yet explained: README "Resolution and tiles"), so the term carries it.
-        "knn": 16 * knn.query_chunk(n_patch, bank_rows) * bank_rows,
+        # The CPU searches `hardware.cpu_streams()` batches at once, each with its share of it.
+        "knn": 16 * knn.query_chunk(n_patch, bank_rows) * bank_rows * hardware.cpu_streams(),
         # calibration: streamed = the noise scale's [c * N, D] device array and one batch read
         # back (+ its device copy); in memory = the sample and its device copy. Either way its
         # K-NN (distances, indices) and influence on S per patch.

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pn_jax import detector
+from pn_jax import ahead, calibration, detector
 from pn_jax import influence as influence_lib
 from pn_jax import knn as knn_lib
 from pn_jax import noising
@@ -39,8 +39,9 @@ def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax
 
     def search(b, feats):
         index = knn_lib.prepare_bank(b)
+        ahead.wait(_holdout_knn)
         parts = _image_map(cfg, lambda _, f: _holdout_knn(transfer.to_device(f), index, k=cfg.noising.k,
-                                                          block=cfg.bank.knn_block), feats)
+                                                          block=cfg.bank.knn_block), feats)  # as `compile_ahead`
         return _joined(parts)
     return _per_position(cfg, bank, holdout_feats, lambda bs, fs: search(_cut(bank, bs), _view(holdout_feats, fs)))
 
@@ -52,16 +53,23 @@ def _joined(parts):
     return jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])
 
 
+def image_batch(cfg: Config, n_images: int) -> int:
+    """Images per program of the statistics' searches and influence (`_image_map`): an eighth of
+    the sample, 2 to `cfg.batch_size` (32 calibration images: 4 per call, so two streams
+    overlap for 7 of the 8 calls)."""
+    return min(max(2, cfg.batch_size), max(2, -(-n_images // 8)))
+
+
 def _image_map(cfg: Config, fn, feats) -> list:
-    """[fn(slice of the images, their features [b, N, D])] over `cfg.batch_size` images at a
-    time (`streaming.image_batches`; a streamed sample's own batches), waited for, the CPU's
+    """[fn(slice of the images, their features [b, N, D])] over `image_batch` images at a time
+    (`streaming.image_batches`; a streamed sample's own batches), waited for, the CPU's
     `batches.in_flight` streams at once: every image's bits are those of one `lax.map` over all
     of them (tests/test_streaming.py), and on a 2-core CPU one batch's single-threaded top-k
     and gathers run beside the other's matmul."""
     from pn_jax import batches, distributed, hardware, streaming
 
     chunks = feats.chunks() if hasattr(feats, "chunks") else (
-        (sl, feats[sl]) for sl in streaming.image_batches(len(feats), cfg.batch_size))
+        (sl, feats[sl]) for sl in streaming.image_batches(len(feats), image_batch(cfg, len(feats))))
     streams = 1 if distributed.active() or cfg.devices > 1 else hardware.cpu_streams()
     return [out for _, out in batches.in_flight(chunks, lambda c: jax.block_until_ready(fn(*c)), streams)]
 
@@ -153,17 +161,19 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
                                                      jnp.asarray(exclude[1], jnp.int32))
 
     def infl_on(bs, fs, offset=0):  # the influence against bank rows bs of patch columns fs
-        infl_of = functools.partial(_holdout_influence, bank=_cut(bank, bs), dims=dims,
-                                    predictor_params=params.get("predictor"), method=n.influence, eps=n.eps,
-                                    precision=precision_lib.of(cfg), n_valid=n_valid)
+        static = dict(method=n.influence, eps=n.eps, precision=precision_lib.of(cfg), n_valid=n_valid)
+        b_, pp = _cut(bank, bs), params.get("predictor")
         bo = None if owner_of[0] is None else _cut(owner_of[0], bs)
         d_, i_ = _cut(dist, fs, 1), _cut(idx, fs, 1)
         i_ = i_ - offset if offset else i_
-        parts = _image_map(cfg, lambda sl, f: infl_of(transfer.to_device(f), dist=d_[sl], idx=i_[sl], bank_owner=bo,
-                                                      owners=None if owner_of[1] is None else owner_of[1][sl]),
-                           _view(holdout_feats, fs))
+        # positional, as `compile_ahead` lowers it
+        parts = _image_map(cfg, lambda sl, f: _holdout_influence(
+            transfer.to_device(f), b_, d_[sl], i_[sl], dims, pp, bo, None if owner_of[1] is None else owner_of[1][sl],
+            **static), _view(holdout_feats, fs))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
+    ahead.wait(_holdout_influence)
+    ahead.wait(_stats_from)
     n_pos = tilebank.n_positions(cfg)
     if n_pos:  # each tile's patches against their position's bank, laid end to end
         infl = tilebank.join([infl_on(bs, fs, bs.start)
@@ -231,10 +241,47 @@ def loo_neighbours(cfg: Config, bank, bank_owner, feats, owners) -> tuple[jax.Ar
 
     def one(bs, fs):
         detector.check_loo_bank(_cut(bank_owner, bs), owners, cfg.noising.k)
-        search = functools.partial(_loo_knn, index=knn_lib.prepare_bank(_cut(bank, bs)),
-                                   bank_owner=jnp.asarray(_cut(bank_owner, bs), jnp.int32), k=cfg.noising.k,
-                                   block=cfg.bank.knn_block)
-        return _joined(_image_map(cfg, lambda sl, f: search(transfer.to_device(f), transfer.to_device(owners[sl], np.int32)),
-                                  _view(feats, fs)))
+        index, bo = knn_lib.prepare_bank(_cut(bank, bs)), jnp.asarray(_cut(bank_owner, bs), jnp.int32)
+        k, block = cfg.noising.k, cfg.bank.knn_block
+        ahead.wait(_loo_knn)
+        # positional, as `compile_ahead` lowers it: a keyword argument would be another cache entry
+        return _joined(_image_map(cfg, lambda sl, f: _loo_knn(transfer.to_device(f), transfer.to_device(owners[sl], np.int32),
+                                                              index, bo, k=k, block=block), _view(feats, fs)))
 
     return _per_position(cfg, bank, feats, one)
+
+
+def compile_ahead(cfg: Config, m: int, dim: int, n_patch: int, n_images: int, *, loo: bool) -> None:
+    """Compile on `pn_jax.ahead`'s thread what `fit_stats` will run for `n_images` calibration
+    images of `n_patch` patches (leave-one-image-out or held out) against an m-row bank: their
+    searches, influence and statistics (issue 25: their tracing and lowering, ~0.8 s on one core
+    with a warm compilation cache, then overlaps the coreset). Single-device fits with one bank only."""
+    from pn_jax import distributed, streaming
+
+    if cfg.devices > 1 or distributed.active() or tilebank.n_positions(cfg) or cfg.noising.influence == "predictor":
+        return
+    n = cfg.noising
+    k, block, f32, i32 = n.k, cfg.bank.knn_block, jnp.float32, jnp.int32
+    s = detector.n_influence_dims(cfg, dim)
+    bank = jax.ShapeDtypeStruct((m, dim), f32)
+    index = jax.eval_shape(knn_lib.prepare_bank, bank)
+    knn_lib.compile_index_ahead(m, dim)
+    for b in sorted({sl.stop - sl.start for sl in streaming.image_batches(n_images, image_batch(cfg, n_images))}):
+        feats = jax.ShapeDtypeStruct((b, n_patch, dim), f32)
+        nb = (jax.ShapeDtypeStruct((b, n_patch, k), f32), jax.ShapeDtypeStruct((b, n_patch, k), i32))
+        owners = (jax.ShapeDtypeStruct((m,), i32), jax.ShapeDtypeStruct((b,), i32)) if loo else (None, None)
+        if loo:
+            ahead.compile(_loo_knn, (feats, owners[1], index, owners[0]), k=k, block=block)
+        else:
+            ahead.compile(_holdout_knn, (feats, index), k=k, block=block)
+        ahead.compile(_holdout_influence, (feats, bank) + nb + (jax.ShapeDtypeStruct((s,), i32), None) + owners,
+                      method=n.influence, eps=n.eps, precision=precision_lib.of(cfg), n_valid=None)
+    c = (n_images, n_patch, k)
+    ahead.compile(calibration.noise_scale_program, (bank, jax.ShapeDtypeStruct((n_images * n_patch, dim), f32),
+                                                    jax.ShapeDtypeStruct((n_images * n_patch,), i32),
+                                                    n.noise_shrinkage, n.noise_floor))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), detector.init_params(dim))
+    ahead.compile(_stats_from, (params, jax.ShapeDtypeStruct((s,), i32), jax.ShapeDtypeStruct(c, f32),
+                                jax.ShapeDtypeStruct((n_images, n_patch, s), f32)),
+                  std_range=(n.noise_std_min, n.noise_std_max))
+

@@ -382,7 +382,7 @@ def test_bf16_ranking_refused_off_the_cpu():
     assert knn.default_low("gpu") is False and knn.default_low("tpu") is False
 
 
-def test_query_chunks_give_the_same_bits_and_bound_the_scores_held():
+def test_query_chunks_give_the_same_bits_and_bound_the_scores_held(monkeypatch):
     """Above knn.QUERY_SCORES candidate scores a search runs its queries in chunks; every
     row's search is its own, so the chunked answer is the whole call's, bit for bit."""
     rng = np.random.default_rng(3)
@@ -391,7 +391,12 @@ def test_query_chunks_give_the_same_bits_and_bound_the_scores_held():
     excluded = jnp.asarray(rng.random(700) < 0.2)
     index = knn.prepare_bank(bank)
     assert knn.query_chunk(2048, 700, budget=1 << 18) == 256 and knn.query_chunk(2048, 700) == 2048
-    assert knn.query_chunk(16384, 65536) == 2048  # 1024 px, a 400-image bank
+    assert knn.query_chunk(16384, 65536, knn.QUERY_SCORES) == 2048  # 1024 px, a 400-image bank
+    # the default budget is shared by the batches the CPU scores at once: two streams hold what one did
+    monkeypatch.setattr(hardware, "cpu_streams", lambda backend=None: 2)
+    assert knn.query_chunk(16384, 65536) == 1024
+    monkeypatch.setattr(hardware, "cpu_streams", lambda backend=None: 1)
+    assert knn.query_chunk(16384, 65536) == 2048
     for whole, search in [
         (knn.knn(q, bank, k=5, block=256), lambda x: knn.knn(x, bank, k=5, block=256)),
         (knn.knn_indexed(q, index, k=5, block=256), lambda x: knn.knn_indexed(x, index, k=5, block=256)),
