@@ -4,12 +4,14 @@ fit, test, tuning, the figures and the studies (`Model.extract` collects them on
 `Model.score_features`).
 
 The loop is asynchronous (issue 25). Decoding runs on worker threads (`data.pipeline`); batch
-i + 1's features are dispatched (`ahead`) before batch i is handed on, and `score_source`
-dispatches batch i's scores before it copies batch i - 1's to the host (on accelerators; on
-XLA:CPU the test pass waits for each step, `overlap`). So the host waits once
-per batch, on results whose successors are already queued: the device is never idle while
-the host converts, draws thumbnails or updates a progress bar, and XLA:CPU can run one batch's
-single-threaded parts beside the next batch's. Stage timings are taken without extra waits:
+i + 1's features are dispatched (`ahead`) before batch i is handed on. On accelerators
+`score_source` dispatches batch i's scores before it copies batch i - 1's to the host, so the
+host waits once per batch, on results whose successors are already queued, and the device is
+never idle while the host converts, draws thumbnails or updates a progress bar. XLA:CPU runs
+the programs one thread dispatches one after another, and part of each k-NN search on one
+core; there two batches are scored at once, each called from its own thread (`in_flight`,
+`hardware.cpu_streams`), so one batch's top-k and gathers run beside the other's matmul (the
+threshold's leave-one-image-out batches and the statistics' image batches too). Stage timings are taken without extra waits:
 a stage is charged the time its own code ran, its one wait included (`feature_batches`' stage:
 the wait for decoded images and the dispatch; the device time of the features lands where
 they are first waited for: `extract`'s copy to the host, `score_source`'s scores).
@@ -101,6 +103,27 @@ def in_flight(items: Iterable, fn, streams: int, waiting=contextlib.nullcontext)
                 fut.cancel()
 
 
+@contextlib.contextmanager
+def loaded(items: list, load, batch: int, workers: int):
+    """(items, [load(item)]) a batch of `batch` items at a time, in order, `load` run ahead on
+    `workers` threads (at most two batches read ahead): the user's `predict` input."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = collections.deque(pool.submit(load, it) for it in items[:2 * batch])
+        nxt = len(pending)
+
+        def gen():
+            nonlocal nxt
+            for start in range(0, len(items), batch):
+                chunk = items[start:start + batch]
+                got = [pending.popleft().result() for _ in chunk]
+                while nxt < len(items) and len(pending) < 2 * batch:
+                    pending.append(pool.submit(load, items[nxt]))
+                    nxt += 1
+                yield chunk, got
+
+        yield gen()
+
+
 def streams_for(model) -> int:
     """Batches of `model` scored at once: `hardware.cpu_streams`, but one where scoring runs
     collectives (a bank sharded over devices, or several processes), whose launches must come
@@ -130,12 +153,10 @@ def to_host(d: Dispatched) -> dict:
 
 def overlap() -> bool:
     """Whether `score_source` queues a batch's scoring behind its features and the next
-    batch's features behind that. Not on XLA:CPU, where it waits for each batch's features
-    before scoring them and for the scores before the next batch (two waits per batch, as
-    before issue 25): in fresh ELPV runs (2-core AMD EPYC, load ~3) the queued test pass ran
-    at 98-116% CPU while the train features of the same process ran at 179%; a cleaner
-    measurement was not possible on the shared machine. GPUs and TPUs run queued programs in
-    order and the host's work hides behind them."""
+    batch's features behind that. Not on XLA:CPU: queued from one thread, its programs run one
+    after another and the queue bought nothing measurable (README, issue 25); it scores
+    `hardware.cpu_streams` batches at once from threads instead (`in_flight`). GPUs and TPUs
+    run queued programs in order and the host's work hides behind them."""
     return jax.default_backend() != "cpu"
 
 

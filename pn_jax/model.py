@@ -17,7 +17,6 @@ statistics) uses a disjoint sample of training images, or held-out images when a
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import os
@@ -251,7 +250,8 @@ class Model:
         """Stream predictions, one dict per input, in input order: {"name", "score",
         "normalized", "label", "error", "image" (RGB uint8), "anomaly_map", ...}. Decoding and
         resizing run on `num_workers` threads (default: one per usable core) while the device
-        scores the previous batch; only a few batches are ever held in memory."""
+        scores the previous batch (on the CPU two batches at once, `batches.in_flight`); only a
+        few batches are ever held in memory."""
         from pn_jax import hardware, imageread
 
         num_workers = hardware.decode_workers() if num_workers is None else num_workers
@@ -268,24 +268,19 @@ class Model:
             return (None, None, err) if err else (*done, None)
 
         bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress, leave=False)
-        with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-            pending = [pool.submit(load, it) for it in items[:2 * bs]]
-            nxt = len(pending)
-            for start in range(0, len(items), bs):
-                chunk = items[start:start + bs]
-                loaded = [pending.pop(0).result() for _ in chunk]
-                while nxt < len(items) and len(pending) < 2 * bs:
-                    pending.append(pool.submit(load, items[nxt]))
-                    nxt += 1
-                ok = [i for i, (_, x, err) in enumerate(loaded) if err is None]
-                out = self.score_images(np.stack([loaded[i][1] for i in ok])) if ok else None
+        with batches.loaded(items, load, bs, num_workers) as loaded_batches:
+            def score(batch):  # on the CPU two batches at once (`batches.in_flight`)
+                ok = [i for i, (_, x, err) in enumerate(batch[1]) if err is None]
+                return ok, (self.score_images(np.stack([batch[1][i][1] for i in ok])) if ok else None)
+
+            for (chunk, loaded), (ok, out) in batches.in_flight(loaded_batches, score, batches.streams_for(self)):
                 for j, (item, (rgb, _, err)) in enumerate(zip(chunk, loaded)):
                     rec = {"name": item.name, "error": err}
                     if err is None:
                         r = ok.index(j)
-                        score = float(out["image_scores"][r])
-                        rec.update(score=score, normalized=score / thr if thr else float("nan"),
-                                   label=bool(thr is not None and score >= thr), image=rgb)
+                        score_ = float(out["image_scores"][r])
+                        rec.update(score=score_, normalized=score_ / thr if thr else float("nan"),
+                                   label=bool(thr is not None and score_ >= thr), image=rgb)
                         if maps:
                             for k in MAP_KEYS:
                                 if k in out:
