@@ -25,6 +25,7 @@ choice sees which data.)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 import warnings
@@ -345,8 +346,12 @@ def set_threshold_loo(model: Model, train, val, *, train_feats=None, validation_
     else:
         src = subset(train, val, "validation")
         batches_ = batches.owned(batches.feature_batches(model, src, desc="threshold"), val)
-    normal = batches.score_loo(model, batches_, variants)
-    anomal = _loo_anomaly_scores(model, train, val, model.bank_owner, variants)
+    # one stream of batches, the normals' then the anomalies': on the CPU two are scored at once
+    # throughout (`batches.in_flight`), and the anomalies' first batch overlaps the normals' last
+    both = batches.score_loo(model, itertools.chain(batches_, _loo_anomaly_batches(model, train, val)), variants)
+    half = lambda r, part: {"image_scores": r["image_scores"][part],  # noqa: E731
+                            "variants": {v: (sc[part], None) for v, (sc, _) in r["variants"].items()}}
+    normal, anomal = half(both, slice(None, len(val))), half(both, slice(len(val), None))
     _keep_validation(model, normal, anomal, variants)
     model.calibration["validation_images"] = [int(i) for i in val]
     _store_threshold(model, normal["image_scores"], anomal["image_scores"],
@@ -361,9 +366,9 @@ def validation_records(holdout, seed: int) -> tuple[list, list]:
     return recs[0::2], recs[1::2]
 
 
-def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) -> dict:
-    """Image scores of one seeded synthetic anomaly of each validation training image, scored
-    without that image's own bank entries."""
+def _loo_anomaly_batches(model: Model, train, val):
+    """(owners, features) batches of one seeded synthetic anomaly of each validation training
+    image, to be scored without that image's own bank entries (`batches.score_loo`)."""
     from pn_jax.data import anomalies, records
 
     # Each anomaly is read and made where the batch loop reads its images (decode workers,
@@ -377,7 +382,7 @@ def _loo_anomaly_scores(model: Model, train, val, bank_owner, variants=(None,)) 
         feats = ((None, f) for f in distributed.own_feature_batches(model, src, desc="threshold"))
     else:
         feats = batches.feature_batches(model, src, desc="threshold")
-    return batches.score_loo(model, batches.owned(feats, val), variants, bank_owner)
+    return batches.owned(feats, val)
 
 
 def _keep_validation(model: Model, normal: dict, anomal: dict, variants) -> None:
