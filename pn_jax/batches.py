@@ -62,11 +62,12 @@ def ahead(items: Iterable, start) -> Iterator[tuple]:
 def in_flight(items: Iterable, fn, streams: int, waiting=contextlib.nullcontext) -> Iterator[tuple]:
     """(item, fn(item)) for every item, in order, with up to `streams` calls of `fn` running at
     once, each on its own thread (`hardware.cpu_streams`: XLA:CPU runs programs called from
-    different threads side by side). The first item's call runs on this thread, so what it
-    compiles is compiled once; items are drawn from `items` on this thread as calls finish
-    (at most `streams` results wait). An error in `fn` surfaces at its item, after the items
-    before it were yielded; calls still running when the consumer stops are waited for (none
-    spills into the next stage's time). streams <= 1: plain calls, one after another.
+    different threads side by side). Two first calls of a jitted function compile it once (JAX
+    waits for the other thread's compile; tests/test_streams.py). Items are drawn from `items`
+    on this thread as calls finish (at most `streams` results wait). An error in `fn` surfaces
+    at its item, after the items before it were yielded; calls still running when the consumer
+    stops are waited for (none spills into the next stage's time). streams <= 1: plain calls,
+    one after another.
     `waiting()`: a context entered around each call made or waited for here (a stage timer),
     not around drawing the items."""
     it = iter(items)
@@ -76,13 +77,6 @@ def in_flight(items: Iterable, fn, streams: int, waiting=contextlib.nullcontext)
                 out = fn(item)
             yield item, out
         return
-    try:
-        item = next(it)
-    except StopIteration:
-        return
-    with waiting():
-        out = fn(item)
-    yield item, out
     pending: collections.deque = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="pn_jax-stream") as pool:
         try:

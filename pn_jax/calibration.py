@@ -36,7 +36,8 @@ RERANK_SCORES = ("calibrated_rerank",)  # over the Euclidean K-NN
 def fit_noise_scale(bank: jax.Array, holdout: jax.Array, *, shrinkage: float = 0.1,
                     floor: float = 0.1, block: int = 4096, nearest: jax.Array | None = None) -> jax.Array:
     """holdout [P, D] normal patch features not in the bank -> s [D]. `nearest` [P]: the
-    index of each patch's nearest bank entry, when the caller has searched already."""
+    index of each patch's nearest bank entry, when the caller has searched already (or the
+    K-NN indices [..., K] of those P patches, nearest first: the first column is used)."""
     if nearest is None:
         nearest = knn_lib.knn(holdout, bank, k=1, block=block)[1][:, 0]
     ahead.wait(noise_scale_program)
@@ -47,6 +48,8 @@ def fit_noise_scale(bank: jax.Array, holdout: jax.Array, *, shrinkage: float = 0
 def noise_scale_program(bank, holdout, nearest, shrinkage, floor):
     """s [D] from residuals to the given nearest rows (`fit_noise_scale`; jitted, called
     positionally, so `normalstats.compile_ahead` can compile it before the coreset)."""
+    if nearest.ndim > 1:  # K-NN indices [..., K]: the nearest of each patch, in patch order
+        nearest = nearest[..., 0].reshape(-1)
     r = holdout.astype(jnp.float32) - bank[nearest].astype(jnp.float32)
     var = jnp.mean(r * r, axis=0)
     var = (1.0 - shrinkage) * var + shrinkage * jnp.mean(var)

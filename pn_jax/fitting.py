@@ -277,12 +277,12 @@ def fit_state(cfg: Config, train_feats: np.ndarray, holdout_feats: np.ndarray | 
     # [c * N, D] on the device: from the host array, or a streamed sample's rows filled in place
     flat_calib = None if calib_feats is None else (
         calib_feats.device_rows() if streamed and hasattr(calib_feats, "device_rows")
-        else jnp.asarray(calib_feats.reshape(-1, dim)))
+        else transfer.to_device(calib_feats.reshape(-1, dim)))
     rows = getattr(bank, "rows", bank)  # a ShardedBank's padded rows: the statistics only gather from them
     if calib_feats is not None:
         params["noise_scale"] = calibration.fit_noise_scale(
             rows, flat_calib, shrinkage=cfg.noising.noise_shrinkage,
-            floor=cfg.noising.noise_floor, nearest=neighbours[1][..., 0].reshape(-1))
+            floor=cfg.noising.noise_floor, nearest=neighbours[1])
     dims = (random_dims.result() if random_dims is not None
             else normalstats.select_dims(cfg, k_dims, dim, flat_calib, rows, neighbours))
     del flat_calib  # the whole sample's features are not needed below (influence runs per image)

@@ -157,27 +157,26 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     if isinstance(bank, sharding.ShardedBank):  # its padded rows; the pads are kept out of fd's re-search
         n_valid, bank = bank.n_valid, bank.rows
         owners_m = None if exclude is None else sharding.padded_owners(exclude[0], bank.shape[0])
-    owner_of = (None, None) if exclude is None else (jnp.asarray(owners_m, jnp.int32),
-                                                     jnp.asarray(exclude[1], jnp.int32))
+    owner_of = (None, None) if exclude is None else (transfer.to_device(owners_m, np.int32),
+                                                     transfer.to_device(exclude[1], np.int32))
 
-    def infl_on(bs, fs, offset=0):  # the influence against bank rows bs of patch columns fs
+    def infl_on(bs, fs, offset=0):  # the influence against bank rows bs of patch columns fs: per image batch
         static = dict(method=n.influence, eps=n.eps, precision=precision_lib.of(cfg), n_valid=n_valid)
         b_, pp = _cut(bank, bs), params.get("predictor")
         bo = None if owner_of[0] is None else _cut(owner_of[0], bs)
         d_, i_ = _cut(dist, fs, 1), _cut(idx, fs, 1)
         i_ = i_ - offset if offset else i_
-        # positional, as `compile_ahead` lowers it
-        parts = _image_map(cfg, lambda sl, f: _holdout_influence(
-            transfer.to_device(f), b_, d_[sl], i_[sl], dims, pp, bo, None if owner_of[1] is None else owner_of[1][sl],
-            **static), _view(holdout_feats, fs))
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        # positional, as `compile_ahead` lowers it; each batch's rows are sliced inside the program
+        return tuple(_image_map(cfg, lambda sl, f: _holdout_influence(
+            transfer.to_device(f), b_, d_, i_, np.int32(sl.start), dims, pp, bo, owner_of[1], **static),
+            _view(holdout_feats, fs)))
 
     ahead.wait(_holdout_influence)
     ahead.wait(_stats_from)
     n_pos = tilebank.n_positions(cfg)
     if n_pos:  # each tile's patches against their position's bank, laid end to end
-        infl = tilebank.join([infl_on(bs, fs, bs.start)
-                              for bs, fs in tilebank.slices(bank.shape[0], holdout_feats.shape[1], n_pos)])
+        infl = (tilebank.join([_joined_rows(infl_on(bs, fs, bs.start))
+                               for bs, fs in tilebank.slices(bank.shape[0], holdout_feats.shape[1], n_pos)]),)
     else:
         infl = infl_on(slice(None), slice(None))
     # Wait for the result: dispatch is asynchronous, and whatever touched the state next (the
@@ -185,9 +184,18 @@ def fit_stats(cfg: Config, params, bank, dims, holdout_feats: np.ndarray, neighb
     return jax.block_until_ready(_stats_from(params, dims, dist, infl, std_range=(n.noise_std_min, n.noise_std_max)))
 
 
+def _joined_rows(parts: tuple):
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
 @functools.partial(jax.jit, static_argnames=("method", "eps", "precision", "n_valid"))
-def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owner, owners, *, method, eps,
+def _holdout_influence(feats, bank, dist, idx, start, dims, predictor_params, bank_owner, owners, *, method, eps,
                        precision=precision_lib.HIGHEST, n_valid=None):
+    """The influence of image batch feats [b, N, D], images start..start + b of the sample
+    whose (dist, idx) [c, N, K] and owners [c] are given whole (sliced here, not by a program
+    of their own per batch)."""
+    cut = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, feats.shape[0])  # noqa: E731
+    dist, idx, owners = cut(dist), cut(idx), cut(owners)
     bank_s = influence_lib.bank_columns(bank, dims)
     if method == "predictor":
         from pn_jax.research import predictor
@@ -203,7 +211,9 @@ def _holdout_influence(feats, bank, dist, idx, dims, predictor_params, bank_owne
 
 
 @functools.partial(jax.jit, static_argnames=("std_range",))
-def _stats_from(params, dims, dist, infl, std_range):
+def _stats_from(params, dims, dist, infl_parts, std_range):
+    # infl_parts: the influence [b, N, S] of each image batch, in order (joined here)
+    infl = infl_parts[0] if len(infl_parts) == 1 else jnp.concatenate(infl_parts)
     # Pass 1: influence and distance statistics (the noise proposal needs them).
     infl_w = infl * params["influence_weight"][dims]
     dsig = jnp.mean(dist, axis=-1)
@@ -266,22 +276,24 @@ def compile_ahead(cfg: Config, m: int, dim: int, n_patch: int, n_images: int, *,
     bank = jax.ShapeDtypeStruct((m, dim), f32)
     index = jax.eval_shape(knn_lib.prepare_bank, bank)
     knn_lib.compile_index_ahead(m, dim)
-    for b in sorted({sl.stop - sl.start for sl in streaming.image_batches(n_images, image_batch(cfg, n_images))}):
+    sizes = [sl.stop - sl.start for sl in streaming.image_batches(n_images, image_batch(cfg, n_images))]
+    whole = (jax.ShapeDtypeStruct((n_images, n_patch, k), f32), jax.ShapeDtypeStruct((n_images, n_patch, k), i32))
+    for b in sorted(set(sizes)):
         feats = jax.ShapeDtypeStruct((b, n_patch, dim), f32)
-        nb = (jax.ShapeDtypeStruct((b, n_patch, k), f32), jax.ShapeDtypeStruct((b, n_patch, k), i32))
-        owners = (jax.ShapeDtypeStruct((m,), i32), jax.ShapeDtypeStruct((b,), i32)) if loo else (None, None)
         if loo:
-            ahead.compile(_loo_knn, (feats, owners[1], index, owners[0]), k=k, block=block)
+            ahead.compile(_loo_knn, (feats, jax.ShapeDtypeStruct((b,), i32), index, jax.ShapeDtypeStruct((m,), i32)),
+                          k=k, block=block)
         else:
             ahead.compile(_holdout_knn, (feats, index), k=k, block=block)
-        ahead.compile(_holdout_influence, (feats, bank) + nb + (jax.ShapeDtypeStruct((s,), i32), None) + owners,
+        owners = (jax.ShapeDtypeStruct((m,), i32), jax.ShapeDtypeStruct((n_images,), i32)) if loo else (None, None)
+        ahead.compile(_holdout_influence, (feats, bank) + whole + (jax.ShapeDtypeStruct((), i32),
+                                                                   jax.ShapeDtypeStruct((s,), i32), None) + owners,
                       method=n.influence, eps=n.eps, precision=precision_lib.of(cfg), n_valid=None)
     c = (n_images, n_patch, k)
     ahead.compile(calibration.noise_scale_program, (bank, jax.ShapeDtypeStruct((n_images * n_patch, dim), f32),
-                                                    jax.ShapeDtypeStruct((n_images * n_patch,), i32),
-                                                    n.noise_shrinkage, n.noise_floor))
+                                                    whole[1], n.noise_shrinkage, n.noise_floor))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), detector.init_params(dim))
     ahead.compile(_stats_from, (params, jax.ShapeDtypeStruct((s,), i32), jax.ShapeDtypeStruct(c, f32),
-                                jax.ShapeDtypeStruct((n_images, n_patch, s), f32)),
+                                tuple(jax.ShapeDtypeStruct((b, n_patch, s), f32) for b in sizes)),
                   std_range=(n.noise_std_min, n.noise_std_max))
 

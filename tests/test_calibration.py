@@ -18,6 +18,14 @@ def test_noise_scale_is_rms_residual_with_shrinkage_and_floor():
     var = 0.8 * var + 0.2 * var.mean()
     want = np.maximum(np.sqrt(var), 0.5 * np.median(np.sqrt(var)))
     np.testing.assert_allclose(s, want, rtol=1e-5)
+    # the caller's search: the nearest index per patch [P], or the K-NN indices [..., K] (the fit's)
+    _, idx3 = reference.knn_bruteforce(hold, bank, 3)
+    by_index = calibration.fit_noise_scale(jnp.asarray(bank), jnp.asarray(hold), shrinkage=0.2, floor=0.5,
+                                           nearest=jnp.asarray(idx3[:, 0], jnp.int32))
+    by_knn = calibration.fit_noise_scale(jnp.asarray(bank), jnp.asarray(hold), shrinkage=0.2, floor=0.5,
+                                         nearest=jnp.asarray(idx3.reshape(5, 10, 3), jnp.int32))
+    np.testing.assert_allclose(np.asarray(by_index), want, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(by_knn), np.asarray(by_index))
 
 
 def test_whitened_knn_equals_bruteforce_nll():

@@ -163,7 +163,7 @@ def test_fit_statistics_under_loo_equal_a_bank_without_each_image(method):
         dists.append(d)
         infls.append(influence.influence(method, jnp.asarray(tf[i]), reduced, d, ix, state.dims, cfg.noising.eps))
     n = cfg.noising
-    want = normalstats._stats_from(state.params, state.dims, jnp.stack(dists), jnp.stack(infls),
+    want = normalstats._stats_from(state.params, state.dims, jnp.stack(dists), (jnp.stack(infls),),
                                 std_range=(n.noise_std_min, n.noise_std_max))
     for name, got, ref in zip(want._fields, state.stats, want):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6, err_msg=name)

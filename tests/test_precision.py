@@ -206,8 +206,8 @@ def test_influence_estimators(policy, method):
     if method == "fd":  # the re-search: one matmul that follows the policy
         assert list(P.matmul_eqns(j))
     # the fit-time path over held-out images
-    j = jax.make_jaxpr(lambda *a: normalstats._holdout_influence(
-        *a, None, None, None, method=method, eps=1e-3, precision=P.lax_precision(policy)))(
+    j = jax.make_jaxpr(lambda f, b, d, i, dims: normalstats._holdout_influence(
+        f, b, d, i, np.int32(0), dims, None, None, None, method=method, eps=1e-3, precision=P.lax_precision(policy)))(
         f[None], state.bank, dist[None], idx[None], state.dims)
     if list(P.matmul_eqns(j)) and (policy == "highest" or method == "fd"):
         check(j, policy)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import pn_jax
-from pn_jax import ahead, batches, calibration, detector, hardware, normalstats
+from pn_jax import ahead, batches, calibration, detector, hardware, normalstats, transfer
 from pn_jax.data import preprocess, records
 from pn_jax.timing import Timer
 
 
-def test_in_flight_keeps_order_runs_the_first_call_here_and_at_most_streams_at_once():
+def test_in_flight_keeps_order_and_runs_at_most_streams_calls_at_once():
     running, most, threads, waits = [0], [0], [], []
     lock = threading.Lock()
 
@@ -38,8 +38,8 @@ def test_in_flight_keeps_order_runs_the_first_call_here_and_at_most_streams_at_o
 
     got = list(batches.in_flight(range(9), fn, 2, waiting=Waiting))
     assert got == [(i, i * i) for i in range(9)]
-    assert most[0] == 2 and threads[0] and not any(threads[1:])
-    assert len(waits) == 9  # each call made or waited for here, once
+    assert most[0] == 2 and not any(threads)  # every call on the streams' threads
+    assert len(waits) == 9  # each call waited for here, once
     # one stream: plain calls on this thread
     threads.clear()
     assert list(batches.in_flight(range(3), fn, 1)) == [(0, 0), (1, 1), (2, 4)]
@@ -58,6 +58,24 @@ def test_in_flight_hands_on_the_items_before_an_error_then_raises_it():
         for item, _ in batches.in_flight(range(6), fn, 2):
             got.append(item)
     assert got == [0, 1, 2]
+
+
+def test_two_first_calls_at_once_compile_a_jitted_function_once():
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _d, **kw: compiled.append(kw.get("fun_name", "")) if event.endswith("backend_compile_duration") else None)
+
+    @jax.jit
+    def fresh(x):
+        for _ in range(20):
+            x = jax.numpy.sin(x) @ x
+        return x
+
+    x = jax.numpy.ones((48, 48))
+    outs = [np.asarray(o) for _, o in batches.in_flight(range(4), lambda _: jax.block_until_ready(fresh(x)), 2)]
+    assert sum("fresh" in c for c in compiled) == 1, compiled
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
 
 
 def test_cpu_streams_by_backend_and_cores(monkeypatch):
@@ -122,10 +140,9 @@ def test_statistics_compiled_ahead_leave_nothing_to_compile():
     def stats(feats, owners):
         nb = normalstats.loo_neighbours(cfg, bank, bank_owner, feats, owners)
         params = detector.init_params(d)
-        flat = jax.numpy.asarray(feats.reshape(-1, d))
+        flat = transfer.to_device(feats.reshape(-1, d))
         params["noise_scale"] = calibration.fit_noise_scale(bank, flat, shrinkage=cfg.noising.noise_shrinkage,
-                                                            floor=cfg.noising.noise_floor,
-                                                            nearest=nb[1][..., 0].reshape(-1))
+                                                            floor=cfg.noising.noise_floor, nearest=nb[1])
         dims = normalstats.select_dims(cfg, jax.random.key(1), d)
         return normalstats.fit_stats(cfg, params, bank, dims, feats, nb, exclude=(bank_owner, owners))
 
