@@ -9,6 +9,7 @@ padded to a fixed batch size so the compiled scorer is traced once per configura
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable, NamedTuple
 
 import jax
@@ -295,6 +296,7 @@ class Scorer:
 
     def __init__(self, cfg: Config, grid: tuple[int, int], variants=(None,)):
         self.cfg, self.grid, self.size = cfg, tuple(grid), map_size(cfg)
+        self._lock = threading.RLock()  # the per-bank caches below; batches are scored from two threads
         self.need_influence, calibrated, rerank = needs(cfg, variants)
         # Propose Noising always shows its influence and noise maps, whatever score it ranks by.
         self.need_influence |= cfg.noising.method == "propose_noising"
@@ -369,14 +371,15 @@ class Scorer:
         n_pos = tilebank.n_positions(self.cfg)
         if not n_pos:
             return self._signals_on(state, feats, exclude)
-        if getattr(self, "_pos_src", None) is not state.bank:  # slice each bank once (and prepare each once)
-            self._pos_src = state.bank
-            cuts = tilebank.slices(state.bank.shape[0], feats.shape[1], n_pos)
-            self._pos = [(state.bank[bs], bs, fs) for bs, fs in cuts]
-            self._indexes = {}
+        with self._lock:
+            if getattr(self, "_pos_src", None) is not state.bank:  # slice each bank once (and prepare each once)
+                cuts = tilebank.slices(state.bank.shape[0], feats.shape[1], n_pos)
+                self._pos, self._indexes = [(state.bank[bs], bs, fs) for bs, fs in cuts], {}
+                self._pos_src = state.bank
+            pos = self._pos
         parts = [self._signals_on(state._replace(bank=bank_t), feats[:, fs],
                                   None if exclude is None else (np.asarray(exclude[0])[bs], exclude[1]))
-                 for bank_t, bs, fs in self._pos]
+                 for bank_t, bs, fs in pos]
         return {k: tilebank.join([p[k] for p in parts]) for k in parts[0]}
 
     def _signals_on(self, state: DetectorState, feats, exclude=None) -> dict:
@@ -406,6 +409,10 @@ class Scorer:
         return self._sharded_fns[key](*args, (sharding.shard_owners(exclude[0], mesh), jnp.asarray(exclude[1], jnp.int32)))
 
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
+        with self._lock:
+            return self._prepared_locked(state)
+
+    def _prepared_locked(self, state: DetectorState) -> knn_lib.BankIndex:
         if tilebank.n_positions(self.cfg):  # one index per position's bank, kept with its slices
             hit = self._indexes.get(id(state.bank))
             if hit is None or hit[0] is not state.bank:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import threading
 import warnings
 from typing import Callable, Iterator, Sequence
 
@@ -33,6 +34,7 @@ from pn_jax.config import Config
 
 FORMAT = "pn_jax.Model/1"
 MAP_KEYS = ("anomaly_maps", "influence_maps", "noise_maps")
+_SCORERS_LOCK = threading.Lock()
 
 
 class ModelError(ValueError):
@@ -193,9 +195,10 @@ class Model:
     def scorer(self, variants=(None,), *, single_device: bool = False) -> detector.Scorer:
         cfg = self.cfg.replace(devices=1) if single_device else self.cfg
         key = (cfg, tuple(variants))  # keyed by the config: a changed model.cfg gets its own Scorer
-        if key not in self._scorers:
-            self._scorers[key] = detector.Scorer(cfg, self.grid, variants=key[1])
-        return self._scorers[key]
+        with _SCORERS_LOCK:  # batches are scored from two threads on the CPU: one Scorer per key
+            if key not in self._scorers:
+                self._scorers[key] = detector.Scorer(cfg, self.grid, variants=key[1])
+            return self._scorers[key]
 
     def score_features(self, feats, variants=(None,), *, exclude=None, outputs=None) -> dict:
         """Patch features [n, N, D] -> {"image_scores", "anomaly_maps", "influence_maps",
