@@ -410,23 +410,14 @@ class Scorer:
 
     def _prepared(self, state: DetectorState) -> knn_lib.BankIndex:
         with self._lock:
-            return self._prepared_locked(state)
-
-    def _prepared_locked(self, state: DetectorState) -> knn_lib.BankIndex:
-        if tilebank.n_positions(self.cfg):  # one index per position's bank, kept with its slices
-            hit = self._indexes.get(id(state.bank))
-            if hit is None or hit[0] is not state.bank:
-                hit = self._indexes[id(state.bank)] = (state.bank, knn_lib.prepare_bank(state.bank))
-            return hit[1]
-        if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
-            self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank)
-        return self._index
-
-    def maps(self, patch) -> jax.Array:
-        return self._maps(patch)
-
-    def image_scores(self, patch, amap) -> jax.Array:
-        return image_scores(self.cfg, patch, amap)
+            if tilebank.n_positions(self.cfg):  # one index per position's bank, kept with its slices
+                hit = self._indexes.get(id(state.bank))
+                if hit is None or hit[0] is not state.bank:
+                    hit = self._indexes[id(state.bank)] = (state.bank, knn_lib.prepare_bank(state.bank))
+                return hit[1]
+            if getattr(self, "_index_src", None) is not state.bank:  # prepare each bank once
+                self._index_src, self._index = state.bank, knn_lib.prepare_bank(state.bank)
+            return self._index
 
     def scored_maps(self, patch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(maps, image scores, max patch score) of patch scores [B, N], in one compiled call
@@ -461,7 +452,7 @@ class Scorer:
         amap, img, patch_max = self.scored_maps(patch)
         out = {"image_scores": img, "anomaly_maps": amap, "patch_scores": patch, "image_scores_patch_max": patch_max}
         if self.need_influence and extra_maps:
-            out["influence_maps"] = self.maps(sig["influence"])
-            out["noise_maps"] = self.maps(sig["noise"])
+            out["influence_maps"] = self._maps(sig["influence"])
+            out["noise_maps"] = self._maps(sig["noise"])
         out["signals"] = sig
         return out
