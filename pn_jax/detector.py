@@ -344,12 +344,12 @@ class Scorer:
                 return maps_lib.to_pixel_maps(patch, grid_, size, sigma)
             return jax.jit(to_maps)
 
-        self._maps, self._maps_counter = _shared("maps", (grid_, size, sigma, lay), build_maps)
+        self.maps, self._maps_counter = _shared("maps", (grid_, size, sigma, lay), build_maps)  # patch -> maps
 
         def build_scored(on_trace):
             def scored(patch):  # a max is exact: the same scores as the map, then a max, apart
                 on_trace()
-                amap = self._maps(patch)
+                amap = self.maps(patch)
                 return amap, image_scores(cfg, patch, amap), jnp.max(patch, axis=-1)
             return jax.jit(scored)
 
@@ -452,7 +452,7 @@ class Scorer:
         amap, img, patch_max = self.scored_maps(patch)
         out = {"image_scores": img, "anomaly_maps": amap, "patch_scores": patch, "image_scores_patch_max": patch_max}
         if self.need_influence and extra_maps:
-            out["influence_maps"] = self._maps(sig["influence"])
-            out["noise_maps"] = self._maps(sig["noise"])
+            out["influence_maps"] = self.maps(sig["influence"])
+            out["noise_maps"] = self.maps(sig["noise"])
         out["signals"] = sig
         return out
