@@ -118,11 +118,11 @@ def loaded(items: list, load, batch: int, workers: int):
         yield gen()
 
 
-def streams_for(model) -> int:
-    """Batches of `model` scored at once: `hardware.cpu_streams`, but one where scoring runs
-    collectives (a bank sharded over devices, or several processes), whose launches must come
-    in the same order everywhere."""
-    if distributed.active() or model.cfg.devices > 1:
+def streams_for(cfg) -> int:
+    """Batches scored at once under config `cfg`: `hardware.cpu_streams`, but one where scoring
+    runs collectives (a bank sharded over devices, or several processes), whose launches must
+    come in the same order everywhere."""
+    if distributed.active() or cfg.devices > 1:
         return 1
     return hardware.cpu_streams()
 
@@ -212,7 +212,7 @@ def score_loo(model, owned_batches, variants, bank_owner=None) -> dict:
     bank_owner = model.bank_owner if bank_owner is None else bank_owner
     score = lambda of: model.score_features(of[1], variants, exclude=(bank_owner, of[0]),  # noqa: E731
                                             outputs=("image_scores",))
-    parts = [p for _, p in in_flight(owned_batches, score, streams_for(model))]
+    parts = [p for _, p in in_flight(owned_batches, score, streams_for(model.cfg))]
     if not parts:
         raise ValueError("no validation images to score")
     return {"image_scores": np.concatenate([p["image_scores"] for p in parts]),
@@ -284,7 +284,7 @@ def score_source(models: dict, source, timer: Timer, *, variants=(None,), keep_m
     dispatch = lambda feats: {sname: model.dispatch_scores(feats, variants, outputs=outputs(sname))  # noqa: E731
                               for sname, model in models.items()}
     hosted = lambda dispatched: {sname: to_host(d) for sname, d in dispatched.items()}  # noqa: E731
-    streams = streams_for(models[first])
+    streams = streams_for(models[first].cfg)
     queue = overlap() and streams == 1
     if distributed.active():  # the backbone's work split over the processes, features all-gathered
         queue = False

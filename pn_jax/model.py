@@ -276,7 +276,7 @@ class Model:
                 ok = [i for i, (_, x, err) in enumerate(batch[1]) if err is None]
                 return ok, (self.score_images(np.stack([batch[1][i][1] for i in ok])) if ok else None)
 
-            for (chunk, loaded), (ok, out) in batches.in_flight(loaded_batches, score, batches.streams_for(self)):
+            for (chunk, loaded), (ok, out) in batches.in_flight(loaded_batches, score, batches.streams_for(self.cfg)):
                 for j, (item, (rgb, _, err)) in enumerate(zip(chunk, loaded)):
                     rec = {"name": item.name, "error": err}
                     if err is None:

@@ -48,9 +48,7 @@ def holdout_neighbours(cfg: Config, bank, holdout_feats) -> tuple[jax.Array, jax
 
 def _joined(parts):
     """The (dist, idx) of image batches, joined in order."""
-    if len(parts) == 1:
-        return parts[0]
-    return jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])
+    return _joined_rows(tuple(p[0] for p in parts)), _joined_rows(tuple(p[1] for p in parts))
 
 
 def image_batch(cfg: Config, n_images: int) -> int:
@@ -66,12 +64,12 @@ def _image_map(cfg: Config, fn, feats) -> list:
     `batches.in_flight` streams at once: every image's bits are those of one `lax.map` over all
     of them (tests/test_streaming.py), and on a 2-core CPU one batch's single-threaded top-k
     and gathers run beside the other's matmul."""
-    from pn_jax import batches, distributed, hardware, streaming
+    from pn_jax import batches, streaming
 
     chunks = feats.chunks() if hasattr(feats, "chunks") else (
         (sl, feats[sl]) for sl in streaming.image_batches(len(feats), image_batch(cfg, len(feats))))
-    streams = 1 if distributed.active() or cfg.devices > 1 else hardware.cpu_streams()
-    return [out for _, out in batches.in_flight(chunks, lambda c: jax.block_until_ready(fn(*c)), streams)]
+    return [out for _, out in batches.in_flight(chunks, lambda c: jax.block_until_ready(fn(*c)),
+                                                batches.streams_for(cfg))]
 
 
 def _view(feats, cols: slice):
